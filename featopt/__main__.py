@@ -1,0 +1,5 @@
+import sys
+
+from featopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""The `featopt` command. Subcommands parse flags or a YAML recipe (`--config`, Lightning's
+jsonargparse config system) into a method's config dataclass and call its `run`.
+
+Bad input ends in one sentence on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from typing import get_type_hints
+
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+from featopt.errors import FeatoptError
+
+_HELP = {
+    "model": "built-in tiny-gpt2/tiny-llama/tiny-neox, a name under FEATOPT_MODEL_PATH, a folder, a .gguf file or a hub id",
+    "layer": "block index, 0-based (the documents' Block 1 is layer 0)",
+    "site": "resid_post (default), resid_pre, attn_out, mlp_out, mlp_hidden, or blocks.L.KIND",
+    "features": 'feature spec: "[:, :, 0-4]" five problems, "[:, :, 0:4]" one combined, "[:, 0-4, 7]" per position',
+    "tokens": "number of input tokens",
+    "steps": "optimization steps",
+    "lr": "Adam learning rate",
+    "target": "the constant C of the L1 objective ||C - O_f(e)||_1",
+    "objective": "l1 (the documents') or maximize",
+    "isolated": "run the block alone on the input, without the blocks before it",
+    "untrained": "re-initialize the model from its config under --seed",
+    "init": "start from the embeddings of this text instead of random ones",
+    "decoder": "pinv (Moore-Penrose pseudoinverse) or nearest (cosine)",
+    "seed": "random seed (init and untrained weights)",
+    "precision": "32-true, bf16-mixed, 16-mixed or 64-true",
+    "devices": "number of devices (processes); problems are sharded across them",
+    "accelerator": "auto, cpu, gpu",
+    "strategy": "auto (ddp_spawn on CPU, ddp on GPU when devices > 1) or any Lightning strategy",
+    "out": "output folder (default featopt-runs/<time>)",
+    "decode_every": "decode and log the text every N steps",
+    "log_every": "log scalars every N steps",
+    "checkpoint_every": "save a checkpoint every N steps (0: never)",
+    "resume": "checkpoint file to resume from",
+    "progress": "show the progress bar",
+}
+
+
+def _add_config_arguments(parser: ArgumentParser, config_cls) -> None:
+    """One flag per field of a method's config dataclass; booleans get `--x/--no_x`."""
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe with any of these options")
+    hints = get_type_hints(config_cls)
+    for f in fields(config_cls):
+        if hints[f.name] is bool:
+            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=f.default, help=_HELP.get(f.name, ""))
+        else:
+            parser.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=_HELP.get(f.name, ""))
+
+
+def build_parser() -> ArgumentParser:
+    from featopt.objectives.ascent import AscentConfig
+
+    parser = ArgumentParser(prog="featopt", description="Find the inputs that make a feature of a language model fire.")
+    sub = parser.add_subcommands(dest="command", required=True)
+    optimize = ArgumentParser(description="Embedding ascent towards ||C - O_f(e)||_1, decoded by pseudoinverse.")
+    _add_config_arguments(optimize, AscentConfig)
+    sub.add_subcommand("optimize", optimize, help="gradient ascent on input embeddings")
+    demo = ArgumentParser(description="A short showcase on the best model available offline.")
+    demo.add_argument("--out", type=str, default="featopt-runs/demo", help="output folder")
+    demo.add_argument("--steps", type=int, default=None, help="optimization steps (default depends on the model)")
+    sub.add_subcommand("demo", demo, help="a short showcase of what featopt does")
+    return parser
+
+
+def _optimize(args) -> None:
+    from featopt.objectives.ascent import AscentConfig, format_results, run
+
+    config = AscentConfig(**{f.name: args[f.name] for f in fields(AscentConfig)})
+    result = run(config)
+    if result.trainer.is_global_zero:
+        print(format_results(result.results))
+        print(f"results: {result.out / 'results.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with one message on malformed flags
+    try:
+        if args.command == "optimize":
+            _optimize(args.optimize)
+        elif args.command == "demo":
+            from featopt.demo import demo
+
+            demo(out=args.demo.out, steps=args.demo.steps)
+    except FeatoptError as error:
+        print(f"featopt: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""`ModelAdapter`: the only code that knows a model's internals.
+
+It wraps an unmodified Hugging Face causal LM and offers what the methods need: the embedding
+matrix, a forward from `inputs_embeds` that stops at a site (later blocks never run), a block run
+in isolation, the final norm and LM head, and read/write hooks that are always removed.
+Activations are exactly what `transformers` computes, because its own modules do the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from featopt.errors import FeatoptError
+from featopt.models.families import Family, find_family, get_module
+from featopt.models.sites import SITE_KINDS, Site, parse_site
+
+#: A write hook gets the site's activation `[batch, tokens, width]` and returns the new one.
+WriteFn = Callable[[Tensor, Site], Tensor]
+
+_KIND_ORDER = {kind: i for i, kind in enumerate(SITE_KINDS)}
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested site is read, so later blocks never run."""
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a skipped block when a block runs in isolation: returns its input unchanged,
+    in the same output shape (tensor or tuple) the real block returns."""
+
+    def __init__(self, tuple_len: int | None):
+        super().__init__()
+        self.tuple_len = tuple_len
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if self.tuple_len is None:
+            return hidden_states
+        return (hidden_states,) + (None,) * (self.tuple_len - 1)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class ModelAdapter:
+    """A frozen HF causal LM seen through stable site names.
+
+    Args:
+        model: a `PreTrainedModel` with an LM head (GPT-2, GPT-Neo, GPT-NeoX, Llama-like, ...).
+        tokenizer: its tokenizer (optional for pure-tensor use).
+        name: how results name the model.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, name: str | None = None, info=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.info = info
+        self.name = name or getattr(model.config, "name_or_path", None) or model.config.model_type
+        self.base: nn.Module = model.base_model
+        self.family: Family = find_family(model.config.model_type, self.base)
+        blocks = get_module(self.base, self.family.blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            raise FeatoptError(f"model type {model.config.model_type!r}: {self.family.blocks} is not a list of blocks.")
+        self.blocks: nn.ModuleList = blocks
+        self.final_norm: nn.Module = get_module(self.base, self.family.final_norm)
+        self.lm_head: nn.Module = model.get_output_embeddings()
+        self._block_tuple_len, self._widths = self._probe()
+
+    # ----------------------------------------------------------------- shapes and parts
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.embedding.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def embedding(self) -> Tensor:
+        """The input embedding matrix `[vocab, d_model]`."""
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.dtype
+
+    @property
+    def is_causal(self) -> bool:
+        return not getattr(self.model.config, "is_encoder_decoder", False)
+
+    def to(self, *args, **kwargs) -> "ModelAdapter":
+        self.model.to(*args, **kwargs)
+        return self
+
+    def site(self, site: str | Site | None = None, layer: int | None = None) -> Site:
+        """Parse and validate a site for this model (`"blocks.3.mlp_out"`, or a kind and a layer)."""
+        return parse_site(site, layer, n_layers=self.n_layers)
+
+    def width(self, site: str | Site) -> int:
+        """Number of features at a site (d_model, or the MLP width for `mlp_hidden`)."""
+        return self._widths[self.site(site).kind]
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """`input_ids: [batch, tokens]` -> `[batch, tokens, d_model]` (the model's own lookup)."""
+        return self.model.get_input_embeddings()(input_ids.to(self.device))
+
+    def encode(self, text: str) -> Tensor:
+        """Text -> token ids `[tokens]`, without special tokens."""
+        if self.tokenizer is None:
+            raise FeatoptError(f"model {self.name!r} has no tokenizer, so text cannot be encoded.")
+        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else " ".join(map(str, ids))
+
+    def unembed(self, resid: Tensor) -> Tensor:
+        """Residual stream `[..., d_model]` -> logits `[..., vocab]` through final norm and LM head."""
+        return self.lm_head(self.final_norm(resid))
+
+    # ----------------------------------------------------------------- hooks
+    def _hook_point(self, site: Site) -> tuple[nn.Module, bool]:
+        """The HF module for a site and whether the activation is its input (True) or output."""
+        block = self.blocks[site.layer]
+        path = {
+            "resid_pre": None, "resid_post": None, "attn_out": self.family.attn,
+            "mlp_out": self.family.mlp, "mlp_hidden": self.family.mlp_down,
+        }[site.kind]
+        module = block if path is None else get_module(block, path)
+        return module, site.kind in ("resid_pre", "mlp_hidden")
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        read: Iterable[Site | str] = (),
+        write: Mapping[Site | str, WriteFn] | None = None,
+        *,
+        stop_after_read: bool = False,
+    ) -> Iterator[dict[Site, Tensor]]:
+        """Install read and write hooks for the duration of a `with` block; always removed.
+
+        Yields a dict that fills with `{site: activation [batch, tokens, width]}` as the model
+        runs. Write hooks replace a site's activation (clamping, steering, ablation). With
+        `stop_after_read`, the forward is cut short once every read site is captured (use
+        :meth:`run` rather than this flag directly).
+        """
+        read_sites = [self.site(s) for s in read]
+        write_fns = {self.site(s): fn for s, fn in (write or {}).items()}
+        captured: dict[Site, Tensor] = {}
+        handles = []
+
+        def make_hook(site: Site, is_input: bool):
+            fn, wanted = write_fns.get(site), site in read_sites
+
+            def finish(act: Tensor) -> Tensor:
+                if fn is not None:
+                    act = fn(act, site)
+                if wanted:
+                    captured[site] = act
+                    if stop_after_read and len(captured) == len(read_sites):
+                        raise _StopForward
+                return act
+
+            if is_input:
+                def pre_hook(module, args, kwargs):
+                    if args:
+                        act = finish(args[0])
+                        return (act, *args[1:]), kwargs
+                    act = finish(kwargs["hidden_states"])
+                    return args, {**kwargs, "hidden_states": act}
+                return pre_hook
+            def post_hook(module, args, kwargs, output):
+                act = finish(_first(output))
+                if fn is None:
+                    return None
+                return (act, *output[1:]) if isinstance(output, tuple) else act
+            return post_hook
+
+        try:
+            for site in sorted(set(read_sites) | set(write_fns), key=lambda s: (s.layer, _KIND_ORDER[s.kind])):
+                module, is_input = self._hook_point(site)
+                hook = make_hook(site, is_input)
+                if is_input:
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def isolated(self, layer: int) -> Iterator[None]:
+        """Run block `layer` alone on the given embeddings: blocks before it are skipped (the
+        documents' "features of each layer without preceding layers")."""
+        saved = [self.blocks._modules[str(i)] for i in range(layer)]
+        try:
+            for i in range(layer):
+                self.blocks._modules[str(i)] = _Passthrough(self._block_tuple_len)
+            yield
+        finally:
+            for i, block in enumerate(saved):
+                self.blocks._modules[str(i)] = block
+
+    # ----------------------------------------------------------------- forwards
+    def run(
+        self,
+        sites: Iterable[Site | str],
+        *,
+        inputs_embeds: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        isolated: bool = False,
+        write: Mapping[Site | str, WriteFn] | None = None,
+    ) -> dict[Site, Tensor]:
+        """Run the model until every site in `sites` is read, then stop.
+
+        Args:
+            inputs_embeds: `[batch, tokens, d_model]` (gradients flow), or
+            input_ids: `[batch, tokens]`.
+            isolated: skip the blocks before the shallowest requested site's block.
+        Returns:
+            `{site: [batch, tokens, width]}`.
+        """
+        sites = [self.site(s) for s in sites]
+        if not sites:
+            raise FeatoptError("no site to read: give at least one site.")
+        if (inputs_embeds is None) == (input_ids is None):
+            raise FeatoptError("give exactly one of inputs_embeds and input_ids.")
+        kwargs = {"use_cache": False}
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds.to(self.dtype)
+        else:
+            kwargs["input_ids"] = input_ids.to(self.device)
+            # Explicit, so HF does not warn about padding: inputs are never padded here.
+            kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        isolation = self.isolated(min(s.layer for s in sites)) if isolated else contextlib.nullcontext()
+        with isolation, self.hooks(read=sites, write=write, stop_after_read=True) as captured:
+            try:
+                self.base(**kwargs)
+            except _StopForward:
+                pass
+        return {s: captured[s] for s in sites}
+
+    def forward_to_site(self, inputs_embeds: Tensor, site: Site | str, *, isolated: bool = False) -> Tensor:
+        """`[batch, tokens, d_model]` -> the activation at `site`, `[batch, tokens, width]`."""
+        site = self.site(site)
+        return self.run([site], inputs_embeds=inputs_embeds, isolated=isolated)[site]
+
+    def run_block(self, layer: int, inputs_embeds: Tensor) -> Tensor:
+        """Block `layer` alone on `inputs_embeds` `[batch, tokens, d_model]` -> its output."""
+        return self.forward_to_site(inputs_embeds, Site(layer, "resid_post"), isolated=True)
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        """The plain HF forward: `[batch, tokens]` -> `[batch, tokens, vocab]`."""
+        return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    def _probe(self) -> tuple[int | None, dict[str, int]]:
+        """One token through block 0: learns the block's output convention and each site's width."""
+        block = self.blocks[0]
+        seen = {}
+        handle = block.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+        try:
+            with torch.no_grad():
+                acts = self.run([Site(0, k) for k in SITE_KINDS], input_ids=torch.zeros(1, 1, dtype=torch.long))
+        finally:
+            handle.remove()
+        out = seen["out"]
+        tuple_len = len(out) if isinstance(out, (tuple, list)) else None
+        return tuple_len, {site.kind: act.shape[-1] for site, act in acts.items()}

@@ -1,0 +1,166 @@
+"""Embedding ascent (source document 000): learn input embeddings that drive features towards a
+large constant C, `e <- e - lr * grad ||C - O_f(e)||_1`, then decode by pseudoinverse.
+
+`run(AscentConfig(...))` is the one entry point; the command line and recipes call it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from featopt.callbacks import DecodeCallback, TextProgressBar
+from featopt.errors import FeatoptError
+from featopt.features import parse_features
+from featopt.models import ModelAdapter, load_model
+from featopt.objectives.module import FeatureOptimization, StepsDataModule
+from featopt.objectives.parametrization import FreeEmbeddings
+from featopt.objectives.readout import DECODERS, evaluate
+from featopt.objectives.targets import Selection, l1_target, maximize
+from featopt.results import FeatureResult, write_results
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
+OBJECTIVES = ("l1", "maximize")
+
+
+@dataclass
+class AscentConfig:
+    """Settings of one embedding-ascent run (the flags of `featopt optimize`)."""
+
+    model: str = "tiny-gpt2"
+    layer: int = 0
+    site: str = "resid_post"
+    features: str = "[:, :, 0-4]"
+    tokens: int = 5
+    steps: int = 200
+    lr: float = 0.05
+    target: float = 100.0  # C in ||C - O_f(e)||_1
+    objective: str = "l1"  # or "maximize": minus the mean activation
+    isolated: bool = False  # the site's block alone, without the blocks before it
+    untrained: bool = False  # the model re-initialized from its config under `seed`
+    init: str | None = None  # text to start from; None starts from random token-like embeddings
+    decoder: str = "pinv"  # or "nearest" (cosine)
+    seed: int = 0
+    precision: str = "32-true"
+    devices: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"  # with devices > 1: ddp_spawn on CPU, ddp on GPU
+    out: str | None = None  # default: featopt-runs/<time>
+    decode_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: no checkpoints
+    resume: str | None = None  # a checkpoint to continue from
+    progress: bool = True
+
+
+@dataclass
+class AscentRun:
+    results: list[FeatureResult]
+    out: Path
+    module: FeatureOptimization
+    trainer: L.Trainer
+
+
+def _check(config: AscentConfig) -> None:
+    for name in ("tokens", "steps", "devices", "decode_every", "log_every"):
+        if getattr(config, name) < 1:
+            raise FeatoptError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+    if config.lr <= 0:
+        raise FeatoptError(f"--lr must be positive, got {config.lr}.")
+    for name, allowed in (("precision", PRECISIONS), ("objective", OBJECTIVES), ("decoder", DECODERS)):
+        if getattr(config, name) not in allowed:
+            raise FeatoptError(f"--{name} {getattr(config, name)!r} is not known: allowed are {', '.join(allowed)}.")
+    if config.resume and not Path(config.resume).is_file():
+        raise FeatoptError(f"checkpoint {config.resume!r} to resume from does not exist.")
+
+
+def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureOptimization:
+    """The LightningModule for `config` (validated), without training it."""
+    _check(config)
+    loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed)
+    if adapter is None:
+        adapter = loader()
+    site = adapter.site(config.site, config.layer)
+    problems = parse_features(config.features, n_tokens=config.tokens, width=adapter.width(site), site=str(site))
+    selection = Selection(site, problems, config.tokens, adapter.width(site))
+    objective = l1_target(selection, config.target) if config.objective == "l1" else maximize(selection)
+    if config.init:
+        ids = adapter.encode(config.init)
+        if len(ids) != config.tokens:
+            raise FeatoptError(f"--init {config.init!r} is {len(ids)} tokens but --tokens is {config.tokens}: make them equal.")
+        parametrization = FreeEmbeddings.from_ids(adapter.embedding, ids, len(problems))
+    else:
+        parametrization = FreeEmbeddings.random(adapter.embedding, len(problems), config.tokens, config.seed)
+    module = FeatureOptimization(parametrization, objective, selection, adapter, isolated=config.isolated, lr=config.lr)
+    # Spawned workers rebuild the model by name instead of unpickling it.
+    module._loader = loader if adapter.info is not None and adapter.info.name == config.model else None
+    return module
+
+
+def trainer_for(config: AscentConfig, out: Path) -> L.Trainer:
+    strategy = config.strategy
+    if strategy == "auto" and config.devices > 1:
+        import torch
+
+        on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
+        strategy = "ddp" if on_gpu else "ddp_spawn"
+    callbacks = [DecodeCallback(config.decode_every, config.decoder)]
+    if config.progress:
+        callbacks.append(TextProgressBar())
+    if config.checkpoint_every:
+        callbacks.append(ModelCheckpoint(
+            dirpath=out / "checkpoints", every_n_train_steps=config.checkpoint_every, save_top_k=-1, save_last=True,
+            filename="step{step}", auto_insert_metric_name=False,
+        ))
+    return L.Trainer(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=strategy,
+        precision=config.precision,
+        max_steps=config.steps,
+        logger=TensorBoardLogger(out, name="tensorboard", version=""),
+        callbacks=callbacks,
+        enable_checkpointing=bool(config.checkpoint_every),
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        log_every_n_steps=config.log_every,
+        num_sanity_val_steps=0,
+    )
+
+
+def run(config: AscentConfig, adapter: ModelAdapter | None = None) -> AscentRun:
+    """Optimize every problem of `config.features` at once; write and return the results.
+
+    Results (one per problem, in spec order) go to `out/results.json` and
+    `out/embeddings.safetensors` (`embeddings [problems, tokens, d_model]`, `token_ids [problems, tokens]`).
+    """
+    module = build(config, adapter)
+    out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
+    trainer = trainer_for(config, out)
+    L.seed_everything(config.seed, verbose=False)
+    trainer.fit(module, datamodule=StepsDataModule(config.steps), ckpt_path=config.resume)
+    results: list[FeatureResult] = []
+    if trainer.is_global_zero:
+        results, ids = evaluate(module, "embedding-ascent", decoder=config.decoder, seed=config.seed,
+                                dtype=str(module.adapter.dtype).replace("torch.", ""))
+        run_meta = {"method": "embedding-ascent", "config": asdict(config), "model": module.adapter.name,
+                    "site": str(module.selection.site), "objective": module.objective.description}
+        tensors = {"embeddings": module.parametrization(None).detach(), "token_ids": ids}
+        write_results(out, results, run_meta, tensors)
+    return AscentRun(results, out, module, trainer)
+
+
+def format_results(results: list[FeatureResult]) -> str:
+    """One line per problem, like the documents' tables: spec, decoded text, activations."""
+    width = max((len(r.spec) for r in results), default=0)
+    lines = []
+    for r in results:
+        cont = f" (continuous {r.continuous_activation:.3g})" if r.continuous_activation is not None else ""
+        lines.append(f"{r.spec:<{width}}  {r.text!r:<40}  activation {r.activation:.4g}{cont}")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""One record per problem, the same for every method, written atomically.
+
+A run writes `results.json` (its settings, library versions and one :class:`FeatureResult` per
+problem) and `embeddings.safetensors` (the tensors). Each file is written to a temporary name
+in the same folder and renamed into place, so a crash never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class FeatureResult:
+    """The answer to one problem.
+
+    `activation` is measured by a fresh forward pass of the decoded discrete tokens, so it says
+    what the found input really does; `continuous_activation` is what the optimized (not
+    necessarily token-like) input reached.
+    """
+
+    spec: str
+    site: str
+    method: str
+    objective: str
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    activation: float
+    continuous_activation: float | None = None
+    token_cosine: list[float] | None = None  # per position: optimized embedding vs decoded token's
+    nearest_token_ids: list[int] | None = None
+    pinv_nearest_agreement: float | None = None
+    model: str = ""
+    seed: int | None = None
+    dtype: str = ""
+    versions: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that can change a number."""
+    import lightning
+    import transformers
+
+    import featopt
+
+    return {
+        "featopt": featopt.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(
+    out_dir: str | Path, results: list[FeatureResult], run: dict, tensors: dict[str, Tensor] | None = None
+) -> Path:
+    """Write `results.json` (and `embeddings.safetensors` when `tensors` are given) into `out_dir`.
+
+    `run` holds the settings that reproduce the run (model, seed, dtype, ...); versions are added.
+    Returns the path of `results.json`.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"run": {**run, "versions": versions()}, "results": [asdict(r) for r in results]}
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    if tensors:
+        cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        _atomic_write(out / "embeddings.safetensors", lambda tmp: save_file(cpu, tmp))
+    _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out / "results.json"
+
+
+def read_results(path: str | Path) -> tuple[dict, list[FeatureResult]]:
+    """Read back a `results.json` (or the folder holding it): `(run, results)`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return document["run"], [FeatureResult(**r) for r in document["results"]]

@@ -1,0 +1,47 @@
+"""Shared test setup: offline always, tiny models of every supported family built in code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Never reach for a model hub from a test: a missing file must fail fast, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _family_models():
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
+        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=97, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    llama_like = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, **common)
+    return {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=32, **common)),
+        "gpt_neo": lambda: GPTNeoForCausalLM(GPTNeoConfig(
+            num_layers=3, hidden_size=32, num_heads=4, max_position_embeddings=32,
+            attention_types=[[["global", "local"], 1], [["global"], 1]], window_size=4, **common)),
+        "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+            num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4, **common)),
+        "gpt_neox_serial": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+            num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4, use_parallel_residual=False, **common)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**llama_like)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**llama_like)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**llama_like)),
+    }
+
+
+FAMILIES = sorted(_family_models())
+
+
+@pytest.fixture(params=FAMILIES)
+def family_model(request):
+    """A random-init 3-layer model of each supported family, eval mode, frozen."""
+    torch.manual_seed(0)
+    model = _family_models()[request.param]().eval()
+    model.requires_grad_(False)
+    return request.param, model
