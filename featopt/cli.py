@@ -42,6 +42,14 @@ _HELP = {
 }
 
 
+class _Parser(ArgumentParser):
+    """jsonargparse's parser, but a bad flag ends in one line on stderr and exit status 2."""
+
+    def error(self, message, ex=None):
+        sys.stderr.write(f"featopt: error: {' '.join(str(message).split())} (see --help)\n")
+        sys.exit(2)
+
+
 def _add_config_arguments(parser: ArgumentParser, config_cls) -> None:
     """One flag per field of a method's config dataclass; booleans get `--x/--no_x`."""
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe with any of these options")
@@ -56,12 +64,12 @@ def _add_config_arguments(parser: ArgumentParser, config_cls) -> None:
 def build_parser() -> ArgumentParser:
     from featopt.objectives.ascent import AscentConfig
 
-    parser = ArgumentParser(prog="featopt", description="Find the inputs that make a feature of a language model fire.")
+    parser = _Parser(prog="featopt", description="Find the inputs that make a feature of a language model fire.")
     sub = parser.add_subcommands(dest="command", required=True)
-    optimize = ArgumentParser(description="Embedding ascent towards ||C - O_f(e)||_1, decoded by pseudoinverse.")
+    optimize = _Parser(description="Embedding ascent towards ||C - O_f(e)||_1, decoded by pseudoinverse.")
     _add_config_arguments(optimize, AscentConfig)
     sub.add_subcommand("optimize", optimize, help="gradient ascent on input embeddings")
-    demo = ArgumentParser(description="A short showcase on the best model available offline.")
+    demo = _Parser(description="A short showcase on the best model available offline.")
     demo.add_argument("--out", type=str, default="featopt-runs/demo", help="output folder")
     demo.add_argument("--steps", type=int, default=None, help="optimization steps (default depends on the model)")
     sub.add_subcommand("demo", demo, help="a short showcase of what featopt does")

@@ -172,11 +172,6 @@ def agreement(a: Tensor, b: Tensor) -> Tensor:
     return (a == b.to(a.device)).float().mean(dim=-1)
 
 
-def default_cache_dir() -> Path:
-    """~/.cache/featopt: pass it as ``cache_dir`` to cache on disk without FEATOPT_CACHE set."""
-    return Path.home() / ".cache" / "featopt"
-
-
 @torch.no_grad()
 def fingerprint(embedding: Tensor) -> str:
     """blake2b of shape, dtype, 64 strided rows and each row's sum of its 16-bit words.
@@ -243,7 +238,7 @@ def pinv_decoder(embedding: Tensor, cache_dir: str | Path | None = None) -> Pinv
     through ``E.data`` do not bump the version; the probe catches most of them, not all.
     Disk: ``<cache_dir or $FEATOPT_CACHE>/pinv/<fingerprint>.safetensors``; with neither set
     nothing is written (a library should not fill the home folder unasked; see
-    :func:`default_cache_dir`).
+    :func:`featopt.cache.cache_dir`).
     """
     _check(embedding)
     emb = embedding.detach()

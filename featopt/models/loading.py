@@ -33,6 +33,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from featopt.cache import cache_dir
 from featopt.errors import FeatoptError
 from featopt.models.tiny import TINY_MODELS, build_tiny
 
@@ -49,11 +50,6 @@ class LoadedModel:
     source: str  # 'built-in', a folder path, a gguf path, or a hub id
     untrained: bool
     seed: int | None  # the re-init seed when untrained
-
-
-def cache_dir() -> Path:
-    """``$FEATOPT_CACHE``, default ``~/.cache/featopt``."""
-    return Path(os.environ.get("FEATOPT_CACHE") or "~/.cache/featopt").expanduser()
 
 
 def _holds_model(folder: Path) -> bool:

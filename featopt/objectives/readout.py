@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from featopt.decoding import agreement, default_cache_dir, nearest_decode, pinv_decoder, token_cosine
+from featopt.cache import cache_dir
+from featopt.decoding import agreement, nearest_decode, pinv_decoder, token_cosine
 from featopt.objectives.module import FeatureOptimization
 from featopt.results import FeatureResult, versions
 
@@ -25,7 +26,7 @@ def decode_ids(module: FeatureOptimization, decoder: str = "pinv") -> Tensor:
     embedding = module.adapter.embedding
     embeds = module.parametrization(None).detach().to(embedding.device)
     if decoder == "pinv":
-        return pinv_decoder(embedding, default_cache_dir()).decode(embeds)
+        return pinv_decoder(embedding, cache_dir()).decode(embeds)
     return nearest_decode(embedding, embeds)
 
 
