@@ -112,8 +112,10 @@ def bench(adapter: ModelAdapter, args) -> list[tuple]:
                 rates[mode].append(steps_per_second(module, mode, args.steps, args.warmup, start))
         fo, fd, fb = (statistics.median(rates[mode]) for mode in MODES)
         rows.append((adapter.name, f"{layer}/{n}", fo, fd, fo / fd, fb, fo / fb))
+        spread = max((max(r) - min(r)) / statistics.median(r) for r in rates.values())
         print(f"  {adapter.name} layer {layer}: featopt {fo:.2f}/s, full {fd:.2f}/s (x{fo / fd:.2f}), "
-              f"blocks only {fb:.2f}/s (x{fo / fb:.2f}); first-step max rel. gap {gap:.1e}", flush=True)
+              f"blocks only {fb:.2f}/s (x{fo / fb:.2f}); first-step max rel. gap {gap:.1e}; "
+              f"worst repeat spread {spread:.0%}", flush=True)
     return rows
 
 

@@ -6,7 +6,9 @@ Bad input ends in one sentence on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from dataclasses import fields
 from typing import get_type_hints
 
@@ -86,7 +88,18 @@ def _optimize(args) -> None:
         print(f"results: {result.out / 'results.json'}")
 
 
+def _quiet_lightning() -> None:
+    # Lightning's start-up notices (GPU/TPU availability, tips) would bury the results table.
+    # Its loggers get their level when it is imported, so import it first.
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_lightning()
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with one message on malformed flags
     try:

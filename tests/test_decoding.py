@@ -58,6 +58,8 @@ def _low_rank(vocab, d, rank, seed):
 CASES = {
     "square": lambda: torch.randn(300, 64, generator=_gen(0)),
     "tall": lambda: torch.randn(50000, 64, generator=_gen(1)),
+    # a Gemma-sized vocabulary, with rows of very different scales as in trained embeddings
+    "vocab-262k": lambda: torch.randn(262144, 24, generator=_gen(5)) * torch.rand(262144, 1, generator=_gen(6)) * 3,
     "rank_deficient": lambda: _low_rank(3000, 48, 8, seed=2),
     "wide": lambda: torch.randn(40, 64, generator=_gen(3)),
 }
