@@ -9,7 +9,7 @@ through every block, final norm and LM head (`model(inputs_embeds=..., output_hi
 warm-up steps are excluded and the median of `--repeats` timings is reported. Both losses (and input
 gradients) are asserted equal at the first step, so a speed-up cannot come from computing something else.
 
-    FEATOPT_MODEL_PATH=/work/shared/models python benchmarks/bench_early_exit.py [--steps 6 --repeats 5]
+    FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_early_exit.py [--steps 6 --repeats 5]
 """
 
 from __future__ import annotations
