@@ -73,6 +73,8 @@ class FeatureOptimization(L.LightningModule):
         self.lr = lr
         self._loader = None if isinstance(model, ModelAdapter) else model
         self._adapter = model if isinstance(model, ModelAdapter) else None
+        if self._adapter is not None:
+            parametrization.bind(self._adapter)
         self.decoded: list[str] = []  # latest decoded text per problem, filled by DecodeCallback
 
     def __getstate__(self):
@@ -86,6 +88,7 @@ class FeatureOptimization(L.LightningModule):
     def adapter(self) -> ModelAdapter:
         if self._adapter is None:
             self._adapter = self._loader()
+            self.parametrization.bind(self._adapter)
         return self._adapter
 
     def configure_model(self) -> None:
@@ -93,6 +96,10 @@ class FeatureOptimization(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.adapter.to(self.device)
+        self.parametrization.bind(self.adapter)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.parametrization.after_step(self.global_step, self.trainer.max_steps)
 
     def my_rows(self) -> Tensor:
         """The problems this process computes: all of them on one device."""

@@ -21,6 +21,15 @@ class Parametrization(nn.Module):
     def n_problems(self) -> int:
         raise NotImplementedError
 
+    def bind(self, adapter) -> None:
+        """Called with the model (on its device) before the first step; a parametrization that
+        needs the embedding matrix keeps a reference here (never as a registered tensor, so the
+        model's weights stay out of checkpoints)."""
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        """Called after every optimizer step with the number of steps done: projections and
+        schedules go here. It must depend only on `step`, so a resumed run matches."""
+
     def direct_ids(self) -> Tensor | None:
         """Token ids `[problems, tokens]` the input stands for without decoding its embeddings
         (a simplex's argmax), or None when only embedding decoding applies."""
