@@ -98,8 +98,12 @@ class FeatureOptimization(L.LightningModule):
         self.adapter.to(self.device)
         self.parametrization.bind(self.adapter)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.parametrization.after_step(self.global_step, self.trainer.max_steps)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (checkpointing) run before that module hook,
+        # and a checkpoint must hold the input after its projection. global_step counts this
+        # step only once this returns.
+        self.parametrization.after_step(self.global_step + 1, self.trainer.max_steps)
 
     def my_rows(self) -> Tensor:
         """The problems this process computes: all of them on one device."""
