@@ -98,6 +98,10 @@ class FeatureOptimization(L.LightningModule):
         self.adapter.to(self.device)
         self.parametrization.bind(self.adapter)
 
+    def on_train_start(self) -> None:
+        # global_step is restored from a checkpoint by now: schedules resume where they stopped.
+        self.parametrization.set_step(self.global_step, self.trainer.max_steps)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: callbacks (checkpointing) run before that module hook,

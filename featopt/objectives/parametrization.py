@@ -26,6 +26,10 @@ class Parametrization(nn.Module):
         needs the embedding matrix keeps a reference here (never as a registered tensor, so the
         model's weights stay out of checkpoints)."""
 
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Set any schedule to its value after `step` steps (called when training starts, so a
+        resumed run continues the schedule where it stopped)."""
+
     def after_step(self, step: int, max_steps: int) -> None:
         """Called after every optimizer step with the number of steps done: projections and
         schedules go here. It must depend only on `step`, so a resumed run matches."""

@@ -51,12 +51,18 @@ def evaluate(
     adapter = module.adapter
     embedding = adapter.embedding
     embeds = module.parametrization(None).detach().to(embedding.device)
-    ids = decode_ids(module, decoder)
+    direct = module.parametrization.direct_ids()
+    pinv = pinv_decoder(embedding, cache_dir()).decode(embeds)
     nearest = nearest_decode(embedding, embeds)
-    agree = agreement(ids, nearest)
+    # The answer: a prior's own tokens (a simplex's argmax) when it has them, else the decoder's.
+    ids = direct if direct is not None else (pinv if decoder == "pinv" else nearest)
+    agree = agreement(pinv, nearest)
     cosine = token_cosine(embedding, embeds, ids)
     discrete = measure(module, input_ids=ids)
     continuous = measure(module, inputs_embeds=embeds)
+    # Every decoding is re-measured too, so decoders can be compared on the same run.
+    alternatives = {"pinv": pinv, "nearest": nearest}
+    alt_acts = {name: (discrete if alt is ids else measure(module, input_ids=alt)) for name, alt in alternatives.items()}
     stamp = versions()
     results = []
     for p, problem in enumerate(module.selection.problems):
@@ -78,5 +84,12 @@ def evaluate(
             seed=seed,
             dtype=dtype or str(adapter.dtype).replace("torch.", ""),
             versions=stamp,
+            extra={
+                "decoded_by": "simplex-argmax" if direct is not None else decoder,
+                "pinv_token_ids": pinv[p].tolist(),
+                "pinv_activation": float(alt_acts["pinv"][p]),
+                "nearest_activation": float(alt_acts["nearest"][p]),
+                **({"direct_pinv_agreement": float(agreement(direct[p:p + 1], pinv[p:p + 1])[0])} if direct is not None else {}),
+            },
         ))
     return results, ids

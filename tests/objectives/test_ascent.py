@@ -61,6 +61,9 @@ def test_run_raises_activations_and_records_re_measured_tokens(tiny, tmp_path):
         ids = torch.tensor([r.token_ids])
         assert r.activation == pytest.approx(_hf_resid_post(tiny, 1, ids=ids)[0, :, p].mean().item(), abs=1e-4)
         assert r.text == tiny.tokenizer.decode(r.token_ids)
+        nearest = torch.tensor([r.nearest_token_ids])
+        assert r.extra["nearest_activation"] == pytest.approx(_hf_resid_post(tiny, 1, ids=nearest)[0, :, p].mean().item(), abs=1e-4)
+        assert r.extra["pinv_token_ids"] == r.token_ids and r.extra["decoded_by"] == "pinv"
         assert len(r.token_cosine) == 4 and 0 <= r.pinv_nearest_agreement <= 1
         assert r.seed == 0 and r.dtype == "float32" and r.model == "tiny-llama" and "torch" in r.versions
 
