@@ -9,10 +9,13 @@ Activations are exactly what `transformers` computes, because its own modules do
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import Cache, DynamicCache
 
 from featopt.errors import FeatoptError
 from featopt.models.families import Family, find_family, get_module
@@ -44,6 +47,41 @@ class _Passthrough(nn.Module):
 
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class KVPrefix:
+    """Prefixes run once with caching, to be continued by many candidates without re-running them.
+
+    `ids [G, L]` are the prefixes, `acts` their activations `{site: [G, L, width]}` and `cache`
+    their keys/values (blocks up to the deepest site only: the forward stopped there).
+    """
+
+    ids: Tensor
+    acts: dict[Site, Tensor]
+    cache: Cache
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def broadcast(self, index: Tensor) -> Cache:
+        """A fresh cache whose row b holds prefix `index[b]` (`index: [B]` in `[0, G)`).
+
+        The stored cache is never modified (a forward appends to the copy it is given), so one
+        prefix forward serves every candidate batch. One prefix is expanded, not copied.
+        """
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            if not getattr(layer, "is_initialized", False) or layer.get_seq_length() == 0:
+                continue
+            if layer.keys.shape[0] == 1:
+                layer.keys = layer.keys.expand(len(index), *layer.keys.shape[1:])
+                layer.values = layer.values.expand(len(index), *layer.values.shape[1:])
+            else:
+                layer.batch_select_indices(index.to(layer.keys.device))
+        return cache
 
 
 class ModelAdapter:
@@ -222,6 +260,7 @@ class ModelAdapter:
         input_ids: Tensor | None = None,
         isolated: bool = False,
         write: Mapping[Site | str, WriteFn] | None = None,
+        past_key_values: Cache | None = None,
     ) -> dict[Site, Tensor]:
         """Run the model until every site in `sites` is read, then stop.
 
@@ -229,8 +268,10 @@ class ModelAdapter:
             inputs_embeds: `[batch, tokens, d_model]` (gradients flow), or
             input_ids: `[batch, tokens]`.
             isolated: skip the blocks before the shallowest requested site's block.
+            past_key_values: continue after the cached tokens (see :meth:`prefix`): positions
+                and the attention mask follow them, and the cache is extended in place.
         Returns:
-            `{site: [batch, tokens, width]}`.
+            `{site: [batch, tokens, width]}`, for the new tokens only when continuing a cache.
         """
         sites = [self.site(s) for s in sites]
         if not sites:
@@ -244,6 +285,16 @@ class ModelAdapter:
             kwargs["input_ids"] = input_ids.to(self.device)
             # Explicit, so HF does not warn about padding: inputs are never padded here.
             kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        if past_key_values is not None:
+            if isolated:
+                raise FeatoptError("an isolated block cannot continue a cached prefix: drop the prefix or the isolation.")
+            batch, new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            past = past_key_values.get_seq_length()
+            kwargs.update(
+                past_key_values=past_key_values, use_cache=True,
+                attention_mask=torch.ones(batch, past + new, dtype=torch.long, device=self.device),
+                position_ids=torch.arange(past, past + new, device=self.device).expand(batch, -1),
+            )
         isolation = self.isolated(min(s.layer for s in sites)) if isolated else contextlib.nullcontext()
         with isolation, self.hooks(read=sites, write=write, stop_after_read=True) as captured:
             try:
@@ -251,6 +302,13 @@ class ModelAdapter:
             except _StopForward:
                 pass
         return {s: captured[s] for s in sites}
+
+    def prefix(self, sites: Iterable[Site | str], input_ids: Tensor) -> KVPrefix:
+        """Run prefixes `input_ids [G, L]` to the deepest of `sites`, keeping their keys/values;
+        continue them with `run(..., past_key_values=prefix.broadcast(index))`."""
+        cache = DynamicCache(config=self.model.config)
+        acts = self.run(sites, input_ids=input_ids, past_key_values=cache)
+        return KVPrefix(input_ids.to(self.device), acts, cache)
 
     def forward_to_site(self, inputs_embeds: Tensor, site: Site | str, *, isolated: bool = False) -> Tensor:
         """`[batch, tokens, d_model]` -> the activation at `site`, `[batch, tokens, width]`."""

@@ -1,0 +1,116 @@
+"""Exhaustive single-token search (source document 000, "Complete Search Features"): every token of
+the vocabulary as the input, `a_i = argmax_a O_f(a)`, exact for one-token inputs.
+
+One batched pass over the vocabulary scores every problem of every requested site at once, so the
+features of a whole layer cost one sweep. With a fixed `prefix` the candidate token comes after
+it (positions then index the whole sequence) and the prefix runs once, cached.
+`run(ExhaustiveConfig(...))` is the one entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from featopt.errors import FeatoptError
+from featopt.features import parse_features
+from featopt.models import ModelAdapter
+from featopt.results import FeatureResult, versions, write_results
+from featopt.search.common import (
+    SearchRun, check_common, format_table, load, out_dir, parse_candidates, parse_sites, per_position, spawn,
+)
+from featopt.search.scoring import Scorer
+from featopt.search.sweep import distributed, sweep
+
+__all__ = ["ExhaustiveConfig", "run", "format_table"]
+
+
+@dataclass
+class ExhaustiveConfig:
+    """Settings of one exhaustive sweep (the flags of `featopt search exhaustive`)."""
+
+    model: str = "tiny-gpt2"
+    layer: int | str = 0  # one layer, or several read in the same forward: "0,3,7" or "0-3"
+    site: str = "resid_post"  # or several kinds, "resid_post,mlp_out", each at every layer
+    features: str = "[:, :, 0-4]"
+    prefix: str | None = None  # fixed text before the candidate token
+    top_k: int = 10  # best tokens kept per problem
+    candidates: str | None = None  # token ids to try ("0-4095", "17,42"); default: the whole vocabulary
+    batch_size: int = 0  # candidates per forward; 0: automatic, halved on out-of-memory
+    isolated: bool = False  # the site's block alone (no prefix then)
+    untrained: bool = False
+    seed: int = 0
+    dtype: str = "float32"  # float32, float64, bfloat16, float16
+    device: str = "auto"  # auto (cuda when there is one), cpu, cuda
+    devices: int = 1  # processes; the vocabulary is sharded across them
+    out: str | None = None  # default: featopt-runs/<time>
+    progress: bool = True
+
+
+def weights_for(problems, n_tokens: int) -> torch.Tensor:
+    """`[P, n_tokens]`: the mean over each problem's positions (all of them for `:`)."""
+    weights = torch.zeros(len(problems), n_tokens, dtype=torch.float64)
+    for p, problem in enumerate(problems):
+        positions = list(range(n_tokens)) if problem.positions is None else list(problem.positions)
+        weights[p, positions] = 1.0 / len(positions)
+    return weights
+
+
+def run(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) -> SearchRun:
+    """Sweep the vocabulary once for every problem of `config.features` at every layer.
+
+    Returns one result per (site, problem), site-major (kinds, then layers), and writes them to
+    `out/results.json` (rank 0 only with several processes; every rank returns them).
+    """
+    check_common(config)
+    if config.devices > 1 and distributed()[1] == 1:
+        return spawn(run, config, adapter)
+    adapter = load(config, adapter)
+    sites = parse_sites(adapter, config.site, config.layer)
+    prefix = adapter.encode(config.prefix) if config.prefix else torch.zeros(0, dtype=torch.long)
+    if config.isolated and len(prefix):
+        raise FeatoptError("--isolated cannot be combined with --prefix: a block alone cannot continue a cached prefix.")
+    if config.isolated and len({site.layer for site in sites}) > 1:
+        raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
+    n_tokens = len(prefix) + 1
+    plans = [(site, parse_features(config.features, n_tokens=n_tokens, width=adapter.width(site), site=str(site)))
+             for site in sites]
+    for problem in plans[0][1]:
+        if problem.positions is not None and n_tokens - 1 not in problem.positions:
+            raise FeatoptError(f"{problem.spec} selects only prefix positions, which every candidate shares: "
+                               f"include position {n_tokens - 1}, the candidate token (or write \":\").")
+    scorers = [(site, Scorer([p.features for p in problems], adapter.width(site), weights_for(problems, n_tokens)))
+               for site, problems in plans]
+    candidates = parse_candidates(config.candidates, adapter.vocab_size)
+    k = min(config.top_k, adapter.vocab_size if candidates is None else len(candidates))
+    topk = sweep(adapter, scorers, prefixes=prefix[None] if len(prefix) else None, candidates=candidates, k=k,
+                 batch_size=config.batch_size, isolated=config.isolated, progress=config.progress, desc="exhaustive")
+    values, ids = topk.values.cpu(), topk.ids.cpu()
+    results, stamp, col = [], versions(), 0
+    for (site, problems), (_, scorer) in zip(plans, scorers):
+        P = len(problems)
+        inputs = torch.cat([prefix.expand(P, -1), ids[0, col:col + P, None]], dim=1)
+        acts = per_position(adapter, site, inputs, [p.features for p in problems], config.isolated)
+        measured = (acts.double() * scorer.weights).sum(1)
+        for p, problem in enumerate(problems):
+            row = inputs[p].tolist()
+            results.append(FeatureResult(
+                spec=problem.spec, site=str(site), method="exhaustive",
+                objective=f"maximize({site}, mean over the selection)",
+                token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
+                activation=float(measured[p]), model=adapter.name, seed=config.seed,
+                dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
+                extra={"prefix_length": len(prefix), "sweep_activation": float(values[0, col + p]), "top_k": {
+                    "token_ids": ids[:, col + p].tolist(),
+                    "tokens": [adapter.decode([t]) for t in ids[:, col + p].tolist()],
+                    "activations": values[:, col + p].tolist(),
+                }},
+            ))
+        col += P
+    out = out_dir(config)
+    if distributed()[0] == 0:
+        meta = {"method": "exhaustive", "config": asdict(config), "model": adapter.name, "world_size": distributed()[1],
+                "sites": [str(s) for s in sites], "prefix_ids": prefix.tolist()}
+        write_results(out, results, meta)
+    return SearchRun(results, out)
