@@ -117,7 +117,10 @@ class FeatureOptimization(L.LightningModule):
     def step_losses(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Loss and activation per problem `[rows]` for the current input."""
         embeds = self.parametrization(rows)
-        acts = self.adapter.run(self.objective.sites, inputs_embeds=embeds, isolated=self.isolated)
+        # The selection's site is read too: activations are logged even when the objective reads
+        # no site at all (a penalty) or another one.
+        sites = tuple(dict.fromkeys((*self.objective.sites, self.selection.site)))
+        acts = self.adapter.run(sites, inputs_embeds=embeds, isolated=self.isolated)
         losses = self.objective.loss(Context(acts, embeds, rows, self.adapter))
         activation = self.selection.activation(acts[self.selection.site].float(), rows)
         return losses, activation

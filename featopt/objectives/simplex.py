@@ -162,6 +162,11 @@ class SimplexEmbeddings(Parametrization):
         for chunk in flat.split(block):
             chunk.copy_(torch.softmax(chunk.float() / self.temperature, dim=-1))
 
+    def probs(self, rows: Tensor | None = None) -> Tensor:
+        """Token probabilities `[rows, tokens, vocab]` (for soft targets such as `fluency(soft=...)`)."""
+        a = self.logits if rows is None else self.logits[rows]
+        return a.float() if self.mode == "projected" else torch.softmax(a.float() / self.temperature, dim=-1)
+
     def direct_ids(self) -> Tensor:
         """The simplex decoding: the most probable token per position, `[problems, tokens]`."""
         return self.logits.detach().argmax(dim=-1)
