@@ -62,7 +62,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -89,8 +89,8 @@ def write_results(
     text = json.dumps(document, indent=2, ensure_ascii=False)
     if tensors:
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        _atomic_write(out / "embeddings.safetensors", lambda tmp: save_file(cpu, tmp))
-    _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(out / "embeddings.safetensors", lambda tmp: save_file(cpu, tmp))
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / "results.json"
 
 
