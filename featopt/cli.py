@@ -75,7 +75,73 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--out", type=str, default="featopt-runs/demo", help="output folder")
     demo.add_argument("--steps", type=int, default=None, help="optimization steps (default depends on the model)")
     sub.add_subcommand("demo", demo, help="a short showcase of what featopt does")
+    sub.add_subcommand("invert", _invert_parser(), help="recover texts from their outputs at a site")
+    search = _Parser(description="Discrete searches over real tokens, batched, with early exit at the site.")
+    sub.add_subcommand("search", search, help="discrete searches over real tokens")
+    # jsonargparse wants nested subcommands added after their parent is attached.
+    kinds = search.add_subcommands(dest="kind", required=True)
+    for kind, (module, config_name, description) in _SEARCHES.items():
+        kinds.add_subcommand(kind, _config_parser(module, config_name, description), help=description)
+    sub.add_subcommand("compare", _config_parser("featopt.compare", "CompareConfig",
+                       "Gradient methods' decoded tokens as a fraction of the exhaustive optimum (one-token inputs)."),
+                       help="is gradient feature visualization accurate? (vs exhaustive search)")
     return parser
+
+
+def _config_parser(module: str, config_name: str, description: str) -> ArgumentParser:
+    import importlib
+
+    parser = _Parser(description=description)
+    _add_config_arguments(parser, getattr(importlib.import_module(module), config_name))
+    return parser
+
+
+_SEARCHES = {
+    "exhaustive": ("featopt.search.exhaustive", "ExhaustiveConfig",
+                   "Every vocabulary token as a one-token input (after an optional prefix); every feature scored in one sweep."),
+    "greedy": ("featopt.search.greedy", "GreedyConfig",
+               "Left-to-right greedy search: each step appends the token that maximizes the feature."),
+}
+
+
+def _run_config(module_name: str, config_name: str, args) -> None:
+    """Build a method's config from the parsed flags, run it, print its table."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, config_name)
+    result = module.run(config_cls(**{f.name: args[f.name] for f in fields(config_cls)}))
+    if getattr(result, "results", None) is not None and hasattr(module, "format_table") and module_name != "featopt.compare":
+        print(module.format_table(result.results))
+    else:
+        print(module.format_table(result))
+    print(f"results: {result.out}")
+
+
+_INVERT_HELP = {
+    "text": "a text to invert; repeat --text for more (each is one problem)",
+    "texts": "texts to invert, as a list (YAML or JSON)",
+    "objective": "l1: ||O(e_n) - O(e)||_1 (the documents'), or cosine: 1 - cos of the flattened outputs",
+    "prior": "embedding (free input embeddings) or simplex (softmax over the vocabulary)",
+    "decoder": "pinv or nearest (cosine); a simplex decodes by its own argmax",
+    "temperature": "simplex softmax temperature at the start",
+    "temperature_end": "simplex temperature at the end (default: constant)",
+    "simplex_mode": "softmax (free logits) or projected (the documents' softmax after every step)",
+}
+
+
+def _invert_parser() -> ArgumentParser:
+    from featopt.objectives.inversion import InversionConfig
+
+    # "resolve": --text is redefined below to append, so that it can be repeated.
+    invert = _Parser(description="Output-matching inversion: learn inputs whose outputs at a site match "
+                     "those of the given texts, decode them and count the recovered tokens.", conflict_handler="resolve")
+    _add_config_arguments(invert, InversionConfig)
+    invert.add_argument("--text", action="append", default=None, help=_INVERT_HELP["text"])
+    for action in invert._actions:
+        if action.dest in _INVERT_HELP:
+            action.help = _INVERT_HELP[action.dest]
+    return invert
 
 
 def _optimize(args) -> None:
@@ -85,6 +151,19 @@ def _optimize(args) -> None:
     result = run(config)
     if result.trainer.is_global_zero:
         print(format_results(result.results))
+        print(f"results: {result.out / 'results.json'}")
+
+
+def _invert(args) -> None:
+    from featopt.objectives.inversion import InversionConfig, format_results, run
+
+    values = {f.name: args[f.name] for f in fields(InversionConfig)}
+    if isinstance(values["text"], list):  # repeated --text (or a YAML list): all go to texts
+        values["texts"] = values["text"] + list(values["texts"] or [])
+        values["text"] = None
+    result = run(InversionConfig(**values))
+    if result.trainer.is_global_zero:
+        print(format_results(result.results, result.metrics))
         print(f"results: {result.out / 'results.json'}")
 
 
@@ -109,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             from featopt.demo import demo
 
             demo(out=args.demo.out, steps=args.demo.steps)
+        elif args.command == "invert":
+            _invert(args.invert)
+        elif args.command == "search":
+            module, config_name, _ = _SEARCHES[args.search.kind]
+            _run_config(module, config_name, args.search[args.search.kind])
+        elif args.command == "compare":
+            _run_config("featopt.compare", "CompareConfig", args.compare)
     except FeatoptError as error:
         print(f"featopt: error: {error}", file=sys.stderr)
         return 2
