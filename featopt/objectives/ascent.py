@@ -20,7 +20,7 @@ from featopt.errors import FeatoptError
 from featopt.features import parse_features
 from featopt.models import ModelAdapter, load_model
 from featopt.objectives.module import FeatureOptimization, StepsDataModule
-from featopt.objectives.parametrization import FreeEmbeddings
+from featopt.objectives.priors import make_parametrization
 from featopt.objectives.readout import DECODERS, evaluate
 from featopt.objectives.targets import Selection, l1_target, maximize
 from featopt.results import FeatureResult, write_results
@@ -45,6 +45,10 @@ class AscentConfig:
     isolated: bool = False  # the site's block alone, without the blocks before it
     untrained: bool = False  # the model re-initialized from its config under `seed`
     init: str | None = None  # text to start from; None starts from random token-like embeddings
+    prior: str = "embedding"  # free embeddings, or "simplex": softmax over the vocabulary, mapped through E
+    temperature: float = 1.0  # simplex: softmax temperature at the start
+    temperature_end: float | None = None  # simplex: temperature at the end (None: constant)
+    simplex_mode: str = "softmax"  # simplex: "softmax" (logits) or "projected" (the documents' update)
     decoder: str = "pinv"  # or "nearest" (cosine)
     seed: int = 0
     precision: str = "32-true"
@@ -90,27 +94,32 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
     problems = parse_features(config.features, n_tokens=config.tokens, width=adapter.width(site), site=str(site))
     selection = Selection(site, problems, config.tokens, adapter.width(site))
     objective = l1_target(selection, config.target) if config.objective == "l1" else maximize(selection)
+    ids = None
     if config.init:
         ids = adapter.encode(config.init)
         if len(ids) != config.tokens:
             raise FeatoptError(f"--init {config.init!r} is {len(ids)} tokens but --tokens is {config.tokens}: make them equal.")
-        parametrization = FreeEmbeddings.from_ids(adapter.embedding, ids, len(problems))
-    else:
-        parametrization = FreeEmbeddings.random(adapter.embedding, len(problems), config.tokens, config.seed)
+    parametrization = make_parametrization(
+        config.prior, adapter, len(problems), config.tokens, config.seed, init_ids=ids,
+        temperature=config.temperature, temperature_end=config.temperature_end, simplex_mode=config.simplex_mode,
+    )
     module = FeatureOptimization(parametrization, objective, selection, adapter, isolated=config.isolated, lr=config.lr)
     # Spawned workers rebuild the model by name instead of unpickling it.
     module._loader = loader if adapter.info is not None and adapter.info.name == config.model else None
     return module
 
 
-def trainer_for(config: AscentConfig, out: Path) -> L.Trainer:
+def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
+    """The Trainer for a run's settings. `config` is any config with AscentConfig's trainer fields
+    (steps, precision, devices, accelerator, strategy, decode_every, decoder, log_every,
+    checkpoint_every, progress); `extra_callbacks` are a method's own, added after the shared ones."""
     strategy = config.strategy
     if strategy == "auto" and config.devices > 1:
         import torch
 
         on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
         strategy = "ddp" if on_gpu else "ddp_spawn"
-    callbacks = [DecodeCallback(config.decode_every, config.decoder)]
+    callbacks = [DecodeCallback(config.decode_every, config.decoder), *extra_callbacks]
     if config.progress:
         callbacks.append(TextProgressBar())
     if config.checkpoint_every:
@@ -147,9 +156,10 @@ def run(config: AscentConfig, adapter: ModelAdapter | None = None) -> AscentRun:
     trainer.fit(module, datamodule=StepsDataModule(config.steps), ckpt_path=config.resume)
     results: list[FeatureResult] = []
     if trainer.is_global_zero:
-        results, ids = evaluate(module, "embedding-ascent", decoder=config.decoder, seed=config.seed,
+        method = "embedding-ascent" if config.prior == "embedding" else f"simplex-{config.simplex_mode}"
+        results, ids = evaluate(module, method, decoder=config.decoder, seed=config.seed,
                                 dtype=str(module.adapter.dtype).replace("torch.", ""))
-        run_meta = {"method": "embedding-ascent", "config": asdict(config), "model": module.adapter.name,
+        run_meta = {"method": method, "config": asdict(config), "model": module.adapter.name,
                     "site": str(module.selection.site), "objective": module.objective.description}
         tensors = {"embeddings": module.parametrization(None).detach(), "token_ids": ids}
         write_results(out, results, run_meta, tensors)

@@ -118,3 +118,16 @@ def test_init_from_text_and_bad_input(tiny, tmp_path):
     with pytest.raises(FeatoptError, match="precision"):
         build(_config(tmp_path, precision="fp8"), tiny)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_simplex_prior_reports_its_argmax_and_the_pinv_decoding(tiny, tmp_path):
+    result = run(_config(tmp_path, prior="simplex", steps=10, features="[:, :, 0-1]"), tiny)
+    logits = result.module.parametrization.logits.detach()
+    for p, r in enumerate(result.results):
+        assert r.method == "simplex-softmax" and r.extra["decoded_by"] == "simplex-argmax"
+        assert r.token_ids == logits[p].argmax(-1).tolist()
+        ids = torch.tensor([r.token_ids])
+        assert r.activation == pytest.approx(_hf_resid_post(tiny, 1, ids=ids)[0, :, p].mean().item(), abs=1e-4)
+        pinv = torch.tensor([r.extra["pinv_token_ids"]])
+        assert r.extra["pinv_activation"] == pytest.approx(_hf_resid_post(tiny, 1, ids=pinv)[0, :, p].mean().item(), abs=1e-4)
+    assert list(result.module.state_dict()) == ["parametrization.logits"]
