@@ -9,6 +9,7 @@ scaled back by K, equals the one-process gradient: all ranks stay identical.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import lightning as L
@@ -20,6 +21,16 @@ from featopt.models.adapter import ModelAdapter
 from featopt.objectives.objective import Context, Objective
 from featopt.objectives.parametrization import Parametrization
 from featopt.objectives.targets import Selection
+
+
+def _adapter_from_parts(config, weights: dict, tokenizer, name: str) -> ModelAdapter:
+    """Rebuild a model in a spawned worker from its config and weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(weights)
+    dtype = next(iter(weights.values())).dtype
+    return ModelAdapter(model.to(dtype).eval().requires_grad_(False), tokenizer, name=name)
 
 
 class _Steps(IterableDataset):
@@ -80,6 +91,13 @@ class FeatureOptimization(L.LightningModule):
     def __getstate__(self):
         # A worker with a loader rebuilds the model itself instead of unpickling 100s of MB.
         state = super().__getstate__()
+        adapter = state.get("_adapter")
+        if state.get("_loader") is None and adapter is not None:
+            # No loader (a model built in code): ship its config and weights, not the HF module,
+            # which may carry transformers' own unpicklable hooks.
+            state["_loader"] = functools.partial(
+                _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name
+            )
         if state.get("_loader") is not None:
             state["_adapter"] = None
         return state
