@@ -89,7 +89,37 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("compare", _config_parser("featopt.compare", "CompareConfig",
                        "Gradient methods' decoded tokens as a fraction of the exhaustive optimum (one-token inputs)."),
                        help="is gradient feature visualization accurate? (vs exhaustive search)")
+    neurons = _Parser(description="MLP neurons read through the LM head, and clamped (Flash Interpretability).")
+    sub.add_subcommand("neurons", neurons, help="decode, find, compare and clamp MLP neurons")
+    tasks = neurons.add_subcommands(dest="task", required=True)
+    for task, (module, config_name, _, _, description) in _NEURONS.items():
+        tasks.add_subcommand(task, _config_parser(module, config_name, description), help=description)
     return parser
+
+
+# task -> (module, config class, run function, format function, description)
+_NEURONS = {
+    "decode": ("featopt.weights.neurons", "DecodeConfig", "run_decode", "format_decode",
+               "Every MLP neuron's input weights through the LM head: top-k tokens and probabilities, streamed."),
+    "find": ("featopt.weights.find", "FindConfig", "run_find", "format_find",
+             "The neurons most specialised for a token (normalized probability), with a PNG across layers."),
+    "compare": ("featopt.weights.compare", "CompareConfig", "run_compare", "format_compare",
+                "Share of neurons whose top token is the same in two models of the same shape."),
+    "clamp": ("featopt.interventions", "ClampConfig", "run_clamp", "format_clamp",
+              "Clamp a neuron over a sweep of values and record a target token's probability (PNG); --generate."),
+}
+
+
+def _run_neurons(task: str, args) -> None:
+    import importlib
+
+    module_name, config_name, run_name, format_name, _ = _NEURONS[task]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, config_name)
+    result = getattr(module, run_name)(config_cls(**{f.name: args[f.name] for f in fields(config_cls)}))
+    print(getattr(module, format_name)(result))
+    if getattr(result, "out", None):
+        print(f"results: {result.out}")
 
 
 def _config_parser(module: str, config_name: str, description: str) -> ArgumentParser:
@@ -197,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "search":
             module, config_name, _ = _SEARCHES[args.search.kind]
             _run_config(module, config_name, args.search[args.search.kind])
+        elif args.command == "neurons":
+            _run_neurons(args.neurons.task, args.neurons[args.neurons.task])
         elif args.command == "compare":
             _run_config("featopt.compare", "CompareConfig", args.compare)
     except FeatoptError as error:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-
 @dataclass
 class FeatureResult:
     """The answer to one problem.
@@ -45,7 +44,6 @@ class FeatureResult:
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
-
 def versions() -> dict[str, str]:
     """Versions of everything that can change a number."""
     import lightning
@@ -61,7 +59,6 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
     }
 
-
 def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -71,7 +68,6 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
 
 def write_results(
     out_dir: str | Path, results: list[FeatureResult], run: dict, tensors: dict[str, Tensor] | None = None
@@ -93,7 +89,6 @@ def write_results(
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / "results.json"
 
-
 def read_results(path: str | Path) -> tuple[dict, list[FeatureResult]]:
     """Read back a `results.json` (or the folder holding it): `(run, results)`."""
     path = Path(path)
@@ -101,6 +96,5 @@ def read_results(path: str | Path) -> tuple[dict, list[FeatureResult]]:
         path = path / "results.json"
     document = json.loads(path.read_text(encoding="utf-8"))
     return document["run"], [FeatureResult(**r) for r in document["results"]]
-
 
 _atomic_write = atomic_write  # old private name, kept until every caller uses atomic_write

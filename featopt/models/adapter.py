@@ -167,6 +167,33 @@ class ModelAdapter:
         """Residual stream `[..., d_model]` -> logits `[..., vocab]` through final norm and LM head."""
         return self.lm_head(self.final_norm(resid))
 
+    # ----------------------------------------------------------------- MLP neuron weights (read-only)
+    def mlp_up_weight(self, layer: int) -> Tensor:
+        """Input weights of the MLP neurons of block `layer`, `[neurons, d_model]`: row n is what
+        neuron n reads from the (normed) residual stream (the up-projection; GPT-2's `c_fc`)."""
+        return self._mlp_weight(layer, self.family.mlp_up, "up-projection")
+
+    def mlp_gate_weight(self, layer: int) -> Tensor:
+        """The gate-projection rows `[neurons, d_model]` of a gated MLP (Llama's `gate_proj`)."""
+        if self.family.mlp_gate is None:
+            raise FeatoptError(f"model {self.name!r} has no gated MLP, so there is no gate weight: use the up-projection.")
+        return self._mlp_weight(layer, self.family.mlp_gate, "gate-projection")
+
+    def _mlp_weight(self, layer: int, path: str, what: str) -> Tensor:
+        from transformers.pytorch_utils import Conv1D
+
+        self.site("mlp_hidden", layer)  # validates the layer
+        module = get_module(self.blocks[layer], path)
+        if module is None or not isinstance(getattr(module, "weight", None), Tensor):
+            raise FeatoptError(f"model {self.name!r} has no {what} weight at {path} of block {layer}.")
+        # Conv1D (GPT-2) stores [in, out]; nn.Linear stores [out, in]. Either way: a view, no copy.
+        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
+        expected = (self._widths["mlp_hidden"], self.d_model)
+        if tuple(weight.shape) != expected:
+            raise FeatoptError(f"the {what} weight of block {layer} has shape {tuple(weight.shape)}, not "
+                               f"[neurons, d_model] = {list(expected)}: this MLP layout is not supported.")
+        return weight.detach()
+
     # ----------------------------------------------------------------- hooks
     def _hook_point(self, site: Site) -> tuple[nn.Module, bool]:
         """The HF module for a site and whether the activation is its input (True) or output."""
