@@ -96,5 +96,3 @@ def read_results(path: str | Path) -> tuple[dict, list[FeatureResult]]:
         path = path / "results.json"
     document = json.loads(path.read_text(encoding="utf-8"))
     return document["run"], [FeatureResult(**r) for r in document["results"]]
-
-_atomic_write = atomic_write  # old private name, kept until every caller uses atomic_write
