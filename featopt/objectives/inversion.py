@@ -29,13 +29,11 @@ from featopt.objectives.ascent import PRECISIONS, trainer_for
 from featopt.objectives.matching import OBJECTIVES, match
 from featopt.objectives.module import FeatureOptimization, StepsDataModule
 from featopt.objectives.objective import Context
-from featopt.objectives.parametrization import FreeEmbeddings
+from featopt.objectives.priors import PRIORS, SIMPLEX_MODES, make_parametrization
 from featopt.objectives.readout import DECODERS, decode_ids
 from featopt.objectives.targets import Selection
 from featopt.results import FeatureResult, versions, write_results
 
-PRIORS = ("embedding", "simplex")
-SIMPLEX_MODES = ("softmax", "projected")
 
 
 @dataclass
@@ -133,12 +131,8 @@ def encode_texts(adapter: ModelAdapter, texts: list[str]) -> Batch:
 
 
 def _parametrization(config: InversionConfig, adapter: ModelAdapter, problems: int, tokens: int):
-    if config.prior == "embedding":
-        return FreeEmbeddings.random(adapter.embedding, problems, tokens, config.seed)
-    from featopt.objectives.simplex import SimplexEmbeddings  # lazy: the simplex prior is optional
-
-    return SimplexEmbeddings.uniform(problems, tokens, adapter.vocab_size, config.seed, temperature=config.temperature,
-                                     temperature_end=config.temperature_end, mode=config.simplex_mode)
+    return make_parametrization(config.prior, adapter, problems, tokens, config.seed, temperature=config.temperature,
+                                temperature_end=config.temperature_end, simplex_mode=config.simplex_mode)
 
 
 def build(config: InversionConfig, adapter: ModelAdapter | None = None) -> tuple[FeatureOptimization, Batch]:
