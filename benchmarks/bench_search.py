@@ -108,6 +108,7 @@ def bench(adapter: ModelAdapter, layer: int, args, out: str) -> dict:
     # Warm-up and the all-features reference: every feature's argmax from a bare forward.
     reference = bare(adapter, site, cands, keep=True).argmax(0).tolist()
     search_maximal(a_model, 8, 1, 0)
+    fo_exhaustive("[:, :, 0]")  # featopt's first call in a process is slower (imports, first write)
     # Exhaustive, one feature: the baseline on features 0..k-1 (also its per-feature cost).
     t_base, t_fo1 = [], []
     for f in fs:
