@@ -48,7 +48,7 @@ class PeakRSS:
 
     def __enter__(self):
         self.process, self.stop = psutil.Process(), threading.Event()
-        self.start = self.peak = self.process.memory_info().rss
+        self.peak = self.process.memory_info().rss
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
         return self
