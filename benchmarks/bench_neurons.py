@@ -1,7 +1,9 @@
 """Decoding every MLP neuron through the LM head vs a bare chunked matmul of the same shape.
 
 "decode" is `featopt.weights.neurons.decode_model` (all layers): per chunk of `row_chunk` neurons
-and `vocab_chunk` tokens one matmul, a running top-k and a running log-sum-exp. "matmul" is the
+and `vocab_chunk` tokens one matmul, a running top-k and a running log-sum-exp, done by the fused
+C kernel (`featopt/weights/tile_reduce.c`) or, in the "torch ops" mode, by torch ops as where no
+C compiler is found (`FEATOPT_NATIVE=0`). "matmul" is the
 floor it is compared with: the same `[neurons, d] x [d, vocab]` products in the same chunks into a
 reused buffer, nothing else. Two decode settings are timed: the paper's top-10 tokens with their
 probabilities (`--mean_of 10`), and the same plus the neuron finder's normalizer, the mean of the
@@ -21,9 +23,11 @@ Before timing, the decoded top token of a sample of neurons is checked against a
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 
 import psutil
 import torch
@@ -32,6 +36,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, load_model
 from featopt.weights.decode import ROW_CHUNK, VOCAB_CHUNK
+from featopt.weights.native import kernel
 from featopt.weights.neurons import decode_model, neuron_weights
 
 MODELS = ("gpt2-small-shaped", "smollm2-135m-instruct")
@@ -77,22 +82,42 @@ def bare_matmul(adapter: ModelAdapter, layers: list[int], row_chunk: int, vocab_
                 torch.mm(h, W[v0:v0 + vc].T, out=buffer[:len(h) * vc].view(len(h), vc))
 
 
+@contextmanager
+def fused_kernel(on: bool):
+    """Decode with the fused C kernel or with torch ops only (as where no C compiler is found)."""
+    os.environ["FEATOPT_NATIVE"] = "1" if on else "0"
+    try:
+        if on and kernel() is None:
+            raise SystemExit("the fused C kernel did not build here, so only the torch ops could be timed")
+        yield
+    finally:
+        os.environ.pop("FEATOPT_NATIVE")
+
+
 def check(adapter: ModelAdapter, row_chunk: int, vocab_chunk: int) -> None:
-    """Decoded top tokens of 64 neurons of the last layer equal a full softmax's (else stop)."""
+    """Decoded top tokens of 64 neurons of the last layer equal a full softmax's, both paths (else stop)."""
     layer = adapter.n_layers - 1
-    got = decode_model(adapter, [layer], k=5, row_chunk=row_chunk, vocab_chunk=vocab_chunk, progress=False)[layer]
     rows = neuron_weights(adapter, layer)[:64]
     with torch.no_grad():
         probs = torch.softmax(rows.double() @ adapter.lm_head.weight.double().T, -1)
-    if not torch.equal(got.ids[:64, 0], probs.argmax(-1)):
-        raise SystemExit(f"{adapter.name}: decoded top tokens differ from the full softmax")
-    torch.testing.assert_close(got.probs[:64, 0].double(), probs.max(-1).values, rtol=1e-4, atol=1e-8)
+    for fused in (True, False):
+        with fused_kernel(fused):
+            got = decode_model(adapter, [layer], k=5, row_chunk=row_chunk, vocab_chunk=vocab_chunk, progress=False)[layer]
+        if not torch.equal(got.ids[:64, 0], probs.argmax(-1)):
+            raise SystemExit(f"{adapter.name}: decoded top tokens differ from the full softmax (fused kernel: {fused})")
+        torch.testing.assert_close(got.probs[:64, 0].double(), probs.max(-1).values, rtol=1e-4, atol=1e-8)
 
 
-MODES = {  # name: decode_model settings ("matmul" is the bare chunked matmul)
-    "top-10": {"k": 10, "mean_of": 10},  # the paper's decoding: top-10 tokens and their probabilities
-    "top-10 + finder": {"k": 10, "mean_of": 100},  # also the finder's normalizer, the mean of the top 100
+MODES = {  # name: (decode_model settings, fused C kernel on); "matmul" is the bare chunked matmul
+    "top-10": ({"k": 10, "mean_of": 10}, True),  # the paper's decoding: top-10 tokens and their probabilities
+    "top-10 + finder": ({"k": 10, "mean_of": 100}, True),  # also the finder's normalizer, mean of the top 100
+    "top-10 + finder, torch ops": ({"k": 10, "mean_of": 100}, False),  # FEATOPT_NATIVE=0: no C compiler
 }
+
+
+def decode_with(adapter: ModelAdapter, layers: list[int], kw: dict, fused: bool, args) -> None:
+    with fused_kernel(fused):
+        decode_model(adapter, layers, **kw, row_chunk=args.row_chunk, vocab_chunk=args.vocab_chunk, progress=False)
 
 
 def bench(adapter: ModelAdapter, args) -> dict:
@@ -100,9 +125,8 @@ def bench(adapter: ModelAdapter, args) -> dict:
     neurons = sum(len(neuron_weights(adapter, layer)) for layer in layers)
     V, d = adapter.lm_head.weight.shape
     run = {"matmul": lambda: bare_matmul(adapter, layers, args.row_chunk, args.vocab_chunk)}
-    for name, kw in MODES.items():
-        run[name] = lambda kw=kw: decode_model(adapter, layers, **kw, row_chunk=args.row_chunk,
-                                               vocab_chunk=args.vocab_chunk, progress=False)
+    for name, (kw, fused) in MODES.items():
+        run[name] = lambda kw=kw, fused=fused: decode_with(adapter, layers, kw, fused, args)
     # Memory first: the largest resident set size during each run, above the one with only the model
     # loaded. Weights loaded from a safetensors file are memory-mapped: read them all once so that
     # paging them in does not count as working memory.

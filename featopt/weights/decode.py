@@ -10,6 +10,13 @@ within a row chunk, the vocabulary `vocab_chunk` tokens at a time. Per chunk we 
   candidates instead of the whole chunk), and
 - a running log-sum-exp (the softmax denominator), so probabilities are exact.
 
+On a CPU with float32 logits (float32 and half-precision heads) both are one fused C pass over each
+chunk, while it is in cache (`tile_reduce.c`, built on first use by :mod:`featopt.weights.native`):
+a heap of the K best per row behind a vectorized threshold test, and an exp2 sum. Elsewhere
+(float64 heads, GPUs, no C compiler, `FEATOPT_NATIVE=0`) the torch ops below do it: same results,
+tested against a full softmax either way; the fused pass costs about a third as much (figures in
+benchmarks/README.md).
+
 Memory: one `[row_chunk, vocab_chunk]` buffer and `[row_chunk, K]` per chunk, whatever N and V.
 
 Final norm (`norm=`): the paper decodes the weights "with the LM-head itself", i.e. `norm="none"`
@@ -30,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from featopt.errors import FeatoptError
+from featopt.weights import native
 
 NORMS = ("none", "weight", "apply")
 ROW_CHUNK, VOCAB_CHUNK = 512, 8192  # see benchmarks/README.md: ~8 MB float32 logits buffer per step
@@ -168,12 +176,15 @@ def decode_directions(
     pre = 1.0 if half else LOG2E
     b2 = None if b is None else b * pre
     buffer = torch.empty(row_chunk * min(vocab_chunk, V), dtype=W.dtype, device=W.device)
+    # On a CPU with float32 logits, one fused C pass per chunk replaces _merge and the exp2 sum.
+    fused = native.kernel() if W.device.type == "cpu" and acc == torch.float32 else None
     out = {"ids": [], "probs": [], "lse": [], "mean": [], "watch": []}
     for r0 in range(0, len(directions), row_chunk):
         h = unembed.prepare(directions[r0:r0 + row_chunk])  # [R, d]
         h2, R = h * pre, len(h)
         run_v = run_i = None
         lse2 = torch.full((R,), float("-inf"), dtype=acc, device=W.device)  # base-2 log-sum-exp
+        reducer = None if fused is None else native.TileReducer(fused, R, K, lse=probabilities)
         for v0 in range(0, V, vocab_chunk):
             vc = min(vocab_chunk, V - v0)
             logits = torch.mm(h2, W[v0:v0 + vc].T, out=buffer[:R * vc].view(R, vc))
@@ -181,6 +192,9 @@ def decode_directions(
                 logits += b2[v0:v0 + vc]
             if half:
                 logits = logits.float().mul_(LOG2E)
+            if reducer is not None:
+                reducer.update(logits, v0)
+                continue
             run_v, run_i = _merge(run_v, run_i, logits, v0, K)
             if probabilities:
                 # Shift by the best logit so far (>= every logit of this chunk) so that exp2 never
@@ -191,6 +205,8 @@ def decode_directions(
                 else:
                     chunk = logits.sub_(best).exp2_().sum(1).log2_() + best[:, 0]
                 lse2 = torch.logaddexp2(lse2, chunk)
+        if reducer is not None:
+            (run_v, run_i), lse2 = reducer.top(), reducer.logsumexp2().to(acc)
         top, order = run_v.sort(dim=1, descending=True)
         out["ids"].append(run_i.gather(1, order)[:, :k].cpu())
         if probabilities:
