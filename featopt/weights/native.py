@@ -6,7 +6,8 @@ over torch's own worker threads (see the .c file); a compiler without OpenMP get
 rows Python threads split (ctypes releases the GIL), which is slower on a CPU that torch keeps busy.
 Where there is no compiler or the build fails, :func:`kernel` returns None and decoding takes the
 pure-torch path, which gives the same results more slowly (see benchmarks/README.md).
-`FEATOPT_NATIVE=0` turns it off.
+`FEATOPT_NATIVE=0` turns it off. Failed builds are remembered in the cache too (`*.failed`):
+delete `~/.cache/featopt/native` to retry after installing a compiler or OpenMP.
 """
 
 from __future__ import annotations
@@ -48,14 +49,20 @@ FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), (
 
 def build(flags: tuple[str, ...]) -> Path | None:
     """`tile_reduce.c` compiled with `-O3 *flags` into featopt's cache (reused while the source, the
-    compiler, the flags and the CPU stay the same), or None where the compiler refuses."""
+    compiler, the flags and the CPU stay the same), or None where the compiler refuses. A refusal is
+    cached too: where the first flag sets fail (no OpenMP on macOS), retrying them would cost every
+    process a failed compile."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
     tag = " ".join([compiler, *flags, _cpu_fingerprint()]).encode()
     target = cache_dir() / "native" / f"tile_reduce-{hashlib.sha256(SOURCE.read_bytes() + tag).hexdigest()[:16]}.so"
+    failed = target.with_suffix(".failed")
     if target.exists():
         return target
+    if failed.exists():
+        _state["error"] = failed.read_text()
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
@@ -63,6 +70,7 @@ def build(flags: tuple[str, ...]) -> Path | None:
                                 capture_output=True, text=True)
         if result.returncode != 0:
             _state["error"] = result.stderr.strip()[:300]
+            failed.write_text(_state["error"])
             return None
         os.replace(built, target)  # atomic: a concurrent process sees all of it or none
     return target
@@ -86,7 +94,7 @@ def kernel():
     with _lock:
         if "fn" not in _state:
             path = next((p for p in map(build, FLAG_SETS) if p is not None), None)
-            if path is None and shutil.which(os.environ.get("CC", "cc")):
+            if path is None and "error" in _state:
                 warnings.warn(f"featopt: building {SOURCE.name} failed, decoding uses the slower torch path: "
                               f"{_state.get('error', '')}", stacklevel=2)
             _state["fn"] = None if path is None else load(path)

@@ -96,6 +96,22 @@ def test_torch_and_fused_paths_agree_and_the_switch_turns_it_off(monkeypatch):
     torch.testing.assert_close(fused.probs, plain.probs, rtol=1e-5, atol=1e-9)
 
 
+def test_a_failed_build_warns_once_is_remembered_and_leaves_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEATOPT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that refuses everything
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(UserWarning, match="torch path"):
+        assert native.kernel() is None
+    assert len(list((tmp_path / "native").glob("*.failed"))) == len(native.FLAG_SETS)
+    monkeypatch.setattr(native, "_state", {})  # a new process: no compile is retried
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("a failed build was retried"))
+    with pytest.warns(UserWarning, match="torch path"):
+        assert native.kernel() is None
+    W, x = _problem(9, V=3000)
+    got = decode_directions(x, Unembed(W), k=5, vocab_chunk=1024)
+    _check(got, x.double() @ W.double().T, 5)
+
+
 def test_the_reducer_refuses_other_dtypes():
     reducer = native.TileReducer(native.kernel(), 2, 3)
     with pytest.raises(ValueError, match="float32"):
