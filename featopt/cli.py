@@ -45,6 +45,7 @@ _HELP = {
     "checkpoint_every": "save a checkpoint every N steps (0: never)",
     "resume": "checkpoint file to resume from",
     "progress": "show the progress bar",
+    "sae": "an SAE folder (SAELens, sparsify or Gemma Scope format): its latents are the features, at its own site",
 }
 
 
@@ -94,6 +95,11 @@ def build_parser() -> ArgumentParser:
     tasks = neurons.add_subcommands(dest="task", required=True)
     for task, (module, config_name, _, _, description) in _NEURONS.items():
         tasks.add_subcommand(task, _config_parser(module, config_name, description), help=description)
+    sae = _Parser(description="Sparse autoencoders: train (several from one pass), cache activations, evaluate.")
+    sub.add_subcommand("sae", sae, help="train, cache and evaluate sparse autoencoders")
+    sae_tasks = sae.add_subcommands(dest="task", required=True)
+    for task, (module, config_name, _, _, description) in _SAE.items():
+        sae_tasks.add_subcommand(task, _config_parser(module, config_name, description), help=description)
     return parser
 
 
@@ -110,10 +116,20 @@ _NEURONS = {
 }
 
 
-def _run_neurons(task: str, args) -> None:
+_SAE = {
+    "train": ("featopt.sae.commands", "TrainConfig", "run_train", "format_train",
+              "Train SAEs (relu or topk; several sizes or sites from one pass of the model) in SAELens' format."),
+    "cache": ("featopt.sae.commands", "CacheConfig", "run_cache", "format_cache",
+              "Save a corpus' activations at a site as safetensors shards, to train from with --activations."),
+    "eval": ("featopt.sae.commands", "EvalConfig", "run_eval", "format_eval",
+             "FVU, L0, dead fraction and CE loss recovered of SAEs on held-out text; writes metrics.json."),
+}
+
+
+def _run_task(table: dict, task: str, args) -> None:
     import importlib
 
-    module_name, config_name, run_name, format_name, _ = _NEURONS[task]
+    module_name, config_name, run_name, format_name, _ = table[task]
     module = importlib.import_module(module_name)
     config_cls = getattr(module, config_name)
     result = getattr(module, run_name)(config_cls(**{f.name: args[f.name] for f in fields(config_cls)}))
@@ -228,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             module, config_name, _ = _SEARCHES[args.search.kind]
             _run_config(module, config_name, args.search[args.search.kind])
         elif args.command == "neurons":
-            _run_neurons(args.neurons.task, args.neurons[args.neurons.task])
+            _run_task(_NEURONS, args.neurons.task, args.neurons[args.neurons.task])
+        elif args.command == "sae":
+            _run_task(_SAE, args.sae.task, args.sae[args.sae.task])
         elif args.command == "compare":
             _run_config("featopt.compare", "CompareConfig", args.compare)
     except FeatoptError as error:

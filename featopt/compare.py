@@ -34,6 +34,7 @@ from featopt.objectives.readout import evaluate
 from featopt.objectives.targets import Selection, l1_target
 from featopt.results import FeatureResult, atomic_write, versions, write_results
 from featopt.search import exhaustive
+from featopt.sae.attach import attach_path
 from featopt.search.common import parse_sites
 
 METHODS = ("embedding-pinv", "embedding-nearest", "simplex-argmax")
@@ -64,6 +65,7 @@ class CompareConfig:
     device: str = "auto"  # auto, cpu, cuda
     out: str | None = None  # default: featopt-runs/<time>
     progress: bool = True
+    sae: str | None = None  # an SAE folder: its latents are the features, at its own site
 
 
 @dataclass
@@ -190,7 +192,11 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
     _check(config)
     if adapter is None:
         adapter = load_model(config.model, untrained=config.untrained, seed=config.seed)
-    sites = parse_sites(adapter, config.site, config.layer)
+    if config.sae:
+        adapter, sae_site = attach_path(adapter, config.sae)
+        sites = [sae_site]
+    else:
+        sites = parse_sites(adapter, config.site, config.layer)
     for site in sites:  # features out of range fail here, before any sweep
         parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))
     out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -213,7 +219,8 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
                 m: _outcome(m, *picks[m][p], b, adapter) for m in config.methods}))
     summary = summarize(features, config.methods)
     document = {"run": {"method": "compare", "config": asdict(config), "model": adapter.name,
-                        "sites": [str(s) for s in sites], "versions": versions()},
+                        "sites": [str(s) for s in sites], "versions": versions(),
+                        "feature_map": adapter.describe_features(sites[0])},
                 "summary": summary, "features": [asdict(f) for f in features]}
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=2, ensure_ascii=False)

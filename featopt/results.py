@@ -43,6 +43,8 @@ class FeatureResult:
     dtype: str = ""
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # What the site's features are when not its raw activation (an SAE: path, hash, ...).
+    feature_map: dict | None = None
 
 def versions() -> dict[str, str]:
     """Versions of everything that can change a number."""

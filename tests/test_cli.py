@@ -11,7 +11,8 @@ import pytest
 
 from featopt.cli import build_parser, main
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(r for r in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml") if not r.name.startswith("sae-"))
+SAE_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("sae-*.yaml"))
 TINY = ["--model", "tiny-gpt2", "--layer", "1", "--tokens", "3", "--steps", "5", "--no_progress"]
 
 
@@ -39,6 +40,12 @@ def test_a_yaml_recipe_gives_the_same_run_as_flags(tmp_path):
 def test_shipped_recipes_parse(recipe):
     args = build_parser().parse_args(["optimize", "--config", str(recipe)])
     assert args.optimize.model and args.optimize.features
+
+
+@pytest.mark.parametrize("recipe", SAE_RECIPES, ids=[r.name for r in SAE_RECIPES])
+def test_shipped_sae_recipes_parse(recipe):
+    args = build_parser().parse_args(["sae", "train", "--config", str(recipe)])
+    assert args.sae.train.model and args.sae.train.site and args.sae.train.tokens >= 1_000_000
 
 
 @pytest.mark.parametrize("argv, words", [

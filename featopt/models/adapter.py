@@ -12,6 +12,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,22 @@ from featopt.models.sites import SITE_KINDS, Site, parse_site
 
 #: A write hook gets the site's activation `[batch, tokens, width]` and returns the new one.
 WriteFn = Callable[[Tensor, Site], Tensor]
+
+
+class FeatureMap(Protocol):
+    """What turns a site's activation into the features the methods score (an SAE's latents).
+
+    `features(acts [..., d_in]) -> [..., width]`, differentiable, in the activation's dtype;
+    `describe()` says what it is, for the records (kind, path, content hash, ...).
+    """
+
+    d_in: int
+    width: int
+
+    def features(self, acts: Tensor) -> Tensor: ...
+
+    def describe(self) -> dict: ...
+
 
 _KIND_ORDER = {kind: i for i, kind in enumerate(SITE_KINDS)}
 
@@ -106,6 +123,7 @@ class ModelAdapter:
         self.blocks: nn.ModuleList = blocks
         self.final_norm: nn.Module = get_module(self.base, self.family.final_norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
+        self._feature_maps: dict[Site, FeatureMap] = {}
         self._block_tuple_len, self._widths = self._probe()
 
     # ----------------------------------------------------------------- shapes and parts
@@ -140,15 +158,55 @@ class ModelAdapter:
 
     def to(self, *args, **kwargs) -> "ModelAdapter":
         self.model.to(*args, **kwargs)
+        for feature_map in self._feature_maps.values():
+            if isinstance(feature_map, nn.Module):
+                feature_map.to(*args, **kwargs)
         return self
+
+    # ----------------------------------------------------------------- feature maps (the SAE seam)
+    def with_features(self, site: str | Site, feature_map: FeatureMap) -> "ModelAdapter":
+        """A view of this adapter (same model) whose `site` yields `feature_map`'s features.
+
+        This is the one seam through which every method targets SAE latents: :meth:`run` (and
+        so every forward of the searches, ascent and inversion) returns `feature_map.features`
+        of the site's activation, and :meth:`width` its width. Write hooks (:meth:`hooks`)
+        still see and edit the raw activation. The original adapter is unchanged.
+        """
+        site = self.site(site)
+        if feature_map.d_in != self._widths[site.kind]:
+            raise FeatoptError(f"the feature map reads {feature_map.d_in}-wide activations but {site} of model "
+                               f"{self.name!r} is {self._widths[site.kind]} wide: use one made for this site.")
+        view = copy.copy(self)
+        view._feature_maps = {**self._feature_maps, site: feature_map}
+        if isinstance(feature_map, nn.Module):
+            feature_map.to(self.device).requires_grad_(False)
+        return view
+
+    @property
+    def feature_sites(self) -> tuple[Site, ...]:
+        """The sites that carry a feature map."""
+        return tuple(self._feature_maps)
+
+    def feature_map(self, site: str | Site) -> FeatureMap | None:
+        """The feature map at `site`, or None where the site yields raw activations."""
+        return self._feature_maps.get(self.site(site))
+
+    def describe_features(self, site: str | Site) -> dict | None:
+        """What the features of `site` are, for results (None: the raw activation)."""
+        feature_map = self.feature_map(site)
+        return None if feature_map is None else feature_map.describe()
 
     def site(self, site: str | Site | None = None, layer: int | None = None) -> Site:
         """Parse and validate a site for this model (`"blocks.3.mlp_out"`, or a kind and a layer)."""
         return parse_site(site, layer, n_layers=self.n_layers)
 
     def width(self, site: str | Site) -> int:
-        """Number of features at a site (d_model, or the MLP width for `mlp_hidden`)."""
-        return self._widths[self.site(site).kind]
+        """Number of features at a site (d_model, the MLP width for `mlp_hidden`, or the
+        latents of a feature map attached there)."""
+        site = self.site(site)
+        if site in self._feature_maps:
+            return self._feature_maps[site].width
+        return self._widths[site.kind]
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """`input_ids: [batch, tokens]` -> `[batch, tokens, d_model]` (the model's own lookup)."""
@@ -298,7 +356,8 @@ class ModelAdapter:
             past_key_values: continue after the cached tokens (see :meth:`prefix`): positions
                 and the attention mask follow them, and the cache is extended in place.
         Returns:
-            `{site: [batch, tokens, width]}`, for the new tokens only when continuing a cache.
+            `{site: [batch, tokens, width]}`, for the new tokens only when continuing a cache;
+            a site with a feature map (:meth:`with_features`) gives its features.
         """
         sites = [self.site(s) for s in sites]
         if not sites:
@@ -328,7 +387,11 @@ class ModelAdapter:
                 self.base(**kwargs)
             except _StopForward:
                 pass
-        return {s: captured[s] for s in sites}
+        return {s: self._features(s, captured[s]) for s in sites}
+
+    def _features(self, site: Site, acts: Tensor) -> Tensor:
+        feature_map = self._feature_maps.get(site)
+        return acts if feature_map is None else feature_map.features(acts)
 
     def prefix(self, sites: Iterable[Site | str], input_ids: Tensor) -> KVPrefix:
         """Run prefixes `input_ids [G, L]` to the deepest of `sites`, keeping their keys/values;

@@ -44,6 +44,12 @@ class Site:
     def name(self) -> str:
         return f"blocks.{self.layer}.{self.kind}"
 
+    @property
+    def tl_name(self) -> str:
+        """The TransformerLens (and SAELens) hook name of the same place."""
+        hook = {v: k for k, v in _TL_ALIASES.items()}[self.kind]
+        return f"blocks.{self.layer}.{hook}"
+
     def __str__(self) -> str:
         return self.name
 

@@ -24,6 +24,7 @@ from featopt.objectives.priors import make_parametrization
 from featopt.objectives.readout import DECODERS, evaluate
 from featopt.objectives.targets import Selection, l1_target, maximize
 from featopt.results import FeatureResult, write_results
+from featopt.sae.attach import attach_path
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 OBJECTIVES = ("l1", "maximize")
@@ -61,6 +62,7 @@ class AscentConfig:
     checkpoint_every: int = 0  # 0: no checkpoints
     resume: str | None = None  # a checkpoint to continue from
     progress: bool = True
+    sae: str | None = None  # an SAE folder: its latents are the features, at its own site
 
 
 @dataclass
@@ -90,7 +92,11 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
     loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed)
     if adapter is None:
         adapter = loader()
-    site = adapter.site(config.site, config.layer)
+    if config.sae:
+        adapter, site = attach_path(adapter, config.sae)
+        loader = functools.partial(_attached, loader, config.sae)
+    else:
+        site = adapter.site(config.site, config.layer)
     problems = parse_features(config.features, n_tokens=config.tokens, width=adapter.width(site), site=str(site))
     selection = Selection(site, problems, config.tokens, adapter.width(site))
     objective = l1_target(selection, config.target) if config.objective == "l1" else maximize(selection)
@@ -107,6 +113,10 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
     # Spawned workers rebuild the model by name instead of unpickling it.
     module._loader = loader if adapter.info is not None and adapter.info.name == config.model else None
     return module
+
+
+def _attached(loader, sae: str) -> ModelAdapter:
+    return attach_path(loader(), sae)[0]
 
 
 def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
@@ -160,7 +170,8 @@ def run(config: AscentConfig, adapter: ModelAdapter | None = None) -> AscentRun:
         results, ids = evaluate(module, method, decoder=config.decoder, seed=config.seed,
                                 dtype=str(module.adapter.dtype).replace("torch.", ""))
         run_meta = {"method": method, "config": asdict(config), "model": module.adapter.name,
-                    "site": str(module.selection.site), "objective": module.objective.description}
+                    "site": str(module.selection.site), "objective": module.objective.description,
+                    "feature_map": module.adapter.describe_features(module.selection.site)}
         tensors = {"embeddings": module.parametrization(None).detach(), "token_ids": ids}
         write_results(out, results, run_meta, tensors)
     return AscentRun(results, out, module, trainer)

@@ -23,14 +23,18 @@ from featopt.objectives.parametrization import Parametrization
 from featopt.objectives.targets import Selection
 
 
-def _adapter_from_parts(config, weights: dict, tokenizer, name: str) -> ModelAdapter:
-    """Rebuild a model in a spawned worker from its config and weights."""
+def _adapter_from_parts(config, weights: dict, tokenizer, name: str, feature_maps: dict | None = None) -> ModelAdapter:
+    """Rebuild a model (and the feature maps seen through it) in a spawned worker from its config
+    and weights."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(weights)
     dtype = next(iter(weights.values())).dtype
-    return ModelAdapter(model.to(dtype).eval().requires_grad_(False), tokenizer, name=name)
+    adapter = ModelAdapter(model.to(dtype).eval().requires_grad_(False), tokenizer, name=name)
+    for site, feature_map in (feature_maps or {}).items():
+        adapter = adapter.with_features(site, feature_map)
+    return adapter
 
 
 class _Steps(IterableDataset):
@@ -96,7 +100,8 @@ class FeatureOptimization(L.LightningModule):
             # No loader (a model built in code): ship its config and weights, not the HF module,
             # which may carry transformers' own unpicklable hooks.
             state["_loader"] = functools.partial(
-                _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name
+                _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name,
+                dict(zip(adapter.feature_sites, map(adapter.feature_map, adapter.feature_sites))),
             )
         if state.get("_loader") is not None:
             state["_adapter"] = None

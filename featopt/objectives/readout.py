@@ -81,6 +81,7 @@ def evaluate(
             nearest_token_ids=nearest[p].tolist(),
             pinv_nearest_agreement=float(agree[p]),
             model=adapter.name,
+            feature_map=adapter.describe_features(module.selection.site),
             seed=seed,
             dtype=dtype or str(adapter.dtype).replace("torch.", ""),
             versions=stamp,

@@ -91,7 +91,20 @@ def load(config, adapter: ModelAdapter | None) -> ModelAdapter:
         adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, dtype=DTYPES[config.dtype])
     if device.startswith("cuda") and dist.is_available() and dist.is_initialized():
         device = f"cuda:{dist.get_rank() % torch.cuda.device_count()}"
-    return adapter.to(device)
+    adapter = adapter.to(device)
+    if getattr(config, "sae", None):
+        from featopt.sae.attach import attach_path
+
+        adapter, _ = attach_path(adapter, config.sae)
+    return adapter
+
+
+def sites_for(adapter: ModelAdapter, config) -> list[Site]:
+    """The sites a search reads: the SAE's own with `--sae` (its latents are the features), else
+    every `config.site` kind at every `config.layer`."""
+    if getattr(config, "sae", None):
+        return list(adapter.feature_sites)
+    return parse_sites(adapter, config.site, config.layer)
 
 
 def out_dir(config) -> Path:

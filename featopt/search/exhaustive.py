@@ -18,7 +18,7 @@ from featopt.features import parse_features
 from featopt.models import ModelAdapter
 from featopt.results import FeatureResult, versions, write_results
 from featopt.search.common import (
-    SearchRun, check_common, format_table, load, out_dir, parse_candidates, parse_sites, per_position, spawn,
+    SearchRun, check_common, format_table, load, out_dir, parse_candidates, per_position, sites_for, spawn,
 )
 from featopt.search.scoring import Scorer
 from featopt.search.sweep import distributed, sweep
@@ -46,6 +46,7 @@ class ExhaustiveConfig:
     devices: int = 1  # processes; the vocabulary is sharded across them
     out: str | None = None  # default: featopt-runs/<time>
     progress: bool = True
+    sae: str | None = None  # an SAE folder: its latents are the features, at its own site
 
 
 def weights_for(problems, n_tokens: int) -> torch.Tensor:
@@ -67,7 +68,7 @@ def run(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) -> Search
     if config.devices > 1 and distributed()[1] == 1:
         return spawn(run, config, adapter)
     adapter = load(config, adapter)
-    sites = parse_sites(adapter, config.site, config.layer)
+    sites = sites_for(adapter, config)
     prefix = adapter.encode(config.prefix) if config.prefix else torch.zeros(0, dtype=torch.long)
     if config.isolated and len(prefix):
         raise FeatoptError("--isolated cannot be combined with --prefix: a block alone cannot continue a cached prefix.")
@@ -100,6 +101,7 @@ def run(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) -> Search
                 objective=f"maximize({site}, mean over the selection)",
                 token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
                 activation=float(measured[p]), model=adapter.name, seed=config.seed,
+                feature_map=adapter.describe_features(site),
                 dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
                 extra={"prefix_length": len(prefix), "sweep_activation": float(values[0, col + p]), "top_k": {
                     "token_ids": ids[:, col + p].tolist(),

@@ -20,7 +20,7 @@ from featopt.features import parse_features
 from featopt.models import ModelAdapter
 from featopt.results import FeatureResult, versions, write_results
 from featopt.search.common import (
-    SearchRun, check_common, format_table, load, out_dir, parse_candidates, parse_sites, per_position, spawn,
+    SearchRun, check_common, format_table, load, out_dir, parse_candidates, per_position, sites_for, spawn,
 )
 from featopt.search.scoring import Scorer
 from featopt.search.sweep import distributed, sweep
@@ -73,7 +73,7 @@ def run(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchRun:
         return spawn(run, config, adapter)
     adapter = load(config, adapter)
     plans = []  # (site, variant, problems): one chain of problems each, every one with its own input
-    for site in parse_sites(adapter, config.site, config.layer):
+    for site in sites_for(adapter, config):
         problems = parse_features(config.features, width=adapter.width(site), site=str(site))
         if any(p.positions is not None for p in problems):
             raise FeatoptError(f"greedy search needs the position field \":\" in {config.features!r}: "
@@ -108,6 +108,7 @@ def run(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchRun:
                 objective=f"maximize({site}, {'last position' if variant == 'last' else 'sum over positions'})",
                 token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
                 activation=float(measured[p]), model=adapter.name, seed=config.seed,
+                feature_map=adapter.describe_features(site),
                 dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
                 extra={"prefix_length": len(start), "per_position": acts[p].tolist(),
                        "search_activation": steps[c][-1]["activations"][0], "steps": steps[c]},

@@ -1,0 +1,88 @@
+"""Text corpora as fixed-length token contexts (for SAE training, evaluation, corpus statistics).
+
+A corpus is a folder of UTF-8 `.txt` files (searched recursively, one document per file) or a
+single `.txt` file. Each document is tokenized without special tokens; the last `eval_fraction`
+of every document's tokens is held out, so `split="train"` and `split="eval"` never share text.
+Each split's documents are joined with the tokenizer's end-of-text token between them and cut
+into contexts of `context_length` tokens (a short remainder is dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from featopt.errors import FeatoptError
+
+SPLITS = ("train", "eval", "all")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # path relative to the corpus root
+    text: str
+
+
+def read_corpus(path: str | Path) -> list[Document]:
+    """Every non-empty `.txt` document under `path`, in sorted path order."""
+    root = Path(path)
+    if root.is_file():
+        files, base = [root], root.parent
+    elif root.is_dir():
+        files, base = sorted(p for p in root.rglob("*.txt") if p.is_file()), root
+    else:
+        raise FeatoptError(f"corpus {str(path)!r} does not exist: give a folder of .txt files or one .txt file.")
+    docs = []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as error:
+            raise FeatoptError(f"corpus file {str(file)!r} cannot be read as UTF-8 text ({error.__class__.__name__}).") from None
+        if text.strip():
+            docs.append(Document(str(file.relative_to(base)), text))
+    if not docs:
+        raise FeatoptError(f"corpus {str(path)!r} holds no text: give a folder with non-empty .txt files or one .txt file.")
+    return docs
+
+
+def _separator(tokenizer) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(eos)]
+
+
+def corpus_contexts(
+    tokenizer, path: str | Path, context_length: int, *, split: str = "train", eval_fraction: float = 0.05,
+    max_tokens: int | None = None,
+) -> Tensor:
+    """Token contexts `[contexts, context_length]` (long) of one split of a corpus.
+
+    `max_tokens` stops reading once that many tokens are gathered (whole contexts only).
+    """
+    if split not in SPLITS:
+        raise FeatoptError(f"unknown corpus split {split!r}: allowed are {', '.join(SPLITS)}.")
+    if context_length < 2:
+        raise FeatoptError(f"the context length must be at least 2 tokens, got {context_length}.")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise FeatoptError(f"the held-out fraction must be in [0, 1), got {eval_fraction}.")
+    if tokenizer is None:
+        raise FeatoptError("this model has no tokenizer, so a text corpus cannot be read.")
+    stream: list[int] = []
+    sep = _separator(tokenizer)
+    for doc in read_corpus(path):
+        ids = tokenizer.encode(doc.text, add_special_tokens=False, verbose=False)  # long documents are fine here
+        cut = len(ids) - int(round(len(ids) * eval_fraction))
+        part = {"train": ids[:cut], "eval": ids[cut:], "all": ids}[split]
+        if part:
+            stream += part + sep
+        if max_tokens is not None and len(stream) >= max_tokens + context_length:
+            break
+    n = len(stream) // context_length
+    if max_tokens is not None:
+        n = min(n, -(-max_tokens // context_length))
+    if n == 0:
+        raise FeatoptError(f"the {split} split of corpus {str(path)!r} has {len(stream)} tokens, fewer than one "
+                           f"context of {context_length}: give more text or a shorter context.")
+    return torch.tensor(stream[: n * context_length], dtype=torch.long).view(n, context_length)
