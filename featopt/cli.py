@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import get_type_hints
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
@@ -57,15 +57,19 @@ class _Parser(ArgumentParser):
         sys.exit(2)
 
 
-def _add_config_arguments(parser: ArgumentParser, config_cls) -> None:
-    """One flag per field of a method's config dataclass; booleans get `--x/--no_x`."""
+def _add_config_arguments(parser: ArgumentParser, config_cls, helps: dict | None = None) -> None:
+    """One flag per field of a method's config dataclass; booleans get `--x/--no_x`. `helps`
+    overrides the shared help texts for this command."""
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe with any of these options")
     hints = get_type_hints(config_cls)
+    helps = {**_HELP, **(helps or {})}
     for f in fields(config_cls):
+        # A field with a default_factory (a list) has no plain default: build it.
+        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
         if hints[f.name] is bool:
-            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=f.default, help=_HELP.get(f.name, ""))
+            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=default, help=helps.get(f.name, ""))
         else:
-            parser.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=_HELP.get(f.name, ""))
+            parser.add_argument(f"--{f.name}", type=hints[f.name], default=default, help=helps.get(f.name, ""))
 
 
 def build_parser() -> ArgumentParser:
@@ -99,7 +103,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("sae", sae, help="train, cache and evaluate sparse autoencoders")
     sae_tasks = sae.add_subcommands(dest="task", required=True)
     for task, (module, config_name, _, _, description) in _SAE.items():
-        sae_tasks.add_subcommand(task, _config_parser(module, config_name, description), help=description)
+        sae_tasks.add_subcommand(task, _config_parser(module, config_name, description, _SAE_HELP), help=description)
     return parser
 
 
@@ -115,6 +119,38 @@ _NEURONS = {
               "Clamp a neuron over a sweep of values and record a target token's probability (PNG); --generate."),
 }
 
+
+_SAE_HELP = {
+    "site": "site(s) to read, e.g. blocks.6.resid_post (comma-separated: one SAE per site and size)",
+    "corpus": "a folder of .txt files (searched recursively) or one .txt file",
+    "activations": "train from this activation cache (featopt sae cache) instead of running the model",
+    "architecture": "relu (L1 penalty) or topk (k largest kept); jumprelu SAEs load but do not train",
+    "expansion": "d_sae / d_in; a list such as 1,2,4,8 trains one SAE per size from one pass",
+    "d_sae": "number of latents instead of --expansion (a list trains several)",
+    "k": "topk: latents kept per token",
+    "l1": "relu: sparsity coefficient, relative to the batch's variance",
+    "tokens": "training budget in tokens",
+    "context_length": "tokens per context",
+    "batch_size": "tokens per optimizer step (the global batch, whatever --devices)",
+    "buffer_batches": "batches drawn from one shuffled buffer of contexts",
+    "lr": "Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14), per SAE)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "decay_fraction": "linear decay to 0 over this last fraction of the steps",
+    "normalize": "scale inputs to mean squared norm d_in (folded into the saved weights)",
+    "auxk_alpha": "topk: weight of the AuxK loss on dead latents (0: off)",
+    "dead_tokens": "a latent that has not fired for this many tokens is dead",
+    "skip_first": "leading positions of every context left out (position 0: an attention sink)",
+    "eval_fraction": "the last fraction of every document, held out from training",
+    "eval_contexts": "held-out contexts evaluated at the end (0: none)",
+    "eval_every": "also evaluate on them every N steps, to TensorBoard (0: at the end only)",
+    "dtype": "the model's dtype: float32, bfloat16, float16, float64",
+    "sae": "SAE folder(s) to evaluate, comma-separated (SAELens, sparsify or Gemma Scope)",
+    "split": "eval (the held-out text), train or all",
+    "contexts": "contexts to evaluate",
+    "batch_contexts": "contexts per forward",
+    "max_tokens": "cache at most this many tokens",
+    "out": "output folder (default featopt-runs/<time>)",
+}
 
 _SAE = {
     "train": ("featopt.sae.commands", "TrainConfig", "run_train", "format_train",
@@ -138,11 +174,11 @@ def _run_task(table: dict, task: str, args) -> None:
         print(f"results: {result.out}")
 
 
-def _config_parser(module: str, config_name: str, description: str) -> ArgumentParser:
+def _config_parser(module: str, config_name: str, description: str, helps: dict | None = None) -> ArgumentParser:
     import importlib
 
     parser = _Parser(description=description)
-    _add_config_arguments(parser, getattr(importlib.import_module(module), config_name))
+    _add_config_arguments(parser, getattr(importlib.import_module(module), config_name), helps)
     return parser
 
 

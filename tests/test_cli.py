@@ -74,3 +74,11 @@ def test_demo_without_the_real_model_says_so(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "tiny-llama" in out and "FEATOPT_MODEL_PATH" in out
     assert len(list((tmp_path / "demo").glob("*/results.json"))) == 3
+
+
+def test_compare_runs_with_its_default_methods(tmp_path):
+    # `methods` has a default_factory: the flag's default must be the built list, not a placeholder.
+    assert main(["compare", "--model", "tiny-gpt2", "--steps", "2", "--features", "[:, :, 0]", "--out", str(tmp_path),
+                 "--no_progress"]) == 0
+    document = json.loads((tmp_path / "compare.json").read_text())
+    assert set(document["features"][0]["methods"]) == {"embedding-pinv", "embedding-nearest", "simplex-argmax"}

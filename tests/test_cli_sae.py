@@ -143,3 +143,16 @@ def test_a_real_process_ends_bad_input_with_one_line_and_status_2(tmp_path, corp
     assert [l for l in proc.stderr.splitlines() if l.startswith("featopt: error:")] == [
         "featopt: error: --k 999 is more than the 256 latents of the SAE: give k <= d_sae."]
     assert not out.exists()
+
+
+def test_compare_takes_the_sae(tmp_path, corpus):
+    out = tmp_path / "sae"
+    assert main(["sae", "train", *TRAIN, "--corpus", str(corpus), "--out", str(out)]) == 0
+    assert main(["compare", "--model", "tiny-llama", "--sae", str(out), "--features", "[:, :, 0-1]", "--steps", "3",
+                 "--out", str(tmp_path / "c"), "--no_progress"]) == 0
+    document = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert document["run"]["sites"] == ["blocks.1.resid_post"] and document["run"]["feature_map"]["d_sae"] == 256
+    # the sweep's optimum is over latents: it can only be >= what any method's token reaches
+    for feature in document["features"]:
+        for method in feature["methods"].values():
+            assert method["activation"] <= feature["optimum_activation"] + 1e-6

@@ -105,3 +105,13 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     for name, value in whole.saes[0].state_dict().items():
         torch.testing.assert_close(resumed.saes[0].state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(resumed.since_fired_0, whole.since_fired_0)
+
+
+def test_bf16_mixed_precision_trains():
+    module = _module(lrs=[1e-2])
+    source = SparseSource(n_contexts=96, context_length=17)
+    x = source.acts[:, 1:].reshape(-1, 16)
+    _trainer(150, precision="bf16-mixed").fit(module, datamodule=StepsDataModule(150))
+    sae = module.export(0)
+    assert sae.W_enc.dtype == torch.float32  # the weights stay float32; only the matmuls run in bf16
+    assert _fvu(sae, x) < 0.3
