@@ -326,3 +326,11 @@ def test_mean_cross_entropy_and_recovered():
     assert metric.compute().item() == pytest.approx(sum(nll) / len(nll), rel=1e-6)
     assert ce_loss_recovered(2.0, 3.0, 4.0) == 0.5
     assert math.isnan(ce_loss_recovered(2.0, 3.0, 2.0))
+
+
+def test_peer_hook_names_evaluate_like_featopt_names(llama):
+    # sparsify names the same place `layers.1`, sae-lens' HF mode `model.layers.1`
+    ids = contexts(llama, n=3)
+    base = evaluate(llama, [topk_sae("blocks.1.resid_post")], ids, ce=False)[0]
+    for hook in ("layers.1", "model.layers.1", "blocks.1.hook_resid_post"):
+        assert evaluate(llama, [topk_sae(hook)], ids, ce=False)[0] == base

@@ -337,3 +337,13 @@ def test_bad_input_raises_one_sentence(tmp_path, case):
         load_sae(path, hook_name="blocks.0.hook_resid_post" if case.startswith("npz") else None)
     assert_one_sentence(error)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # loading writes nothing
+
+
+def test_saelens_rescale_flag_with_unit_decoder_rows_loads_as_a_no_op(tmp_path):
+    # sae-lens saves topk SAEs with the decoder norms folded in (unit rows) but keeps the flag.
+    sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, hook_name="blocks.1.resid_post"))
+    sae.init_weights(torch.Generator().manual_seed(0))  # unit-norm decoder rows
+    folder = save_sae(sae, tmp_path / "sae")
+    _edit_cfg(folder, rescale_acts_by_decoder_norm=True)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(load_sae(folder).encode(x), sae.encode(x))
