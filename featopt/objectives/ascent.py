@@ -119,16 +119,22 @@ def _attached(loader, sae: str) -> ModelAdapter:
     return attach_path(loader(), sae)[0]
 
 
+def resolve_strategy(config) -> str:
+    """`config.strategy`, with "auto" on several devices resolved: ddp on GPUs, ddp_spawn on CPUs
+    (plain ddp re-runs the launching command in child processes)."""
+    if config.strategy != "auto" or config.devices <= 1:
+        return config.strategy
+    import torch
+
+    on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
+    return "ddp" if on_gpu else "ddp_spawn"
+
+
 def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
     """The Trainer for a run's settings. `config` is any config with AscentConfig's trainer fields
     (steps, precision, devices, accelerator, strategy, decode_every, decoder, log_every,
     checkpoint_every, progress); `extra_callbacks` are a method's own, added after the shared ones."""
-    strategy = config.strategy
-    if strategy == "auto" and config.devices > 1:
-        import torch
-
-        on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
-        strategy = "ddp" if on_gpu else "ddp_spawn"
+    strategy = resolve_strategy(config)
     callbacks = [DecodeCallback(config.decode_every, config.decoder), *extra_callbacks]
     if config.progress:
         callbacks.append(TextProgressBar())

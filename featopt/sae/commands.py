@@ -8,8 +8,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site, load_model
 from featopt.results import atomic_write, versions
@@ -168,6 +166,7 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from featopt.data import corpus_contexts
+    from featopt.objectives.ascent import resolve_strategy
     from featopt.objectives.module import StepsDataModule
     from featopt.sae.activations import cached_source, model_source
     from featopt.sae.train import HeldOutEval, SAETraining, auto_lr
@@ -209,10 +208,7 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     if config.activations:
         module._adapter, module._loader = None, None  # training needs no model at all
     out = _out(config.out)
-    strategy = config.strategy
-    if strategy == "auto" and config.devices > 1:
-        on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
-        strategy = "ddp" if on_gpu else "ddp_spawn"
+    strategy = resolve_strategy(config)
     callbacks = []
     held_out = None
     if config.eval_contexts and corpus is not None:

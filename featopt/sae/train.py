@@ -164,7 +164,6 @@ class SAETraining(L.LightningModule):
             e_hat = F.embedding_bag(aux.indices, sae.W_dec, per_sample_weights=torch.relu(aux.values), mode="sum")
             loss = loss + self.auxk_alpha * scale * (e_hat - e.detach()).pow(2).sum() / total_var
         stats["fired"] = fired
-        stats["dead"] = dead.float().mean()
         return loss, stats
 
     def training_step(self, batch, batch_idx) -> Tensor:
