@@ -103,7 +103,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("sae", sae, help="train, cache and evaluate sparse autoencoders")
     sae_tasks = sae.add_subcommands(dest="task", required=True)
     for task, (module, config_name, _, _, description) in _SAE.items():
-        sae_tasks.add_subcommand(task, _config_parser(module, config_name, description, _SAE_HELP), help=description)
+        helps = {**_SAE_HELP, **_SAE_TASK_HELP.get(task, {})}
+        sae_tasks.add_subcommand(task, _config_parser(module, config_name, description, helps), help=description)
     return parser
 
 
@@ -159,6 +160,43 @@ _SAE = {
               "Save a corpus' activations at a site as safetensors shards, to train from with --activations."),
     "eval": ("featopt.sae.commands", "EvalConfig", "run_eval", "format_eval",
              "FVU, L0, dead fraction and CE loss recovered of SAEs on held-out text; writes metrics.json."),
+    "features": ("featopt.sae.analysis", "FeaturesConfig", "run_features", "format_features",
+                 "Every latent's top and uniform (binned) examples, frequency and histogram over a corpus, in one pass."),
+    "lens": ("featopt.sae.analysis", "LensConfig", "run_lens", "format_lens",
+             "Logit lens: decoder directions through the unembedding, high-norm tokens removed."),
+    "ablate": ("featopt.sae.analysis", "AblateConfig", "run_ablate", "format_ablate",
+               "Ablated text (drop each earlier token) and direction ablation (next-token log-probs) for one latent."),
+    "mcs": ("featopt.sae.analysis", "MCSConfig", "run_mcs", "format_mcs",
+            "Max cosine similarity of each latent with the decoder rows of other dictionaries (1x/2x/4x/8x)."),
+    "dashboard": ("featopt.sae.dashboard_command", "DashboardConfig", "run_dashboard", "format_dashboard",
+                  "A static site (file://) per latent: examples, histogram, logit lens, ablations, maximizing inputs."),
+}
+
+# Flags whose meaning differs from the training commands'.
+_SAE_TASK_HELP = {
+    "features": {"tokens": "corpus tokens to read (at most)", "split": "all, train or eval (the text sae train held out)",
+                 "sae": "the SAE folder", "top_k": "top activating examples kept per latent",
+                 "n_bins": "equal-width activation bins, one uniform example sampled in each",
+                 "window_before": "tokens kept before each example", "window_after": "tokens kept after each example",
+                 "seed": "seed of the uniform examples", "out": "output folder for features.safetensors and features.json"},
+    "lens": {"features": "latents, e.g. \"[:, :, 0-9]\" or 3,17", "k": "top and bottom tokens",
+             "norm": "none (raw LM head), weight (the final norm's gain) or apply (the final norm module)",
+             "drop_z": "drop tokens whose unembedding-row norm has a z-score above this", "drop_top": "or drop the n largest-norm tokens",
+             "sae": "the SAE folder"},
+    "ablate": {"latent": "the latent", "text": "the context", "position": "the target token (default: where the latent is largest)",
+               "mode": "contribution (x - z_i W_dec[i]) or projection (remove the direction)",
+               "top": "tokens whose log-prob changed most", "sae": "the SAE folder"},
+    "mcs": {"sae": "two or more SAE folders at one site, comma-separated", "threshold": "count latents with MCS at least this",
+            "bins": "histogram bins over [0, 1]"},
+    "dashboard": {"features": "latents to show, e.g. \"[:, :, 0-49]\"", "stats": "a featopt sae features folder to reuse",
+                  "tokens": "corpus tokens for the statistics", "sae": "the SAE folder",
+                  "ablate_examples": "top examples that get ablated text and direction ablation",
+                  "search_top": "best single tokens from the exhaustive sweep (0: none)",
+                  "ascent_steps": "gradient-ascent steps for the optimized input (0: none)",
+                  "ascent_prior": "simplex (softmax over the vocabulary) or embedding (free embeddings)",
+                  "ascent_lr": "learning rate of the optimized input",
+                  "prefix": "text before the exhaustive sweep's token (default: the end-of-text token)",
+                  "out": "the dashboard folder (new, or an old dashboard to replace)"},
 }
 
 

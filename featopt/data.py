@@ -53,13 +53,30 @@ def _separator(tokenizer) -> list[int]:
     return [] if eos is None else [int(eos)]
 
 
+@dataclass
+class ContextSources:
+    """Where every token of :func:`corpus_contexts`' contexts `[n, L]` comes from.
+
+    `documents[d]` is the name (path relative to the corpus root) of document index `d`;
+    `doc [n, L]` (int32) is each token's document index and `pos [n, L]` (int32) its index in
+    that document's whole token list (so eval-split tokens start past the train part); both
+    are -1 on the end-of-text separators between documents.
+    """
+
+    documents: list[str]
+    doc: Tensor
+    pos: Tensor
+
+
 def corpus_contexts(
     tokenizer, path: str | Path, context_length: int, *, split: str = "train", eval_fraction: float = 0.05,
-    max_tokens: int | None = None,
-) -> Tensor:
+    max_tokens: int | None = None, with_sources: bool = False,
+) -> Tensor | tuple[Tensor, ContextSources]:
     """Token contexts `[contexts, context_length]` (long) of one split of a corpus.
 
     `max_tokens` stops reading once that many tokens are gathered (whole contexts only).
+    `with_sources=True` returns `(contexts, sources)`, sources a :class:`ContextSources` that
+    says which document and position each token comes from (the contexts are the same).
     """
     if split not in SPLITS:
         raise FeatoptError(f"unknown corpus split {split!r}: allowed are {', '.join(SPLITS)}.")
@@ -71,12 +88,20 @@ def corpus_contexts(
         raise FeatoptError("this model has no tokenizer, so a text corpus cannot be read.")
     stream: list[int] = []
     sep = _separator(tokenizer)
+    names: list[str] = []
+    where: list[tuple[Tensor, Tensor]] = []  # per document: (doc index, position) of its tokens and separator
     for doc in read_corpus(path):
         ids = tokenizer.encode(doc.text, add_special_tokens=False, verbose=False)  # long documents are fine here
         cut = len(ids) - int(round(len(ids) * eval_fraction))
         part = {"train": ids[:cut], "eval": ids[cut:], "all": ids}[split]
         if part:
             stream += part + sep
+            if with_sources:
+                first = cut if split == "eval" else 0  # positions count in the whole document
+                none = torch.full((len(sep),), -1, dtype=torch.int32)
+                where.append((torch.cat([torch.full((len(part),), len(names), dtype=torch.int32), none]),
+                              torch.cat([torch.arange(first, first + len(part), dtype=torch.int32), none])))
+                names.append(doc.name)
         if max_tokens is not None and len(stream) >= max_tokens + context_length:
             break
     n = len(stream) // context_length
@@ -85,4 +110,8 @@ def corpus_contexts(
     if n == 0:
         raise FeatoptError(f"the {split} split of corpus {str(path)!r} has {len(stream)} tokens, fewer than one "
                            f"context of {context_length}: give more text or a shorter context.")
-    return torch.tensor(stream[: n * context_length], dtype=torch.long).view(n, context_length)
+    contexts = torch.tensor(stream[: n * context_length], dtype=torch.long).view(n, context_length)
+    if not with_sources:
+        return contexts
+    doc, pos = (torch.cat(parts)[: n * context_length].view(n, context_length) for parts in zip(*where))
+    return contexts, ContextSources(names, doc, pos)

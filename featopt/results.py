@@ -7,9 +7,12 @@ in the same folder and renamed into place, so a crash never leaves a half-writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import secrets
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +73,29 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+@contextlib.contextmanager
+def atomic_folder(out: Path):
+    """Build a folder in a hidden sibling (yielded) and rename it into `out` at the end; an old
+    `out` is replaced whole. On any error the sibling is removed and `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.parent / f".{out.name}.{secrets.token_hex(4)}.{end}" for end in ("tmp", "old"))
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the saved folder private
+    try:
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+        else:  # a folder cannot be renamed over a non-empty one: move the old aside, then drop it
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 def write_results(
     out_dir: str | Path, results: list[FeatureResult], run: dict, tensors: dict[str, Tensor] | None = None

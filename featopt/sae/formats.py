@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 from typing import NoReturn
 
@@ -81,26 +79,12 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.parent / f".{out.name}.{secrets.token_hex(4)}.{end}" for end in ("tmp", "old"))
-    tmp.mkdir()  # not mkdtemp: its 0700 would make the saved folder private
-    try:
+    from featopt.results import atomic_folder
+
+    with atomic_folder(out) as tmp:
         (tmp / CFG).write_text(text, encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS))
         os.chmod(tmp / WEIGHTS, (tmp / CFG).stat().st_mode)  # safetensors writes 0600; give it the umask's mode
-        if not out.exists():
-            os.replace(tmp, out)
-        else:  # a folder cannot be renamed over a non-empty one: move the old aside, then drop it
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -172,6 +172,31 @@ class SparseAutoencoder(nn.Module):
         return {"kind": "sae", "path": self.source, "sha256": self._hash, "architecture": self.cfg.architecture,
                 "hook_name": self.cfg.hook_name, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.cfg.k}
 
+    def pre_activation_map(self) -> "PreActivations":
+        """This SAE's encoder pre-activations as a feature map (see :class:`PreActivations`)."""
+        return PreActivations(self)
+
     def extra_repr(self) -> str:
         k = f", k={self.cfg.k}" if self.cfg.architecture == "topk" else ""
         return f"{self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{k}, hook={self.cfg.hook_name!r}"
+
+
+class PreActivations:
+    """An SAE's encoder pre-activations `[..., d_sae]` as a feature map.
+
+    Gradient methods get no gradient from a latent that is off (a topk latent outside the k
+    largest, a relu latent below zero), and at a random start nearly every latent is off. Its
+    pre-activation is the same linear read-out without the cut, equal to the latent wherever the
+    latent fires (relu, and topk within the k largest), so ascent on it climbs towards inputs
+    that fire the latent; the found inputs are then re-measured on the latent itself.
+    """
+
+    def __init__(self, sae: SparseAutoencoder):
+        self.sae = sae
+        self.d_in, self.width = sae.d_in, sae.d_sae
+
+    def features(self, acts: Tensor) -> Tensor:
+        return self.sae.pre_acts(acts).to(acts.dtype)
+
+    def describe(self) -> dict:
+        return {**self.sae.describe(), "readout": "pre-activation"}

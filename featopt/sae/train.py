@@ -31,11 +31,21 @@ from featopt.models import ModelAdapter, Site, parse_site
 from featopt.objectives.module import _adapter_from_parts
 from featopt.sae.activations import ActivationStream
 from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.sae.relu_loss import relu_loss
 
 
 def auto_lr(d_sae: int) -> float:
     """sparsify's default: 2e-4 at 2^14 latents, scaled by 1/sqrt(d_sae / 2^14)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def _pre_acts(sae: SparseAutoencoder, x: Tensor) -> Tensor:
+    """`sae.pre_acts` for training rows `x [n, d_in]` that need no gradient: the centring on the
+    bias (`x W_enc + b_enc - b_dec W_enc`), so that backward skips the `[n, d_in]` matmul whose
+    only use would be the row sum reaching `b_dec`."""
+    if not sae.cfg.apply_b_dec_to_input:
+        return x @ sae.W_enc + sae.b_enc
+    return torch.addmm(sae.b_enc - sae.b_dec @ sae.W_enc, x.to(sae.W_enc.dtype), sae.W_enc)
 
 
 class SAETraining(L.LightningModule):
@@ -134,8 +144,12 @@ class SAETraining(L.LightningModule):
     def _losses(self, i: int, sae: SparseAutoencoder, x: Tensor, total_var: Tensor) -> tuple[Tensor, dict]:
         """Loss of SAE i on this rank's rows `x [n, d_in]` (a sum over rows, as a share of the
         global batch) and its statistics."""
-        pre = sae.pre_acts(x)
         cfg = sae.cfg
+        if cfg.architecture == "relu" and cfg.apply_b_dec_to_input:
+            loss, sq, l0, fired = relu_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, total_var, self.l1,
+                                             count=self._logs_this_step())
+            return loss, {"fvu": sq, "l0": l0.double(), "fired": fired}
+        pre = _pre_acts(sae, x)
         if cfg.architecture == "topk":
             top = pre.topk(cfg.k, dim=-1, sorted=False)
             values, indices = torch.relu(top.values), top.indices
@@ -161,7 +175,7 @@ class SAETraining(L.LightningModule):
             k_aux = min(x.shape[-1] // 2, int(dead.sum()))
             scale = min(int(dead.sum()) / (x.shape[-1] // 2), 1.0)
             aux = torch.where(dead[None], pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1, sorted=False)
-            e_hat = F.embedding_bag(aux.indices, sae.W_dec, per_sample_weights=torch.relu(aux.values), mode="sum")
+            e_hat = F.embedding_bag(aux.indices, sae.W_dec, per_sample_weights=torch.relu(aux.values).to(sae.W_dec.dtype), mode="sum")
             loss = loss + self.auxk_alpha * scale * (e_hat - e.detach()).pow(2).sum() / total_var
         stats["fired"] = fired
         return loss, stats
@@ -201,8 +215,7 @@ class SAETraining(L.LightningModule):
 
     def _log_step(self, fvus, l0s, n_global) -> None:
         self._tokens_seen += n_global
-        every = max(1, self.trainer.log_every_n_steps)
-        if self.global_step % every and self.global_step + 1 != self.trainer.max_steps:
+        if not self._logs_this_step():
             return
         fvu = self._global(torch.stack(fvus).detach())
         l0 = self._global(torch.stack(l0s).double()) / n_global
@@ -215,6 +228,10 @@ class SAETraining(L.LightningModule):
             self.log(f"train/l0/{name}", l0[i].float(), prog_bar=len(self.saes) == 1, rank_zero_only=True)
             dead = getattr(self, f"since_fired_{i}") >= self.dead_tokens
             self.log(f"train/dead_fraction/{name}", dead.float().mean(), rank_zero_only=True)
+
+    def _logs_this_step(self) -> bool:
+        every = max(1, self.trainer.log_every_n_steps)
+        return self.global_step % every == 0 or self.global_step + 1 == self.trainer.max_steps
 
     def sae_name(self, i: int) -> str:
         cfg = self.saes[i].cfg

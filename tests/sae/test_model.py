@@ -186,3 +186,17 @@ def test_bad_configs_raise_one_sentence(kwargs):
     with pytest.raises(FeatoptError) as info:
         SAEConfig(**{"d_in": 6, "d_sae": 10, **kwargs})
     assert "\n" not in str(info.value) and str(info.value).endswith(".")
+
+
+def test_pre_activation_map_is_the_encoder_read_out_and_the_latent_where_it_fires():
+    sae = SparseAutoencoder(SAEConfig(d_in=6, d_sae=10, architecture="topk", k=3))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(6, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    pre = sae.pre_activation_map()
+    assert pre.width == 10 and pre.describe()["readout"] == "pre-activation"
+    want = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(pre.features(x), want)
+    z = sae.encode(x)
+    torch.testing.assert_close(pre.features(x)[z > 0], z[z > 0])

@@ -1,0 +1,187 @@
+"""What an SAE latent depends on and what it does, by ablation (source document 002).
+
+- :func:`ablated_text` ("Ablated Text"): remove each earlier token of a context in turn and
+  measure the latent at the target token; a token whose removal drops the latent (negative
+  change, shown red on a dashboard) is one the latent reads, e.g. the "Q" of a StackExchange "Q:".
+- :func:`direction_ablation` ("Ablating Direction"): remove the latent's direction from the
+  activation at the SAE's site during a full forward and report how the log-probabilities of the
+  next tokens change ("the log-prob of ' Of' went down by 4").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from featopt.errors import FeatoptError
+from featopt.models import Site
+from featopt.sae.attach import site_of
+from featopt.sae.lens import check_latents
+
+MODES = ("contribution", "projection")
+
+
+def _site(adapter, sae) -> Site:
+    """The SAE's site on `adapter`, which must yield raw activations there, of the SAE's width."""
+    site = adapter.site(site_of(sae))
+    if adapter.feature_map(site) is not None:
+        raise FeatoptError(f"the adapter yields a feature map's features at {site}, not its activations: "
+                           "give the plain adapter.")
+    if sae.d_in != adapter.width(site):
+        raise FeatoptError(f"the SAE reads {sae.d_in}-wide activations but {site} of model {adapter.name!r} is "
+                           f"{adapter.width(site)} wide: use an SAE trained for this model and site.")
+    return site
+
+
+def _one_latent(latent, sae) -> int:
+    latents = check_latents(latent, sae.d_sae)
+    if len(latents) != 1:
+        raise FeatoptError(f"give one latent index, got {len(latents)}.")
+    return latents[0]
+
+
+@dataclass
+class AblatedText:
+    """The latent at token `target` of `tokens` (`ids[:target+1]`), clean and with each earlier
+    token removed. `ablated, change, relative [target]`: entry j is with token j removed;
+    `change = ablated - base` (negative: token j feeds the latent), `relative = change / base`
+    (nan when `base == 0`)."""
+
+    tokens: list[int]
+    target: int
+    base: float
+    ablated: Tensor
+    change: Tensor
+    relative: Tensor
+
+    def record(self, decode: Callable[[list[int]], str]) -> dict:
+        """JSON-able: token strings, the changes, relative changes with None for nan."""
+        return {"tokens": [decode([t]) for t in self.tokens], "target": self.target, "base": self.base,
+                "change": [float(c) for c in self.change.tolist()],
+                "relative": [None if math.isnan(r) else float(r) for r in self.relative.tolist()]}
+
+
+@torch.inference_mode()
+def ablated_text(adapter, sae, latent: int, ids: Tensor, target: int) -> AblatedText:
+    """Document 002's "Ablated Text" for the latent at position `target` of `ids [L]`.
+
+    The context is `ids[:target+1]`; deleting token `j < target` gives a sequence of `target`
+    tokens whose last one is the target. All `target` deletions run as ONE batch (equal lengths,
+    no padding), plus the clean context; both forwards stop at the SAE's site.
+    """
+    site = _site(adapter, sae)
+    latent = _one_latent(latent, sae)
+    ids = torch.as_tensor(ids).cpu()
+    if ids.ndim != 1 or ids.dtype.is_floating_point or len(ids) < 2:
+        raise FeatoptError(f"ids must be one context of at least 2 token ids [L], got shape {tuple(ids.shape)}.")
+    if not 1 <= target <= len(ids) - 1:
+        raise FeatoptError(f"target must be between 1 and {len(ids) - 1} (a token with one before it), got {target}.")
+    ctx = ids[:target + 1].long()
+    keep = ~torch.eye(target + 1, dtype=torch.bool)[:target]  # row j: every token but j
+    deleted = ctx.expand(target, -1)[keep].view(target, target)
+
+    def at_last(batch: Tensor) -> Tensor:  # the latent at each row's last token: [rows]
+        x = adapter.run([site], input_ids=batch)[site][:, -1]  # [rows, d_in]: only the target is encoded
+        return sae.encode(x.to(sae.W_enc.device))[:, latent].float().cpu()
+
+    base = float(at_last(ctx[None])[0])
+    ablated = at_last(deleted)
+    change = ablated - base
+    relative = change / base if base != 0 else torch.full_like(change, float("nan"))
+    return AblatedText(ctx.tolist(), target, base, ablated, change, relative)
+
+
+@dataclass
+class DirectionAblation:
+    """Effect of removing a latent's direction at its site on the next-token log-probabilities.
+
+    `delta [B, L-1]`: ablated minus clean log-prob of the actual next token at each position;
+    `active [B, L]`: where the latent fires (clean run). `decreased_ids, decreased [top]`: the
+    tokens whose log-prob fell most on average (most negative mean change first) over the active
+    positions (all positions when it never fires, `over_active` False); `increased_ids,
+    increased [top]` likewise, largest rise first.
+    """
+
+    latent: int
+    mode: str
+    delta: Tensor
+    active: Tensor
+    decreased_ids: Tensor
+    decreased: Tensor
+    increased_ids: Tensor
+    increased: Tensor
+    over_active: bool
+
+    def record(self, decode: Callable[[list[int]], str]) -> dict:
+        def pairs(ids: Tensor, values: Tensor) -> list[list]:
+            return [[decode([t]), float(v)] for t, v in zip(ids.tolist(), values.tolist())]
+
+        return {"mode": self.mode, "delta": self.delta.tolist(), "active": self.active.tolist(),
+                "decreased": pairs(self.decreased_ids, self.decreased),
+                "increased": pairs(self.increased_ids, self.increased)}
+
+
+@torch.inference_mode()
+def direction_ablation(adapter, sae, latent: int, contexts: Tensor, *, mode: str = "contribution", top: int = 10,
+                       batch_size: int = 8) -> DirectionAblation:
+    """Ablate latent `latent`'s direction at the SAE's site in full forwards over `contexts [B, L]`.
+
+    At every position the site's activation `x [d_in]` becomes
+    - `"contribution"`: `x - z_i(x) W_dec[i]`, the latent's share of the reconstruction (`z_i` by
+      `sae.encode` at that site): where the latent is 0 the activation is unchanged;
+    - `"projection"`: `x - (x . d) d` with `d = W_dec[i] / |W_dec[i]|`: no component along it at all.
+
+    Contexts go `batch_size` at a time (two forwards each, clean and ablated; three float32
+    `[batch, L, V]` buffers for the log-softmaxes). Log-probs are float32, results on the CPU.
+    """
+    if mode not in MODES:
+        raise FeatoptError(f"mode {mode!r} is not known: allowed are {', '.join(MODES)}.")
+    if min(top, batch_size) < 1:
+        raise FeatoptError(f"top and batch_size must be at least 1, got top={top}, batch_size={batch_size}.")
+    site = _site(adapter, sae)
+    latent = _one_latent(latent, sae)
+    contexts = torch.as_tensor(contexts)
+    if contexts.ndim != 2 or contexts.dtype.is_floating_point or contexts.shape[0] < 1 or contexts.shape[1] < 2:
+        raise FeatoptError("contexts must be token ids [B, L] with B >= 1 and L >= 2, "
+                           f"got shape {tuple(contexts.shape)}.")
+    device = sae.W_enc.device
+    w = sae.W_dec.detach()[latent]  # [d_in]
+    if mode == "projection":
+        if float(w.norm()) == 0:
+            raise FeatoptError(f"latent {latent} has a zero decoder row, so it has no direction to project out: "
+                               "use mode contribution.")
+        w = w / w.norm()
+
+    def ablate(act: Tensor, _site: Site) -> Tensor:
+        x = act.to(device)
+        coef = sae.encode(x)[..., latent] if mode == "contribution" else x.to(w.dtype) @ w  # [b, L]
+        # Subtract in the SAE's precision, round once to the model's dtype.
+        return (x.to(w.dtype) - coef[..., None].to(w.dtype) * w).to(device=act.device, dtype=act.dtype)
+
+    deltas, actives, sums, counts = [], [], [0.0, 0.0], [0, 0]  # sums/counts: [active positions, all]
+    for b0 in range(0, len(contexts), batch_size):
+        ids = contexts[b0:b0 + batch_size].long().to(adapter.device)
+        with adapter.hooks(read=[site]) as seen:
+            clean = adapter.logits(ids)
+        active = sae.encode(seen[site].to(device))[..., latent] > 0  # [b, L]
+        with adapter.hooks(write={site: ablate}):
+            ablated = adapter.logits(ids)
+        diff = torch.log_softmax(ablated.float(), -1) - torch.log_softmax(clean.float(), -1)  # [b, L, V]
+        del clean, ablated
+        deltas.append(diff[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).cpu())
+        active = active.to(diff.device)
+        sums[0] = sums[0] + diff[active].sum(0, dtype=torch.float64)
+        sums[1] = sums[1] + diff.sum((0, 1), dtype=torch.float64)
+        counts[0] += int(active.sum())
+        counts[1] += active.numel()
+        actives.append(active.cpu())
+    over_active = counts[0] > 0
+    mean = (sums[0] / counts[0] if over_active else sums[1] / counts[1]).float().cpu()  # [V]
+    top = min(top, len(mean))
+    down, up = mean.topk(top, largest=False), mean.topk(top)
+    return DirectionAblation(latent, mode, torch.cat(deltas), torch.cat(actives), down.indices, down.values,
+                             up.indices, up.values, over_active)
