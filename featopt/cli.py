@@ -105,6 +105,12 @@ def build_parser() -> ArgumentParser:
     for task, (module, config_name, _, _, description) in _SAE.items():
         helps = {**_SAE_HELP, **_SAE_TASK_HELP.get(task, {})}
         sae_tasks.add_subcommand(task, _config_parser(module, config_name, description, helps), help=description)
+    flow = _Parser(description="Feature flow across layers (document 003): match SAE features by decoder cosine, "
+                   "graphs, predecessor groups, deactivation, steering.")
+    sub.add_subcommand("flow", flow, help="SAE feature flow across layers: match, graph, groups, deactivate, steer")
+    flow_tasks = flow.add_subcommands(dest="task", required=True)
+    for task, (module, config_name, _, _, description) in _FLOW.items():
+        flow_tasks.add_subcommand(task, _config_parser(module, config_name, description, _FLOW_HELP), help=description)
     return parser
 
 
@@ -197,6 +203,52 @@ _SAE_TASK_HELP = {
                   "ascent_lr": "learning rate of the optimized input",
                   "prefix": "text before the exhaustive sweep's token (default: the end-of-text token)",
                   "out": "the dashboard folder (new, or an old dashboard to replace)"},
+}
+
+
+_FLOW = {
+    "match": ("featopt.flow.commands", "MatchConfig", "run_match", "format_match",
+              "Every feature's top-k matches by decoder cosine in its predecessor SAEs, against a baseline."),
+    "graph": ("featopt.flow.commands", "GraphConfig", "run_graph", "format_graph",
+              "A feature's flow graph: matches followed backwards and forwards through all SAEs (JSON, GraphML, PNG)."),
+    "groups": ("featopt.flow.corpus_commands", "GroupsConfig", "run_groups", "format_groups",
+               "Predecessor groups (From RES/MLP/ATT, ..., nowhere) over a corpus: shares per layer, transitions."),
+    "deactivate": ("featopt.flow.corpus_commands", "DeactivateConfig", "run_deactivate", "format_deactivate",
+                   "Deactivate top-1 vs random predecessors and measure the feature; sweep r against the loss."),
+    "steer": ("featopt.flow.steer_command", "SteerConfig", "run_steer", "format_steer",
+              "Single-layer vs multi-layer (flow graph) steering during generation: theme score against coherence."),
+    "transition": ("featopt.flow.corpus_commands", "TransitionConfig", "run_transition", "format_transition",
+                   "Explained variance of layer L+1's latents from layer L's via the top-1 cosine transition matrix."),
+}
+
+_FLOW_HELP = {
+    "saes": "SAE folders, comma-separated, or a folder holding them (one SAE per site)",
+    "target": "SAEs to match, as LAYER/MODULE, comma-separated (e.g. 6/res)",
+    "candidates": "SAEs to match against (default: each target's predecessors L-1/res, L/mlp, L/att)",
+    "k": "matches kept per feature", "threshold": "count matches scoring at least this",
+    "baseline": "none, random (Gaussian rows) or permutation (the candidate's coordinates shuffled)",
+    "chunk": "target rows per block (memory: chunk x d_sae cosines)",
+    "plot": "write a PNG", "out": "output folder (default featopt-runs/<time>)",
+    "feature": "start feature(s) as LAYER/MODULE/INDEX, e.g. 6/res/123 (comma-separated)",
+    "direction": "backward (where it comes from), forward (where it goes) or both",
+    "model": "the model (labels nodes by logit-lens tokens; steering, groups and deactivation run it)",
+    "label_k": "logit-lens tokens per node label", "norm": "logit lens: none, weight (final norm's gain) or apply",
+    "max_nodes": "stop with an error when the graph grows past this",
+    "corpus": "a folder of .txt files or one .txt file", "split": "all, train or eval (the text sae train held out)",
+    "tokens": "corpus tokens to read (at most); steer: new tokens per generation",
+    "context_length": "tokens per context", "batch_size": "contexts per forward",
+    "layers": "layers, comma-separated (groups/deactivate: target layers L of L/res; steer: graph layers kept)",
+    "method": "top1 (document 003) or random (a random predecessor per feature: the baseline)",
+    "min_score": "a predecessor matched below this cosine counts as absent",
+    "skip_first": "leading positions of each context left out (position 0: the attention sink)",
+    "events": "active (feature, position) events sampled", "r": "rescaling coefficient of the deactivation (0: remove)",
+    "rs": "r values, comma-separated (deactivate: sweep over all predecessors; steer: settings)",
+    "graph": "a flow graph folder or graph.json: its features are the multi-layer set (default: built from --feature)",
+    "targets": "features whose activation is the theme score (default: --feature)",
+    "prompts": "prompts to continue (a list)", "mode": "add (x + r a_max W_dec[i]) or scale (each feature's share times r)",
+    "theme_words": "words whose log-prob is scored too, comma-separated", "temperature": "0: greedy",
+    "corpus_tokens": "add mode: corpus tokens for the reference (max) activations",
+    "progress": "show progress", "dtype": "float32, bfloat16 or float16", "seed": "seed",
 }
 
 
@@ -321,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_task(_NEURONS, args.neurons.task, args.neurons[args.neurons.task])
         elif args.command == "sae":
             _run_task(_SAE, args.sae.task, args.sae[args.sae.task])
+        elif args.command == "flow":
+            _run_task(_FLOW, args.flow.task, args.flow[args.flow.task])
         elif args.command == "compare":
             _run_config("featopt.compare", "CompareConfig", args.compare)
     except FeatoptError as error:

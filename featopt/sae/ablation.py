@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from featopt.errors import FeatoptError
+from featopt.interventions.edits import project_out, scale_latents
 from featopt.models import Site
 from featopt.sae.attach import site_of
 from featopt.sae.lens import check_latents
@@ -149,18 +150,13 @@ def direction_ablation(adapter, sae, latent: int, contexts: Tensor, *, mode: str
         raise FeatoptError("contexts must be token ids [B, L] with B >= 1 and L >= 2, "
                            f"got shape {tuple(contexts.shape)}.")
     device = sae.W_enc.device
-    w = sae.W_dec.detach()[latent]  # [d_in]
     if mode == "projection":
-        if float(w.norm()) == 0:
+        if float(sae.W_dec.detach()[latent].norm()) == 0:
             raise FeatoptError(f"latent {latent} has a zero decoder row, so it has no direction to project out: "
                                "use mode contribution.")
-        w = w / w.norm()
-
-    def ablate(act: Tensor, _site: Site) -> Tensor:
-        x = act.to(device)
-        coef = sae.encode(x)[..., latent] if mode == "contribution" else x.to(w.dtype) @ w  # [b, L]
-        # Subtract in the SAE's precision, round once to the model's dtype.
-        return (x.to(w.dtype) - coef[..., None].to(w.dtype) * w).to(device=act.device, dtype=act.dtype)
+        ablate = project_out(sae.W_dec.detach()[latent])
+    else:  # x - z_i(x) W_dec[i]: the latent's share of the reconstruction, rescaled by r = 0
+        ablate = scale_latents(sae, [latent], 0.0)
 
     deltas, actives, sums, counts = [], [], [0.0, 0.0], [0, 0]  # sums/counts: [active positions, all]
     for b0 in range(0, len(contexts), batch_size):

@@ -3,7 +3,8 @@
 A neuron's output is its post-activation value, the site `blocks.L.mlp_hidden` (the input of the
 down-projection). :func:`clamp` holds it at a value for every forward inside a `with` block, through
 the adapter's write hooks, which are always removed. :func:`clamp_sweep` records a target token's
-next-token probability after a prompt for a range of clamped values (Figure 3); :func:`generate`
+next-token probability after a prompt for a range of clamped values (Figure 3);
+:func:`featopt.interventions.generate.generate`
 continues a prompt greedily with the neuron held (Figure 4). `run_clamp(ClampConfig(...))` is the
 entry point of `featopt neurons clamp`.
 """
@@ -103,27 +104,6 @@ def clamp_sweep(adapter: ModelAdapter, layer: int, neuron: int, prompt: Tensor, 
     return torch.cat(out).double()
 
 
-@torch.no_grad()
-def generate(adapter: ModelAdapter, prompt: Tensor, max_new_tokens: int, clamped: tuple[int, int, float] | None = None,
-             stop_at_eos: bool = True) -> list[int]:
-    """Greedy continuation of `prompt [T]` (KV-cached), with `clamped = (layer, neuron, value)` held."""
-    from transformers import DynamicCache
-
-    guard = clamp(adapter, *clamped) if clamped else contextlib.nullcontext()
-    eos = getattr(adapter.tokenizer, "eos_token_id", None) if stop_at_eos else None
-    new, ids = [], prompt[None].to(adapter.device)
-    cache = DynamicCache(config=adapter.model.config)
-    with guard:
-        for _ in range(max_new_tokens):
-            logits = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
-            token = int(logits.argmax())
-            new.append(token)
-            if token == eos:
-                break
-            ids = torch.tensor([[token]], device=adapter.device)
-    return new
-
-
 def chat_prompt(adapter: ModelAdapter, text: str) -> Tensor:
     """`text` as a user turn in the model's chat template, ready for the assistant's answer."""
     tok = adapter.tokenizer
@@ -191,6 +171,8 @@ def run_clamp(config: ClampConfig, adapter: ModelAdapter | None = None) -> Clamp
     if config.generate > 0:
         start = chat_prompt(adapter, config.prompt) if config.chat else prompt
         hold = float(values.max()) if config.hold is None else config.hold
+        from featopt.interventions.generate import generate
+
         generations = {"unclamped": adapter.decode(generate(adapter, start, config.generate)),
                        "clamped": adapter.decode(generate(adapter, start, config.generate, (config.layer, config.neuron, hold))),
                        "hold": hold}
