@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import D, D_SAE, KEYS, make_sae
+from tests.flow.flow_reference import D, D_SAE, KEYS, make_sae
 from featopt.errors import FeatoptError
 from featopt.flow.graph import FlowGraph, flow_graph, label_nodes, plot_graph
 from featopt.flow.saes import FlowSet, Node, parse_node

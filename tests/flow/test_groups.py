@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KEYS, encode64, hidden, make_sae
+from tests.flow.flow_reference import KEYS, encode64, hidden, make_sae
 from featopt.errors import FeatoptError
 from featopt.flow.groups import (GROUPS, GroupStats, format_groups, group_counts, plot_group_shares, plot_transitions,
                                  predecessors)

@@ -73,7 +73,7 @@ def test_baselines_are_seeded_and_shaped_like_the_candidate():
 
 
 def test_match_on_a_flow_set_finds_planted_predecessors_above_the_baseline():
-    from conftest import make_sae
+    from tests.flow.flow_reference import make_sae
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(48, 64, generator=g)
@@ -107,7 +107,7 @@ def test_flow_set_rules(flow_set):
 
 
 def test_flow_set_refuses_mixed_widths_and_sites_the_model_lacks(llama):
-    from conftest import make_sae
+    from tests.flow.flow_reference import make_sae
 
     from featopt.sae.model import SAEConfig, SparseAutoencoder
 

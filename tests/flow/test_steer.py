@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import KEYS, make_sae
+from tests.flow.flow_reference import KEYS, make_sae
 
 from featopt.errors import FeatoptError
 from featopt.flow.saes import FlowSet, parse_node

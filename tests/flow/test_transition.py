@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import encode64, hidden, make_sae
+from tests.flow.flow_reference import encode64, hidden, make_sae
 from featopt.errors import FeatoptError
 from featopt.flow.saes import FlowSet
 from featopt.flow.transition import VARIANTS, explained_variance, format_transition, transition_matrix
