@@ -67,6 +67,28 @@ def parse_keys(text: str | None, flow: FlowSet) -> list[tuple[int, str]]:
     return keys
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return [int(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise FeatoptError(f"--layers {text!r} is malformed: give layer numbers, comma-separated, like 5,6.") from None
+
+
+def parse_floats(text, flag: str) -> list[float]:
+    try:
+        values = [float(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise FeatoptError(f"{flag} {text!r} is malformed: give numbers, comma-separated, like 0,0.5,1.") from None
+    if not values:
+        raise FeatoptError(f"{flag} names no value: give numbers, comma-separated, like 0,0.5,1.")
+    for v in values:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise FeatoptError(f"{flag} must hold finite numbers, got {v}.")
+    return values
+
+
 def load_flow(saes: str) -> FlowSet:
     if not str(saes or "").strip():
         raise FeatoptError("--saes is required: give SAE folders (comma-separated) or a folder holding them.")

@@ -13,30 +13,9 @@ import torch
 
 from featopt.errors import FeatoptError
 from featopt.flow.commands import (
-    check_at_least, check_finite, corpus_for, load_flow, load_model_for, meta, out_dir, write_json,
+    check_at_least, check_finite, corpus_for, load_flow, load_model_for, meta, out_dir, parse_floats, parse_layers,
+    write_json,
 )
-
-
-def _layers(text: str | None) -> list[int] | None:
-    if text is None or not str(text).strip():
-        return None
-    try:
-        return [int(p) for p in str(text).split(",") if p.strip()]
-    except ValueError:
-        raise FeatoptError(f"--layers {text!r} is malformed: give layer numbers, comma-separated, like 5,6.") from None
-
-
-def _floats(text, flag: str) -> list[float]:
-    try:
-        values = [float(p) for p in str(text).split(",") if p.strip()]
-    except ValueError:
-        raise FeatoptError(f"{flag} {text!r} is malformed: give numbers, comma-separated, like 0,0.5,1.") from None
-    if not values:
-        raise FeatoptError(f"{flag} names no value: give numbers, comma-separated, like 0,0.5,1.")
-    for v in values:
-        if v != v or v in (float("inf"), float("-inf")):
-            raise FeatoptError(f"{flag} must hold finite numbers, got {v}.")
-    return values
 
 
 def _prepare(config, names):
@@ -96,7 +75,7 @@ def run_groups(config: GroupsConfig) -> GroupsRun:
         raise FeatoptError(f"--method {config.method!r} is not known: allowed are {', '.join(METHODS)}.")
     check_finite(config, ["min_score"])
     out, flow, adapter, contexts = _prepare(config, ["tokens", "batch_size"])
-    kwargs = dict(layers=_layers(config.layers), batch_size=config.batch_size, seed=config.seed,
+    kwargs = dict(layers=parse_layers(config.layers), batch_size=config.batch_size, seed=config.seed,
                   skip_first=config.skip_first, min_score=config.min_score, progress=config.progress)
     with torch.inference_mode():
         stats = group_counts(flow, adapter, contexts, method=config.method, **kwargs)
@@ -137,7 +116,7 @@ def run_transition(config: TransitionConfig) -> TransitionRun:
         raise FeatoptError(f"--tokens {config.tokens} gives one context: the transition fit needs at least two "
                            f"({2 * config.context_length} tokens).")
     with torch.inference_mode():
-        stats = explained_variance(flow, adapter, contexts, layers=_layers(config.layers), batch_size=config.batch_size,
+        stats = explained_variance(flow, adapter, contexts, layers=parse_layers(config.layers), batch_size=config.batch_size,
                                    skip_first=config.skip_first, seed=config.seed, progress=config.progress)
     write_json(out, "transition.json", {"run": meta("flow transition", config, flow, adapter), **stats.record()})
     return TransitionRun(stats, out)
@@ -174,10 +153,10 @@ def run_deactivate(config: DeactivateConfig) -> DeactivateRun:
     from featopt.flow.deactivate_report import plot_methods, plot_sweep, record
 
     check_finite(config, ["r"])
-    rs = _floats(config.rs, "--rs") if str(config.rs or "").strip() else None
+    rs = parse_floats(config.rs, "--rs") if str(config.rs or "").strip() else None
     out, flow, adapter, contexts = _prepare(config, ["tokens", "batch_size", "events"])
     with torch.inference_mode():
-        events = sample_events(flow, adapter, contexts, layers=_layers(config.layers), max_events=config.events,
+        events = sample_events(flow, adapter, contexts, layers=parse_layers(config.layers), max_events=config.events,
                                skip_first=config.skip_first, seed=config.seed, batch_size=config.batch_size)
         results = [deactivate(flow, adapter, contexts, events, r=config.r, method=m, batch_size=2 * config.batch_size)
                    for m in ("top1", "random")]

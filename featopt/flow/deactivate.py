@@ -34,9 +34,8 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.flow.groups import (GROUPS, ROLES, check_contexts, group_index, predecessor_key, predecessors,
                                  target_layers)
-from featopt.flow.saes import MODULES, FlowSet, Node
+from featopt.flow.saes import FlowSet, Node, key_site
 from featopt.interventions.edits import Edit, edited, scale_latents
-from featopt.models import Site
 
 # Which predecessor is rescaled: the top-1 match, or a random firing latent of the same SAE
 # (not groups.METHODS' fixed random latent per feature, though the names are the same).
@@ -69,10 +68,6 @@ def top1_table(flow: FlowSet, layer: int) -> Tensor:
     for role, (index, _) in predecessors(flow, layer, method="top1").items():
         out[:, ROLES.index(role)] = index
     return out
-
-
-def _site(key: tuple[int, str]) -> Site:
-    return Site(key[0], MODULES[key[1]])
 
 
 def _encode(sae, act: Tensor) -> Tensor:
@@ -151,10 +146,10 @@ def sample_events(flow: FlowSet, adapter, contexts, *, layers=None, max_events: 
     population = 0
     for b0 in range(0, len(contexts), batch_size):
         ids = contexts[b0:b0 + batch_size]
-        acts = adapter.run([_site(k) for k in keys], input_ids=ids)
+        acts = adapter.run([key_site(k) for k in keys], input_ids=ids)
         fired = {}  # only the firing latents are kept: one dense [B, T, d_sae] at a time
         for L in layers:
-            z = _encode(flow[(L, "res")], acts[_site((L, "res"))][:, skip_first:])
+            z = _encode(flow[(L, "res")], acts[key_site((L, "res"))][:, skip_first:])
             nz = (z > 0).nonzero()  # [n, 3] (row, position - skip_first, feature), row-major
             fired[L] = (nz, z[nz[:, 0], nz[:, 1], nz[:, 2]].float())
         rows, values, draws = [], [], []
@@ -203,7 +198,7 @@ def _fill(flow, acts, tops, rows: Tensor, z_old: Tensor, u: Tensor, b0: int) -> 
             key = predecessor_key(L, role)
             if key not in flow:
                 continue
-            act = acts[_site(key)]
+            act = acts[key_site(key)]
             fires = _encode(flow[key], act[i.to(act.device), t.to(act.device)]) > 0  # [m, d_pred]
             active[:, s] = fires.gather(1, top[:, s, None])[:, 0]
             eligible = fires.scatter(1, top[:, s, None], False)  # firing, not the top-1
@@ -226,7 +221,7 @@ def _read(adapter, flow, layer: int, ids: Tensor, pos: Tensor, feat: Tensor, edi
           loss: bool = False) -> tuple[Tensor, Tensor | None]:
     """f's activation `[B]` at `(row, pos)` under `edits` (forward stops at `layer/res`), and with
     `loss` the full model's mean next-token cross-entropy of each row `[B]`."""
-    site, sae = _site((layer, "res")), flow[(layer, "res")]
+    site, sae = key_site((layer, "res")), flow[(layer, "res")]
     if loss:
         with edited(adapter, edits), adapter.hooks(read=[site]) as captured:
             logits = adapter.logits(ids)
@@ -331,7 +326,7 @@ def deactivate(flow: FlowSet, adapter, contexts, events: Events, *, r: float = 0
             for c in rows.split(batch_size):
                 e = ev[c]
                 ids, pos, feat = contexts[events.context[e]], events.position[e], events.feature[e]
-                edit = Edit(_site(key), scale_latents(flow[key], lat[c][:, None], r))
+                edit = Edit(key_site(key), scale_latents(flow[key], lat[c][:, None], r))
                 z_old[c] = _read(adapter, flow, L, ids, pos, feat, [])[0]
                 z_new[c] = _read(adapter, flow, L, ids, pos, feat, [edit])[0]
     groups = events.groups()
@@ -396,7 +391,7 @@ def r_sweep(flow: FlowSet, adapter, contexts, events: Events, rs: Sequence[float
                     key = predecessor_key(L, role)
                     if key in flow and events.active[e, s].any():
                         factor = torch.where(events.active[e, s], r, 1.0).double()
-                        edits.append(Edit(_site(key), scale_latents(
+                        edits.append(Edit(key_site(key), scale_latents(
                             flow[key], events.top1[e, s].clamp(min=0)[:, None], factor)))
                 z_new[j, c], loss_new[j, c] = _read(adapter, flow, L, ids, pos, feat, edits, loss=True)
     return SweepResult(rs, sel, z_old, z_new, loss_old, loss_new)

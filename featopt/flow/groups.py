@@ -29,8 +29,7 @@ from torch import Tensor
 
 from featopt.errors import FeatoptError
 from featopt.flow.match import match
-from featopt.flow.saes import MODULES, FlowSet
-from featopt.models import Site
+from featopt.flow.saes import FlowSet, choose_layers, key_site
 
 GROUPS = ("From RES", "From MLP", "From ATT", "From RES & MLP", "From RES & ATT", "From MLP & ATT",
           "From RES & MLP & ATT", "From nowhere")
@@ -70,17 +69,10 @@ def check_contexts(contexts: Tensor, batch_size: int, skip_first: int) -> Tensor
 def target_layers(flow: FlowSet, layers=None) -> list[int]:
     """Layers `L` with an `L/res` SAE and at least one predecessor SAE: all such, or those given."""
     usable = [layer for layer, module in flow.keys() if module == "res" and flow.predecessors((layer, "res"))]
-    if layers is None:
-        if not usable:
-            raise FeatoptError(f"no residual SAE with a predecessor among {flow.describe_keys()}: groups need an L/res SAE "
-                               "and one of L-1/res, L/mlp, L/att.")
-        return usable
-    layers = sorted({int(layer) for layer in layers})
-    for layer in layers:
-        if layer not in usable:
-            raise FeatoptError(f"layer {layer} has no residual SAE with a predecessor SAE (given: {flow.describe_keys()}): "
-                               f"allowed layers are {usable}.")
-    return layers
+    return choose_layers(usable, layers,
+                         none=f"no residual SAE with a predecessor among {flow.describe_keys()}: groups need an L/res "
+                              "SAE and one of L-1/res, L/mlp, L/att.",
+                         why=lambda layer: f"layer {layer} has no residual SAE with a predecessor SAE (given: {flow.describe_keys()})")
 
 
 def predecessors(flow: FlowSet, layer: int, *, method: str = "top1", seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
@@ -190,7 +182,7 @@ def group_counts(flow: FlowSet, adapter, contexts: Tensor, *, layers=None, batch
                         for role, (index, score) in table.items()}
     keys = sorted({(layer, "res") for layer in layers}
                   | {predecessor_key(layer, role) for layer in layers for role in preds[layer]})
-    sites = {key: Site(key[0], MODULES[key[1]]) for key in keys}
+    sites = {key: key_site(key) for key in keys}
     device = adapter.device
     preds = {layer: {role: idx.to(device) for role, idx in table.items()} for layer, table in preds.items()}
     feature_counts = {layer: torch.zeros(flow[(layer, "res")].d_sae * 8, dtype=torch.long, device=device) for layer in layers}

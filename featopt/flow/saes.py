@@ -38,10 +38,29 @@ class Node:
 
     @property
     def site(self) -> Site:
-        return Site(self.layer, MODULES[self.module])
+        return key_site(self.key)
 
     def __str__(self) -> str:
         return f"{self.layer}/{self.module}/{self.index}"
+
+
+def key_site(key: tuple[int, str]) -> Site:
+    """The site an SAE key `(layer, module)` reads: `(6, "mlp")` -> `blocks.6.mlp_out`."""
+    return Site(key[0], MODULES[key[1]])
+
+
+def choose_layers(usable: list[int], layers, *, none: str, why) -> list[int]:
+    """`layers` (all `usable` when None), each checked to be usable; `none` is the error when
+    nothing is usable, `why(layer)` says what a refused layer lacks."""
+    if layers is None:
+        if not usable:
+            raise FeatoptError(none)
+        return usable
+    layers = sorted({int(layer) for layer in layers})
+    for layer in layers:
+        if layer not in usable:
+            raise FeatoptError(f"{why(layer)}: allowed layers are {usable}.")
+    return layers
 
 
 def parse_node(text: str | Node) -> Node:
@@ -162,7 +181,7 @@ class FlowSet:
     def check_model(self, adapter) -> None:
         """Every SAE's site exists in `adapter` with the SAE's width."""
         for (layer, module), sae in self.saes.items():
-            site = Site(layer, MODULES[module])
+            site = key_site((layer, module))
             if layer >= adapter.n_layers:
                 raise FeatoptError(f"the SAE at {layer}/{module} reads {site.name}, but model {adapter.name!r} has "
                                    f"{adapter.n_layers} layers (0-{adapter.n_layers - 1}): use SAEs of this model.")

@@ -15,9 +15,9 @@ import torch
 
 from featopt.errors import FeatoptError
 from featopt.flow.commands import (
-    check_at_least, corpus_for, load_flow, load_model_for, meta, out_dir, parse_nodes, parse_threshold, write_json,
+    check_at_least, corpus_for, load_flow, load_model_for, meta, out_dir, parse_floats, parse_layers, parse_nodes,
+    parse_threshold, write_json,
 )
-from featopt.flow.corpus_commands import _floats, _layers
 
 DEFAULT_PROMPTS = ["I think that", "The most important thing is", "Yesterday, my friend and I", "In this article, we"]
 
@@ -74,7 +74,7 @@ def _multi_nodes(config: SteerConfig, flow, single: list) -> tuple[list, object]
         graph = flow_graph(flow, single, k=config.k, threshold=parse_threshold(config.threshold),
                            direction=config.direction)
     nodes = list(graph.nodes)
-    keep = _layers(config.layers)
+    keep = parse_layers(config.layers)
     if keep is not None:
         nodes = [n for n in nodes if n.layer in keep]
         if not nodes:
@@ -87,7 +87,7 @@ def run_steer(config: SteerConfig) -> SteerRun:
     from featopt.flow.steer import compare_single_multi, plot_steering, reference_activations, save_steering
 
     check_at_least(config, ["tokens", "corpus_tokens", "context_length"])
-    rs = _floats(config.rs, "--rs")
+    rs = parse_floats(config.rs, "--rs")
     prompts = [p for p in (config.prompts or [])]
     if not prompts or any(not str(p).strip() for p in prompts):
         raise FeatoptError("--prompts must hold one or more non-empty texts.")

@@ -36,8 +36,7 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.flow.groups import check_contexts
 from featopt.flow.match import top_matches
-from featopt.flow.saes import FlowSet
-from featopt.models import Site
+from featopt.flow.saes import FlowSet, choose_layers, key_site
 
 VARIANTS = ("cosine", "fitted", "permutation")
 
@@ -64,17 +63,11 @@ def permutation_rows(d_t: int, d_t1: int, layer: int, seed: int = 0) -> Tensor:
 def transition_layers(flow: FlowSet, layers=None) -> list[int]:
     """Layers `L` with both `L/res` and `L+1/res` SAEs: all such, or those given."""
     usable = [layer for layer, module in flow.keys() if module == "res" and (layer + 1, "res") in flow]
-    if layers is None:
-        if not usable:
-            raise FeatoptError(f"no two consecutive residual SAEs among {flow.describe_keys()}: a transition needs "
-                               "SAEs at L/res and L+1/res.")
-        return usable
-    layers = sorted({int(layer) for layer in layers})
-    for layer in layers:
-        if layer not in usable:
-            raise FeatoptError(f"layer {layer} has no pair of SAEs {layer}/res and {layer + 1}/res (given: "
-                               f"{flow.describe_keys()}): allowed layers are {usable}.")
-    return layers
+    return choose_layers(usable, layers,
+                         none=f"no two consecutive residual SAEs among {flow.describe_keys()}: a transition needs "
+                              "SAEs at L/res and L+1/res.",
+                         why=lambda layer: f"layer {layer} has no pair of SAEs {layer}/res and {layer + 1}/res "
+                                           f"(given: {flow.describe_keys()})")
 
 
 @dataclass
@@ -133,7 +126,7 @@ def explained_variance(flow: FlowSet, adapter, contexts: Tensor, *, layers=None,
     device = adapter.device
     pairs = [(layer, layer + 1) for layer in layers]
     keys = sorted({(layer, "res") for pair in pairs for layer in pair})
-    sites = {key: Site(key[0], "resid_post") for key in keys}
+    sites = {key: key_site(key) for key in keys}
     mats, perms, sums = {}, {}, {}
     for low, high in pairs:
         rows, values = transition_matrix(flow[(low, "res")], flow[(high, "res")])
