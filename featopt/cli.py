@@ -277,6 +277,10 @@ _SEARCHES = {
                    "Every vocabulary token as a one-token input (after an optional prefix); every feature scored in one sweep."),
     "greedy": ("featopt.search.greedy", "GreedyConfig",
                "Left-to-right greedy search: each step appends the token that maximizes the feature."),
+    "gcg": ("featopt.search.gcg", "GCGConfig",
+            "GCG: token gradients propose swaps, a batch of swaps is scored exactly, the best is kept (N tokens)."),
+    "epo": ("featopt.search.epo", "EPOConfig",
+            "EPO fluent search: one member per lambda, activation - lambda * xent, a Pareto front per feature (JSON, PNG)."),
 }
 
 
@@ -338,7 +342,7 @@ def _invert(args) -> None:
         values["texts"] = values["text"] + list(values["texts"] or [])
         values["text"] = None
     result = run(InversionConfig(**values))
-    if result.trainer.is_global_zero:
+    if result.trainer is None or result.trainer.is_global_zero:
         print(format_results(result.results, result.metrics))
         print(f"results: {result.out / 'results.json'}")
 

@@ -33,6 +33,9 @@ from featopt.objectives.priors import PRIORS, SIMPLEX_MODES, make_parametrizatio
 from featopt.objectives.readout import DECODERS, decode_ids
 from featopt.objectives.targets import Selection
 from featopt.results import FeatureResult, versions, write_results
+from featopt.search.tokens import ALLOW
+
+METHODS = ("gradient", "gcg")
 
 
 
@@ -47,8 +50,9 @@ class InversionConfig:
     texts: list[str] | None = None
     objective: str = "l1"  # or "cosine": 1 - cos of the flattened outputs
     prior: str = "embedding"  # free embeddings, or "simplex": softmax over the vocabulary
-    steps: int = 300
-    lr: float = 0.05
+    method: str = "gradient"  # or "gcg": a discrete search over real tokens (no decoding)
+    steps: int = 600
+    lr: float = 0.01  # with 600 steps: 90% of tokens on unseen sentences at layer 0 of SmolLM2 (0.05/300: 67%)
     decoder: str = "nearest"  # or "pinv"; a simplex decodes by its own argmax
     temperature: float = 1.0  # simplex only: softmax temperature at the start ...
     temperature_end: float | None = None  # ... and at the end (None: constant)
@@ -66,6 +70,12 @@ class InversionConfig:
     checkpoint_every: int = 0
     resume: str | None = None
     progress: bool = True
+    search_width: int = 256  # gcg: candidates per text and step
+    topk: int = 128  # gcg: tokens per position that swaps are drawn from
+    n_replace: int = 1  # gcg: positions swapped per candidate
+    allow: str = "all"  # gcg: all, no-special or ascii
+    causal_topk: int = 4096  # gcg: candidates per position of the left-to-right pass before the swaps (0: none)
+    batch_size: int = 0  # gcg: candidates per forward (0: automatic)
 
 
 @dataclass
@@ -82,8 +92,8 @@ class InversionRun:
     results: list[FeatureResult]
     metrics: dict[str, float]  # token_recovery, exact_match, distance, continuous_distance, counts
     out: Path
-    module: FeatureOptimization
-    trainer: L.Trainer
+    module: FeatureOptimization | None  # None for --method gcg (no learnable input)
+    trainer: L.Trainer | None
 
 
 def texts_of(config: InversionConfig) -> list[str]:
@@ -97,13 +107,17 @@ def texts_of(config: InversionConfig) -> list[str]:
 
 
 def _check(config: InversionConfig) -> None:
-    for name in ("steps", "devices", "decode_every", "log_every"):
+    if config.method not in METHODS:
+        raise FeatoptError(f"--method {config.method!r} is not known: allowed are {', '.join(METHODS)}.")
+    for name in ("steps", "devices", "decode_every", "log_every", "search_width", "topk", "n_replace"):
         if getattr(config, name) < 1:
             raise FeatoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
     for name in ("lr", "temperature", "temperature_end"):
         if getattr(config, name) is not None and not getattr(config, name) > 0:
             raise FeatoptError(f"--{name} must be positive, got {getattr(config, name)}.")
-    for name, allowed in (("objective", OBJECTIVES), ("prior", PRIORS), ("decoder", DECODERS),
+    if config.batch_size < 0:
+        raise FeatoptError(f"--batch_size must be 0 (automatic) or more, got {config.batch_size}.")
+    for name, allowed in (("allow", ALLOW), ("objective", OBJECTIVES), ("prior", PRIORS), ("decoder", DECODERS),
                           ("simplex_mode", SIMPLEX_MODES), ("precision", PRECISIONS)):
         if getattr(config, name) not in allowed:
             raise FeatoptError(f"--{name} {getattr(config, name)!r} is not known: allowed are {', '.join(allowed)}.")
@@ -234,7 +248,13 @@ def evaluate(module: FeatureOptimization, batch: Batch, config: InversionConfig)
 
 def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> InversionRun:
     """Invert every text at once; write `out/results.json` and `out/embeddings.safetensors`
-    (`embeddings [P, T, d_model]`, recovered `token_ids [P, T]`, `original_ids`, `mask`)."""
+    (`embeddings [P, T, d_model]`, recovered `token_ids [P, T]`, `original_ids`, `mask`).
+    `--method gcg` searches real tokens instead (:mod:`featopt.search.inversion`)."""
+    _check(config)
+    if config.method == "gcg":
+        from featopt.search import inversion
+
+        return inversion.run(config, adapter)
     module, batch = build(config, adapter)
     out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
     trainer = trainer_for(config, out, (RecoveryCallback(batch, config.decode_every, config.decoder),))
