@@ -4,7 +4,8 @@ Features"). For one-token inputs the exhaustive sweep gives the exact optimum of
 feature reports how much of that optimum their decoded token reaches.
 
 Methods: "embedding-pinv" and "embedding-nearest" are ONE embedding-ascent run (tokens = 1) read
-through its two decoders; "simplex-argmax" is a softmax-simplex run decoded by its argmax. Every
+through its two decoders; "simplex-argmax" is a softmax-simplex run decoded by its argmax; "gcg" is
+the discrete GCG search over one real token (`gcg_steps` steps of `gcg_width` candidates). Every
 activation is the decoded token's, re-measured by a forward pass (never the continuous input's).
 
 `fraction = activation / optimum` when the optimum is positive: at most 1 (the optimum is the
@@ -37,7 +38,7 @@ from featopt.search import exhaustive
 from featopt.sae.attach import attach_path
 from featopt.search.common import parse_sites
 
-METHODS = ("embedding-pinv", "embedding-nearest", "simplex-argmax")
+METHODS = ("embedding-pinv", "embedding-nearest", "simplex-argmax", "gcg")
 SIMPLEX_MODES = ("softmax", "projected")
 DEVICES = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}  # -> Lightning's accelerator
 TIE = 1e-6  # a different token within TIE * max(1, |optimum|) of the optimum counts as optimal
@@ -59,6 +60,9 @@ class CompareConfig:
     temperature_end: float | None = None  # ... and at the end (None: constant)
     simplex_mode: str = "softmax"  # or "projected" (the document's softmax after every step)
     top_k: int = 10  # the sweep's best tokens kept, to rank the methods' tokens
+    gcg_steps: int = 16  # gcg: steps ...
+    gcg_width: int = 512  # ... of this many candidates each
+    gcg_topk: int = 4096  # gcg: tokens drawn from per step (the gradient's best)
     isolated: bool = False
     untrained: bool = False
     seed: int = 0
@@ -105,7 +109,7 @@ def _check(config: CompareConfig) -> None:
     methods = config.methods
     if not methods or len(set(methods)) != len(methods) or set(methods) - set(METHODS):
         raise FeatoptError(f"--methods {methods!r} is not valid: give distinct methods among {', '.join(METHODS)}.")
-    for name in ("steps", "top_k"):
+    for name in ("steps", "top_k", "gcg_steps", "gcg_width", "gcg_topk"):
         if getattr(config, name) < 1:
             raise FeatoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
     if config.lr <= 0 or config.temperature <= 0 or (config.temperature_end or 1) <= 0:
@@ -155,7 +159,27 @@ def _gradient(config: CompareConfig, adapter: ModelAdapter, site: Site, out: Pat
     if "simplex-argmax" in config.methods:
         settings = dataclasses.replace(settings, out=str(out / "simplex" / site.name))
         picks["simplex-argmax"] = [(r.token_ids[0], r.activation) for r in _simplex(config, adapter, settings, site)]
+    if "gcg" in config.methods:
+        from featopt.search import gcg
+
+        found = gcg.run(gcg.GCGConfig(
+            model=config.model, layer=site.layer, site=site.kind, features=_one_position(config.features), tokens=1,
+            steps=config.gcg_steps, search_width=config.gcg_width, topk=config.gcg_topk, allow="all",
+            isolated=config.isolated, untrained=config.untrained, seed=config.seed,
+            device="cpu" if config.device == "cpu" else "auto", out=str(out / "gcg" / site.name),
+            progress=config.progress, sae=None), adapter).results
+        picks["gcg"] = [(r.token_ids[0], r.activation) for r in found]
     return picks
+
+
+def _one_position(spec: str) -> str:
+    """The spec's problems with the position field ":" (one-token inputs: position 0 is the only
+    one, and GCG takes the position from its variant), in the same order."""
+    items = []
+    for problem in parse_features(spec):
+        f = problem.features
+        items.append(":" if f is None else str(f[0]) if len(f) == 1 else f"{f[0]}:{f[-1] + 1}")
+    return "[:, :, [" + ", ".join(items) + "]]"
 
 
 def _outcome(method: str, token: int, activation: float, best: FeatureResult, adapter: ModelAdapter) -> MethodResult:

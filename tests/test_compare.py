@@ -146,8 +146,10 @@ def test_fraction_is_undefined_without_a_positive_optimum():
     dict(features="[:, 0-1, 0]"),
     dict(features="[:, :, 64]"),  # tiny-llama's residual stream has 64 features
     dict(layer=3),
-    dict(methods=["embedding-pinv", "gcg"]),
+    dict(methods=["embedding-pinv", "beam"]),
+    dict(methods=["gcg", "gcg"]),
     dict(methods=[]),
+    dict(gcg_width=0),
     dict(site="resid_post,mlp_out"),
     dict(steps=0),
 ])

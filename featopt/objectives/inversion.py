@@ -115,8 +115,9 @@ def _check(config: InversionConfig) -> None:
     for name in ("lr", "temperature", "temperature_end"):
         if getattr(config, name) is not None and not getattr(config, name) > 0:
             raise FeatoptError(f"--{name} must be positive, got {getattr(config, name)}.")
-    if config.batch_size < 0:
-        raise FeatoptError(f"--batch_size must be 0 (automatic) or more, got {config.batch_size}.")
+    for name, zero in (("batch_size", "automatic"), ("causal_topk", "no causal pass")):
+        if getattr(config, name) < 0:
+            raise FeatoptError(f"--{name} must be 0 ({zero}) or more, got {getattr(config, name)}.")
     for name, allowed in (("allow", ALLOW), ("objective", OBJECTIVES), ("prior", PRIORS), ("decoder", DECODERS),
                           ("simplex_mode", SIMPLEX_MODES), ("precision", PRECISIONS)):
         if getattr(config, name) not in allowed:

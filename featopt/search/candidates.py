@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 from featopt.models.adapter import KVPrefix
 from featopt.search.sweep import AUTO_BATCH, is_oom
@@ -43,14 +44,18 @@ class CandidateModel:
         prefix: `[L]` fixed token ids before the searched ones (may be empty).
         xent: also compute each candidate's cross-entropy under the model (full forward).
         batch_size: candidates per forward (0: automatic; halved on out-of-memory).
+        isolated: run the shallowest site's block alone (the documents' isolated blocks).
         proposal: the loss whose gradient proposes swaps (default: `loss`). A smooth surrogate
             of a non-smooth loss ranks swaps better (L1's gradient is only a sign per feature);
             candidates are always scored by `loss` itself.
     """
 
     def __init__(self, adapter: ModelAdapter, sites: list[Site], loss: LossFn, prefix: Tensor, *,
-                 xent: bool = False, batch_size: int = 0, proposal: LossFn | None = None):
+                 xent: bool = False, batch_size: int = 0, proposal: LossFn | None = None, isolated: bool = False):
+        if isolated and (xent or len(prefix)):
+            raise FeatoptError("an isolated block is searched alone: no prefix and no cross-entropy (EPO) with it.")
         self.adapter, self.sites, self.loss, self.xent = adapter, list(dict.fromkeys(sites)), loss, xent
+        self.isolated = isolated
         self.proposal = proposal or loss
         self.batch_size = batch_size or AUTO_BATCH.get(adapter.device.type, AUTO_BATCH["cpu"]) // (4 if xent else 1)
         self.prefix = prefix.to(adapter.device)
@@ -69,7 +74,8 @@ class CandidateModel:
     def _forward(self, *, ids: Tensor | None = None, embeds: Tensor | None = None, cache=None):
         """`({site: [B, n, W]} for the new positions, final hidden states [B, n, d] or None)`."""
         if not self.xent:
-            acts = self.adapter.run(self.sites, input_ids=ids, inputs_embeds=embeds, past_key_values=cache)
+            acts = self.adapter.run(self.sites, input_ids=ids, inputs_embeds=embeds, past_key_values=cache,
+                                    isolated=self.isolated)
             return acts, None
         x = ids if ids is not None else embeds
         batch, new = x.shape[:2]

@@ -37,15 +37,16 @@ class EPOConfig(gcg.GCGConfig):
 
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     search_width: int = 128  # per member: the pool of a problem is members x this
-    front_size: int = 64  # most points kept per front (evenly spread over xent when pruned)
+    front_size: int = 64  # most points reported per front (evenly spread along it; 1: the most active)
 
 
 class Front:
     """The non-dominated `(activation, xent)` points of one problem with their token ids: no kept
-    point has another with activation >= and xent <= (one of them strictly)."""
+    point has another with activation >= and xent <= (one of them strictly); among identical
+    points the first added is kept. The whole front is kept (a 2-D front stays small), so a point
+    once dropped never comes back; `spread` picks an evenly spaced subset for output."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self):
         self.ids = torch.zeros(0, 0, dtype=torch.long)
         self.activation = torch.zeros(0, dtype=torch.float64)
         self.xent = torch.zeros(0, dtype=torch.float64)
@@ -53,19 +54,26 @@ class Front:
     def add(self, ids: Tensor, activation: Tensor, xent: Tensor) -> None:
         ids = torch.cat([self.ids, ids]) if len(self.ids) else ids
         act, xe = torch.cat([self.activation, activation]), torch.cat([self.xent, xent])
-        # Sort by xent (then activation, higher first); a point is on the front when its
-        # activation beats every point of lower xent.
+        # Sort by xent (then activation, higher first; stable, so the earlier of equal points
+        # first); a point is on the front when its activation beats every point of lower xent.
         order = sorted(range(len(act)), key=lambda i: (float(xe[i]), -float(act[i])))
         keep, best = [], -math.inf
         for i in order:
             if float(act[i]) > best:
                 keep.append(i)
                 best = float(act[i])
-        if len(keep) > self.size:  # spread the kept points evenly along the front
-            picks = torch.linspace(0, len(keep) - 1, self.size).round().long().unique()
-            keep = [keep[int(j)] for j in picks]
         keep = torch.tensor(keep, dtype=torch.long)
         self.ids, self.activation, self.xent = ids[keep], act[keep], xe[keep]
+
+    def spread(self, size: int) -> Front:
+        """At most `size` points evenly spaced along the front (by rank), both ends included; with
+        `size` 1, the most active point."""
+        out = Front()
+        n = len(self.activation)
+        picks = torch.arange(n) if n <= size else (
+            torch.tensor([n - 1]) if size == 1 else torch.linspace(0, n - 1, size).round().long().unique())
+        out.ids, out.activation, out.xent = self.ids[picks], self.activation[picks], self.xent[picks]
+        return out
 
 
 def _check(config: EPOConfig) -> None:
@@ -100,7 +108,7 @@ def run(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     model = CandidateModel(adapter, [s for s, _ in plans], loss, prefix, xent=True, batch_size=config.batch_size)
     rows_problem = torch.arange(len(problems)).repeat_interleave(n_lam)  # problem-major: every lambda of a problem
     lam = torch.tensor(config.lambdas, dtype=torch.float64).repeat(len(problems))
-    fronts = [Front(config.front_size) for _ in problems]
+    fronts = [Front() for _ in problems]
 
     def grow(step, state, evaluated) -> None:
         for p, front in enumerate(fronts):
@@ -122,7 +130,7 @@ def run(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
         log.close()
     results, document, stamp = [], [], versions()
     for p, (site, problem) in enumerate(problems):
-        front = fronts[p]
+        front = fronts[p].spread(config.front_size)
         ids = torch.cat([prefix.cpu().expand(len(front.ids), -1), front.ids], dim=1)
         measured, _ = gcg.measure(adapter, [(site, [problem] * len(ids))], ids, config.variant)
         xent = prompt_xent(adapter, ids, len(prefix))

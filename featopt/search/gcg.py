@@ -61,6 +61,7 @@ class GCGConfig:
     out: str | None = None
     progress: bool = True
     sae: str | None = None  # an SAE folder: its latents are the features, at its own site
+    isolated: bool = False  # the site's block alone (one layer, no prefix)
 
 
 class FeatureLoss:
@@ -190,12 +191,12 @@ class Trajectory:
             self.writer.close()
 
 
-def measure(adapter: ModelAdapter, plans, ids: Tensor, variant: str) -> tuple[Tensor, Tensor]:
+def measure(adapter: ModelAdapter, plans, ids: Tensor, variant: str, isolated: bool = False) -> tuple[Tensor, Tensor]:
     """Re-measured by plain forwards: per row, the activation `[R]` and its per-position values `[R, T]`."""
     acts, col = [], 0
     for site, problems in plans:
         rows = ids[col:col + len(problems)]
-        acts.append(per_position(adapter, site, rows, [p.features for p in problems]).double())
+        acts.append(per_position(adapter, site, rows, [p.features for p in problems], isolated).double())
         col += len(problems)
     per_pos = torch.cat(acts)
     return (per_pos[:, -1] if variant == "last" else per_pos.sum(1)), per_pos
@@ -214,7 +215,10 @@ def run(config: GCGConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     prefix, init = start(config, adapter, allowed, len(problems))
     n_tokens = len(prefix) + init.shape[1]
     loss = FeatureLoss(plans, [adapter.width(s) for s, _ in plans], position_weights(config.variant, len(problems), n_tokens))
-    model = CandidateModel(adapter, [s for s, _ in plans], loss, prefix, batch_size=config.batch_size)
+    if config.isolated and len({s.layer for s, _ in plans}) > 1:
+        raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
+    model = CandidateModel(adapter, [s for s, _ in plans], loss, prefix, batch_size=config.batch_size,
+                           isolated=config.isolated)
     out = out_dir(config)
     log = Trajectory(out, [f"gcg/{site}/{p.spec}/activation" for site, p in problems])
     try:
@@ -223,7 +227,7 @@ def run(config: GCGConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     finally:
         log.close()
     ids = torch.cat([prefix.cpu().expand(len(problems), -1), state.ids], dim=1)
-    measured, per_pos = measure(adapter, plans, ids, config.variant)
+    measured, per_pos = measure(adapter, plans, ids, config.variant, config.isolated)
     xent = prompt_xent(adapter, ids, len(prefix))
     results, stamp = [], versions()
     objective = f"maximize({{site}}, {'last position' if config.variant == 'last' else 'sum over positions'})"

@@ -130,7 +130,7 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
         acts = adapter.run([site], input_ids=ids)[site].float()
     distance = objective.loss(Context({site: acts}, None, torch.arange(P), adapter)).cpu()
     metrics = {"token_recovery": float(correct.sum()) / float(valid.sum()),
-               "exact_match": float((correct == valid).float().mean()), "distance": float(distance.mean()),
+               "exact_match": int((correct == valid).sum()) / P, "distance": float(distance.mean()),
                "tokens": int(valid.sum()), "tokens_recovered": int(correct.sum()), "texts": P,
                "texts_recovered": int((correct == valid).sum()),
                "forward_evaluations": causal_scored + int(state.evaluations.sum()),

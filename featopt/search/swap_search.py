@@ -32,7 +32,7 @@ class SwapSettings:
 
     steps: int = 100
     search_width: int = 512  # candidates proposed per row and step
-    topk: int = 256  # tokens per position to sample swaps from
+    topk: int = 256  # tokens per position to sample swaps from (doubled for a row that found nothing new)
     n_replace: int = 1  # positions swapped per candidate
     buffer_size: int = 4  # best distinct sequences kept per row
     max_evaluations: int = 0  # per problem; 0: no limit
@@ -134,6 +134,9 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
                       torch.bincount(problems, minlength=n_problems), trajectory=[[-float(v)] for v in loss])
     if on_step:
         on_step(0, state, Evaluated(init, problems, loss, xent))
+    # A row whose proposals were all scored before is stuck at this top-k: widen it (doubling, up
+    # to every allowed token) until it finds new sequences; back to `topk` once it improves.
+    row_k = torch.full((R,), min(settings.topk, len(allowed)), dtype=torch.long)
     bar = tqdm(range(1, settings.steps + 1), desc=settings.desc, unit="step",
                disable=not settings.progress or distributed()[0] != 0, leave=False)
     for step in bar:
@@ -147,15 +150,17 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         live = active.nonzero()[:, 0]
         grad = model.gradient(state.ids[live], problems[live], lam[live] if wants_xent else None)
         penalty = settings.curvature * step_penalty(model.adapter.embedding, state.ids[live]) if settings.curvature else None
-        top = top_candidates(grad, allowed, settings.topk, penalty)
+        top = top_candidates(grad, allowed, int(row_k[live].max()), penalty)
         rows_editable = editable[live] if editable is not None else None
-        proposed = sample_swaps(state.ids[live], top, width, settings.n_replace, gen, rows_editable)  # [R', W, N]
+        proposed = sample_swaps(state.ids[live], top, width, settings.n_replace, gen, rows_editable,
+                                row_k[live])  # [R', W, N]
         origin = live.repeat_interleave(width)
         keys = problems[origin] if share else origin
         cands, keys = distinct(proposed.reshape(-1, N), keys)
         cand_problems = keys if share else problems[keys]
         fresh = seen.new(cands, cand_problems)
         cands, keys, cand_problems = _broadcast(cands[fresh]), _broadcast(keys[fresh]), _broadcast(cand_problems[fresh])
+        before = state.total.clone()
         state.gradient_rows += len(live)
         if len(cands):
             c_loss, c_xent = _score(model, cands, cand_problems)
@@ -170,6 +175,12 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         else:
             c_loss, c_xent = torch.zeros(0, dtype=torch.float64), None
         _adopt_best(state, model, problems, cands, cand_problems, c_loss, c_xent)
+        for r in live.tolist():
+            found = (keys == (problems[r] if share else r)).any()
+            if state.total[r] < before[r]:
+                row_k[r] = min(settings.topk, len(allowed))
+            elif not found:
+                row_k[r] = min(2 * int(row_k[r]), len(allowed))
         for r in range(R):
             state.trajectory[r].append(-float(state.loss[r]))
         state.steps_run = step

@@ -32,9 +32,10 @@ def step_penalty(embedding: Tensor, current: Tensor) -> Tensor:
 
 
 def sample_swaps(current: Tensor, top: Tensor, width: int, n_replace: int, generator: torch.Generator,
-                 editable: Tensor | None = None) -> Tensor:
+                 editable: Tensor | None = None, row_k: Tensor | None = None) -> Tensor:
     """`width` candidates per row: `current [R, N]` with `n_replace` positions (distinct, chosen
-    among `editable [R, N]`, default all) replaced by random picks of `top [R, N, k]`.
+    among `editable [R, N]`, default all) replaced by random picks of `top [R, N, k]` (of its
+    first `row_k[r]` columns for row r, default all k).
 
     Returns `[R, width, N]`. Everything random comes from `generator`, so a seed fixes it.
     """
@@ -43,13 +44,25 @@ def sample_swaps(current: Tensor, top: Tensor, width: int, n_replace: int, gener
     editable = torch.ones(R, N, dtype=torch.bool) if editable is None else editable.cpu()
     # Random keys, non-editable positions last: the first n_replace of the argsort are the swaps.
     keys = torch.rand(R, width, N, generator=generator) + (~editable)[:, None, :].float() * 2
-    n = max(1, min(n_replace, int(editable.sum(1).min())))
+    # n is the most swaps any row takes: a row with fewer editable positions gets its extras on
+    # fixed positions, put back below (so each row swaps min(n_replace, its editable count)).
+    n = max(1, min(n_replace, int(editable.sum(1).max())))
     positions = keys.argsort(dim=-1)[..., :n]  # [R, width, n]
-    picks = torch.randint(0, k, (R, width, n), generator=generator)
+    limit = torch.full((R,), k) if row_k is None else row_k.clamp(1, k)
+    picks = (torch.rand(R, width, n, generator=generator) * limit[:, None, None]).long().clamp_max(k - 1)
     rows = torch.arange(R)[:, None, None]
     values = top.cpu()[rows, positions, picks]  # [R, width, n]
     out = current.cpu()[:, None, :].repeat(1, width, 1)
     out.scatter_(2, positions, values)
+    if n == 1:  # where every single swap fits in the width, take each once instead of sampling
+        for r in range(R):
+            where = editable[r].nonzero()[:, 0]
+            count = len(where) * int(limit[r])
+            if count <= width:
+                pos = where.repeat_interleave(int(limit[r]))
+                tok = top.cpu()[r, where, :int(limit[r])].reshape(-1)
+                out[r, :count] = current[r].cpu()
+                out[r, torch.arange(count), pos] = tok
     # Where a row has fewer editable positions than n, its extra "swaps" land on fixed positions:
     # put those back.
     fixed = ~editable[:, None, :].expand_as(out)
