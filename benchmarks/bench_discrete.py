@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 from featopt.models import load_model  # noqa: E402
-from featopt.models.loading import available_models, gguf_cache_folder  # noqa: E402
+from featopt.errors import FeatoptError  # noqa: E402
+from featopt.models.loading import gguf_cache_folder  # noqa: E402
 from featopt.objectives.inversion import InversionConfig  # noqa: E402
 from featopt.objectives.inversion import run as invert  # noqa: E402
 from featopt.search.candidates import prompt_xent  # noqa: E402
@@ -60,6 +61,7 @@ FEATURES = [3, 17, 42, 64, 101, 128, 150, 199, 233, 256, 300, 333, 365, 400, 421
 SPEC = "[:, :, [" + ", ".join(map(str, FEATURES)) + "]]"
 N_ALLOWED, TOKENS = 256, 8
 PEER_STEPS, PEER_WIDTH, PEER_TOPK = 8, 64, 64
+N1_STEPS, EPO_STEPS = 24, 8
 WORD = re.compile(r"^ ?[A-Za-z]{3,}$")
 
 
@@ -83,7 +85,7 @@ def timed(fn):
 def one_token(adapter, layer: int, out: Path) -> dict:
     ex, t_ex = timed(lambda: exhaustive(ExhaustiveConfig(model=MODEL, layer=layer, features=SPEC, out=str(out / f"n1-exh-{layer}"),
                                                          progress=False), adapter).results)
-    gc, t_gc = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=1, steps=16, search_width=512,
+    gc, t_gc = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=1, steps=N1_STEPS, search_width=512,
                                            topk=4096, allow="all", out=str(out / f"n1-gcg-{layer}"), progress=False),
                                  adapter).results)
     equal = [g.token_ids == e.token_ids for g, e in zip(gc, ex)]
@@ -116,7 +118,13 @@ def eight_tokens(adapter, layer: int, allowed: list[int], greedy_runs, out: Path
                           "evaluations": g.extra["forward_evaluations"]} for f, g, r in zip(FEATURES, gc, greedy_runs)]}
 
 
-def start_peer(layer: int, allowed_file: Path, out: Path) -> subprocess.Popen | None:
+def peer_init(allowed: list[int]) -> list[int]:
+    """One random start of TOKENS allowed ids (seed 0), given to both nanoGCG and featopt."""
+    gen = torch.Generator().manual_seed(0)
+    return [allowed[int(i)] for i in torch.randint(0, len(allowed), (TOKENS,), generator=gen)]
+
+
+def start_peer(layer: int, allowed_file: Path, out: Path, init: list[int]) -> subprocess.Popen | None:
     python = Path("benchmarks/.peers/nanogcg/bin/python")
     if not python.exists():
         print("nanoGCG venv missing (benchmarks/README.md, 'nanoGCG'): skipping the peer", file=sys.stderr)
@@ -124,18 +132,23 @@ def start_peer(layer: int, allowed_file: Path, out: Path) -> subprocess.Popen | 
     model_dir = gguf_cache_folder(next(Path(os.environ["FEATOPT_MODEL_PATH"]).glob("smollm2*/*.gguf")))
     cmd = [str(python), "benchmarks/peers/nanogcg_run.py", "--model_dir", str(model_dir), "--layer", str(layer),
            "--features", ",".join(map(str, FEATURES)), "--tokens", str(TOKENS), "--steps", str(PEER_STEPS),
-           "--search_width", str(PEER_WIDTH), "--topk", str(PEER_TOPK), "--allowed", str(allowed_file), "--seed", "0",
-           "--threads", "1", "--out", str(out / f"nanogcg-{layer}.json")]
+           "--search_width", str(PEER_WIDTH), "--topk", str(min(PEER_TOPK, N_ALLOWED)), "--allowed", str(allowed_file), "--seed", "0",
+           "--init_ids", json.dumps(init), "--threads", "1", "--out", str(out / f"nanogcg-{layer}.json")]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / f"nanogcg-{layer}.log", "w"))
 
 
-def versus_peer(adapter, layer: int, allowed: list[int], out: Path, peer: subprocess.Popen | None) -> dict:
-    gc, t = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=PEER_STEPS,
-                                        search_width=PEER_WIDTH, topk=PEER_TOPK, allow="all",
+def versus_peer(adapter, layer: int, allowed: list[int], out: Path, peer: subprocess.Popen | None,
+                init: list[int]) -> dict:
+    # The same start and the same number of scored candidates (featopt never scores a sequence
+    # twice, so it takes an extra step where nanoGCG's repeats would have spent the budget).
+    gc, t = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=2 * PEER_STEPS,
+                                        max_evaluations=PEER_STEPS * PEER_WIDTH, init="ids:" + ",".join(map(str, init)),
+                                        search_width=PEER_WIDTH, topk=min(PEER_TOPK, N_ALLOWED), allow="all",
                                         candidates=",".join(map(str, allowed)), out=str(out / f"peer-gcg-{layer}"),
                                         progress=False), adapter).results)
-    row = {"layer": layer, "featopt_s": t, "featopt_s_per_step_per_feature": t / PEER_STEPS / len(FEATURES),
-           "featopt": [g.activation for g in gc]}
+    steps = max(g.extra["steps"] for g in gc)
+    row = {"layer": layer, "featopt_s": t, "featopt_steps": steps, "featopt_s_per_step_per_feature": t / steps / len(FEATURES),
+           "featopt_evaluations": [g.extra["forward_evaluations"] for g in gc], "featopt": [g.activation for g in gc]}
     if peer is None:
         return row
     peer.wait()
@@ -143,13 +156,15 @@ def versus_peer(adapter, layer: int, allowed: list[int], out: Path, peer: subpro
     theirs = [f["activation"] for f in data["features"]]
     row.update({"nanogcg": theirs, "nanogcg_s_per_step_per_feature": statistics.fmean(f["seconds_per_step"] for f in data["features"]),
                 "share_at_least_nanogcg": sum(a >= b for a, b in zip(row["featopt"], theirs)) / len(theirs),
+                "mean_ratio": statistics.fmean(a / b for a, b in zip(row["featopt"], theirs) if b > 0),
+                "nanogcg_evaluations": data["features"][0]["candidate_evaluations"],
                 "nanogcg_version": data["nanogcg_version"]})
     row["speedup_per_step"] = row["nanogcg_s_per_step_per_feature"] / row["featopt_s_per_step_per_feature"]
     return row
 
 
 def fluent(adapter, layer: int, allowed: list[int], greedy_runs, greedy_xent, out: Path) -> dict:
-    runs, t = timed(lambda: epo(EPOConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=8, search_width=16,
+    runs, t = timed(lambda: epo(EPOConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=EPO_STEPS, search_width=16,
                                           topk=64, lambdas=[0.0, 0.5, 1.0, 2.0], allow="all",
                                           candidates=",".join(map(str, allowed)), out=str(out / f"epo-{layer}"),
                                           progress=False), adapter).results)
@@ -164,9 +179,10 @@ def fluent(adapter, layer: int, allowed: list[int], greedy_runs, greedy_xent, ou
     return {"layer": layer, "share_at_least_0.8": sum(ok) / len(ok), "epo_s": t, "features": rows}
 
 
-def inversion(adapter, out: Path) -> dict:
+def inversion(adapter, out: Path, smoke: bool = False) -> dict:
     from bench_inversion import TEXTS
 
+    TEXTS = TEXTS[:2] if smoke else TEXTS
     result, t = timed(lambda: invert(InversionConfig(model=MODEL, layer=0, texts=TEXTS, method="gcg",
                                                      out=str(out / "invert-gcg"), progress=False), adapter))
     return {**result.metrics, "seconds": t}
@@ -175,26 +191,35 @@ def inversion(adapter, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="featopt-runs/bench-discrete")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while nanoGCG runs beside (one core each)")
+    parser.add_argument("--threads_after", type=int, default=2, help="torch threads for the parts after the peer's")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: n1,n8,peer,epo,invert,sweep")
+    parser.add_argument("--smoke", action="store_true", help="2 features, tiny budgets: checks the plumbing only")
     args = parser.parse_args()
-    if MODEL not in available_models():
-        raise SystemExit(f"{MODEL} is not under FEATOPT_MODEL_PATH: nothing to benchmark.")
+    if args.smoke:
+        global FEATURES, SPEC, N_ALLOWED, PEER_STEPS, N1_STEPS, EPO_STEPS
+        FEATURES, N_ALLOWED, PEER_STEPS, N1_STEPS, EPO_STEPS = FEATURES[:2], 16, 1, 1, 1
+        SPEC = "[:, :, [" + ", ".join(map(str, FEATURES)) + "]]"
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = load_model(MODEL)
+    try:
+        adapter = load_model(MODEL)
+    except FeatoptError as error:
+        raise SystemExit(f"{MODEL} is not available ({error}): nothing to benchmark.")
     allowed = allowed_tokens(adapter)
     (out / "allowed.json").write_text(json.dumps(allowed))
     report = {"model": MODEL, "features": FEATURES, "allowed": allowed, "threads": args.threads,
+              "threads_after": args.threads_after,
               "versions": {"torch": torch.__version__}}
     if "peer" not in skip:  # nanoGCG and featopt's equal-budget GCG at the same time, one core each
-        report["peer"] = []
+        report["peer"], init = [], peer_init(allowed)
         for layer in LAYERS:
-            peer = start_peer(layer, out / "allowed.json", out)
-            report["peer"].append(versus_peer(adapter, layer, allowed, out, peer))
+            peer = start_peer(layer, out / "allowed.json", out, init)
+            report["peer"].append(versus_peer(adapter, layer, allowed, out, peer, init))
             print(json.dumps({k: v for k, v in report["peer"][-1].items() if not isinstance(v, list)}), flush=True)
+    torch.set_num_threads(args.threads_after)
     greedy_by_layer = {}
     for layer in LAYERS:
         if {"n8", "epo"} - skip:
@@ -209,7 +234,7 @@ def main() -> None:
             report[part].append(fn(layer))
             print(part, json.dumps({k: v for k, v in report[part][-1].items() if not isinstance(v, list)}), flush=True)
     if "invert" not in skip:
-        report["invert"] = inversion(adapter, out)
+        report["invert"] = inversion(adapter, out, args.smoke)
         print("invert", json.dumps(report["invert"]), flush=True)
     if "sweep" not in skip:
         from sweep_throughput import measure

@@ -63,6 +63,8 @@ BAD = [
     (GCG + ["--init", ""], "--init"),
     (EPO + ["--init", "  "], "--init"),
     (GCG + ["--init", "the sea", "--tokens", "5"], "--tokens"),
+    (GCG + ["--init", "ids:1,2,x"], "--init"),
+    (GCG + ["--init", "ids:1,99999"], "--init"),
     (EPO + ["--init", "the sea", "--tokens", "2"], "--init"),
     (GCG + ["--features", "[:, 0, 1]"], "--variant"),
     (EPO + ["--tokens", "1"], "--prefix"),

@@ -23,11 +23,12 @@ from featopt.models import ModelAdapter, Site
 from featopt.results import FeatureResult, versions, write_results
 from featopt.search.candidates import CandidateModel, prompt_xent
 from featopt.search.common import DTYPES, SearchRun, format_table, load, out_dir, parse_candidates, per_position, sites_for, spawn
+from featopt.search.greedy import position_weights
 from featopt.search.swap_search import SwapSettings, SwapState, swap_search
 from featopt.search.sweep import distributed
 from featopt.search.tokens import ALLOW, allowed_ids, check_length
 
-__all__ = ["GCGConfig", "FeatureLoss", "run", "format_table"]
+__all__ = ["GCGConfig", "FeatureLoss", "position_weights", "run", "format_table"]
 
 VARIANTS = ("last", "sum")
 
@@ -43,7 +44,7 @@ class GCGConfig:
     tokens: int | None = None  # N searched tokens; default 8, or the length of --init text
     variant: str = "last"  # last position, or sum over positions (as greedy)
     prefix: str | None = None  # fixed text before the searched tokens
-    init: str = "random"  # "random" (seeded, allowed tokens) or a text to start from
+    init: str = "random"  # "random" (seeded, allowed tokens), a text, or exact ids "ids:12,40,7"
     steps: int = 100
     search_width: int = 512  # candidates per problem and step
     topk: int = 256  # tokens per position that swaps are drawn from
@@ -144,7 +145,7 @@ def start(config, adapter: ModelAdapter, allowed: Tensor, rows: int) -> tuple[Te
         gen = torch.Generator().manual_seed(config.seed)
         init = allowed[torch.randint(0, len(allowed), (rows, n), generator=gen)]
     else:
-        ids = adapter.encode(config.init)
+        ids = _init_ids(config.init, adapter) if config.init.startswith("ids:") else adapter.encode(config.init)
         if len(ids) == 0:
             raise FeatoptError(f"--init {config.init!r} encodes to no token: give text or 'random'.")
         if config.tokens is not None and config.tokens != len(ids):
@@ -155,10 +156,16 @@ def start(config, adapter: ModelAdapter, allowed: Tensor, rows: int) -> tuple[Te
     return prefix, init
 
 
-def position_weights(variant: str, n_problems: int, n_tokens: int) -> Tensor:
-    weights = torch.zeros(n_problems, n_tokens, dtype=torch.float64)
-    weights[:, -1 if variant == "last" else slice(None)] = 1.0
-    return weights
+def _init_ids(init: str, adapter: ModelAdapter) -> Tensor:
+    """`"ids:12,40,7"` -> those token ids (exact: re-encoding a decoded text need not give them back)."""
+    try:
+        ids = [int(t) for t in init[4:].split(",")]
+    except ValueError:
+        raise FeatoptError(f"--init {init!r} is malformed: write ids:12,40,7 (comma-separated token ids).") from None
+    bad = [t for t in ids if not 0 <= t < adapter.vocab_size]
+    if bad:
+        raise FeatoptError(f"--init names token id {bad[0]}, outside the vocabulary (0-{adapter.vocab_size - 1}).")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def settings_of(config, desc: str) -> SwapSettings:

@@ -53,7 +53,8 @@ class GreedyConfig:
     progress: bool = True
 
 
-def _weights(variant: str, n_problems: int, n_tokens: int) -> torch.Tensor:
+def position_weights(variant: str, n_problems: int, n_tokens: int) -> torch.Tensor:
+    """`[P, n_tokens]`: 1 at the last position (`last`) or at every position (`sum`)."""
     weights = torch.zeros(n_problems, n_tokens, dtype=torch.float64)
     weights[:, -1 if variant == "last" else slice(None)] = 1.0
     return weights
@@ -87,7 +88,7 @@ def run(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     steps: list[list[dict]] = [[] for _ in range(len(seqs))]
     for step in range(config.tokens):
         n_tokens = seqs.shape[1] + 1
-        scorers = [(site, Scorer([p.features for p in ps], adapter.width(site), _weights(variant, len(ps), n_tokens)))
+        scorers = [(site, Scorer([p.features for p in ps], adapter.width(site), position_weights(variant, len(ps), n_tokens)))
                    for site, variant, ps in plans]
         prefixes, groups = torch.unique(seqs, dim=0, return_inverse=True) if seqs.shape[1] else (None, None)
         topk = sweep(adapter, scorers, prefixes=prefixes, groups=groups, candidates=candidates, k=k,

@@ -160,3 +160,13 @@ def test_gcg_beats_or_ties_greedy_at_fewer_evaluations_on_a_tiny_model(tiny64, t
                       max_evaluations=budget, **base), tiny64).results
     assert all(r.extra["forward_evaluations"] <= budget + 1 for r in s)
     assert sum(a.activation >= b.activation - 1e-9 for a, b in zip(s, g)) >= 3
+
+
+def test_init_ids_start_the_search_from_exactly_those_tokens(tiny64, tmp_path):
+    run = gcg(GCGConfig(model="tiny-llama", layer=0, features="[:, :, 0-1]", init="ids:300,7,45", steps=1,
+                        search_width=8, topk=8, out=str(tmp_path), progress=False), tiny64)
+    for r, feature in zip(run.results, (0, 1)):
+        assert r.extra["init_ids"] == [300, 7, 45]
+        with torch.no_grad():
+            start = float(resid_post(tiny64.model, torch.tensor([[300, 7, 45]]), 0)[0, -1, feature])
+        assert r.extra["trajectory"][0] == pytest.approx(start, rel=1e-9)
