@@ -81,4 +81,4 @@ def test_compare_runs_with_its_default_methods(tmp_path):
     assert main(["compare", "--model", "tiny-gpt2", "--steps", "2", "--features", "[:, :, 0]", "--out", str(tmp_path),
                  "--no_progress"]) == 0
     document = json.loads((tmp_path / "compare.json").read_text())
-    assert set(document["features"][0]["methods"]) == {"embedding-pinv", "embedding-nearest", "simplex-argmax"}
+    assert set(document["features"][0]["methods"]) == {"embedding-pinv", "embedding-nearest", "simplex-argmax", "gcg"}
