@@ -25,6 +25,7 @@ from featopt.results import FeatureResult, versions, write_results
 from featopt.search.candidates import CandidateModel
 from featopt.search.gcg import Trajectory
 from featopt.search.swap_search import SwapSettings, swap_search
+from featopt.search.swaps import top_candidates
 from featopt.search.tokens import allowed_ids
 
 #: A text counts as matched (and stops) when its distance is at most this share of its target's
@@ -65,9 +66,7 @@ def causal_pass(adapter: ModelAdapter, site, kind: str, target: Tensor, batch, c
             cache = kv.broadcast(torch.arange(len(rows))) if kv is not None else None
             acts = adapter.run([site], inputs_embeds=(onehot @ E)[:, None], past_key_values=cache)[site][:, -1]
             (grad,) = torch.autograd.grad(_position_distance(kind, acts.float(), goal).sum(), onehot)
-        masked = torch.full_like(grad, float("inf"))
-        masked[:, allowed] = grad[:, allowed]
-        top = (-masked).topk(k_top, dim=-1).indices.cpu()  # [rows, k_top]
+        top = top_candidates(grad[:, None], allowed, k_top)[:, 0].cpu()  # [rows, k_top]
         flat_row = torch.arange(len(rows)).repeat_interleave(k_top)
         flat_tok = top.reshape(-1)
         distance = torch.empty(len(flat_tok), dtype=torch.float64)

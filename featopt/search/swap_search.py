@@ -62,7 +62,6 @@ class SwapState:
     total: Tensor  # [R] loss + lambda * xent, what the row minimizes
     buffers: list[tuple[Tensor, Tensor]]  # per row: (ids [B, N], total [B]) best first
     evaluations: Tensor  # [P] candidate sequences scored per problem
-    gradient_rows: int = 0  # rows through the gradient pass (one forward + backward each)
     trajectory: list[list[float]] = field(default_factory=list)  # per row: -loss after each step
     steps_run: int = 0
 
@@ -161,7 +160,6 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         fresh = seen.new(cands, cand_problems)
         cands, keys, cand_problems = _broadcast(cands[fresh]), _broadcast(keys[fresh]), _broadcast(cand_problems[fresh])
         before = state.total.clone()
-        state.gradient_rows += len(live)
         if len(cands):
             c_loss, c_xent = _score(model, cands, cand_problems)
             seen.add(cands, cand_problems)
