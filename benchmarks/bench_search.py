@@ -5,7 +5,8 @@ Python loop over the vocabulary in batches of 1000, a full HF forward per batch 
 block, final norm and LM head, reading `hidden_states[layer + 1]`), the prefix re-run for every
 candidate, and activations accumulated in a Python list. Exhaustive single-token search is
 `search_maximal(1, feature)`. featopt is `exhaustive.run` / `greedy.run` end to end (results written),
-plus `sweep` alone against a bare batched forward to the same site. Both sides see the same
+plus `sweep` alone against a bare batched forward to the same site (the plain HF base model cut after
+the site's block, `sweep_throughput.truncated`, as in issue 13's benchmark). Both sides see the same
 candidate token ids (the first V of the vocabulary, to keep CPU time sane: the baseline and the
 sweeps cost time linear in V) and are asserted to return the same tokens.
 
@@ -30,6 +31,8 @@ from featopt.models import ModelAdapter, load_model
 from featopt.search import exhaustive, greedy
 from featopt.search.scoring import Scorer
 from featopt.search.sweep import AUTO_BATCH, sweep
+
+from sweep_throughput import bare_forward, truncated  # benchmarks/ is on sys.path when run as a script
 
 MODELS = ("gpt2-small-shaped", "smollm2-135m-instruct")
 device = "cpu"
@@ -83,7 +86,8 @@ def timed(fn):
 
 def bare(adapter: ModelAdapter, site, candidates: torch.Tensor, keep: bool = False):
     """The same batches as the sweep through `adapter.run` to the site, nothing else (`keep`: return
-    every activation `[V, width]`, for the correctness check only)."""
+    every activation `[V, width]`, for the correctness check only; the timed baseline is
+    `sweep_throughput.bare_forward`, whose output is after the final norm)."""
     size, kept = AUTO_BATCH["cpu"], []
     with torch.inference_mode():
         for i in range(0, len(candidates), size):
@@ -107,6 +111,7 @@ def bench(adapter: ModelAdapter, layer: int, args, out: str) -> dict:
 
     # Warm-up and the all-features reference: every feature's argmax from a bare forward.
     reference = bare(adapter, site, cands, keep=True).argmax(0).tolist()
+    cut = truncated(adapter, layer)  # the timed bare forward: the plain HF model cut after the site
     search_maximal(a_model, 8, 1, 0)
     fo_exhaustive("[:, :, 0]")  # featopt's first call in a process is slower (imports, first write)
     # Exhaustive, one feature: the baseline on features 0..k-1 (also its per-feature cost).
@@ -134,7 +139,7 @@ def bench(adapter: ModelAdapter, layer: int, args, out: str) -> dict:
                 t_sweep.append(t)
                 assert topk.ids[0].tolist() == reference
             else:
-                t_bare.append(timed(lambda: bare(adapter, site, cands))[0])
+                t_bare.append(timed(lambda: bare_forward(cut, cands, AUTO_BATCH["cpu"]))[0])
     # Greedy, N tokens, last position (the document's variant), feature 0.
     config = greedy.GreedyConfig(model=name, layer=layer, features="[:, :, 0]", tokens=args.tokens, variant="last",
                                  candidates=f"0-{v_g - 1}", progress=False, out=out)

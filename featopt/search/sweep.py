@@ -3,7 +3,8 @@
 Rows of the sweep are the pairs `(g, token)` for the G prefixes and the candidate tokens, in that
 order. Each prefix runs once with caching and its keys/values are broadcast over the batch, so a
 candidate costs one new token through the blocks up to the deepest site (the forward stops
-there). Only the running top-k per problem is kept: memory is one batch plus `[k, problems]`.
+there). Only the running top-k per problem is kept: memory is a few batches (at most
+`MERGE_BATCHES`, `MERGE_BYTES` of activations) plus `[k, problems]`.
 With several processes the rows are split into contiguous shards and the top-k are merged.
 """
 
@@ -22,6 +23,10 @@ from featopt.search.scoring import Scorer, TopK, merge_topk
 
 #: Rows per batch when none is given: large on a GPU (halved on out-of-memory), modest on CPU.
 AUTO_BATCH = {"cuda": 8192, "cpu": 512}
+#: The shortcut of `sweep` keeps batches (their activations) and merges their best rows, which
+#: tightens its thresholds: after as many batches as it has merged, over MERGE_GROWTH (so often
+#: while the top-k improves fast, at first), at most MERGE_BATCHES, or once they hold MERGE_BYTES.
+MERGE_BATCHES, MERGE_GROWTH, MERGE_BYTES = 8, 2, 64 << 20
 
 
 def is_oom(error: BaseException) -> bool:
@@ -113,18 +118,62 @@ def sweep(
     start, stop = shard(n_groups * len(candidates), rank, world_size)
     topk = TopK(k, n_problems, device=device)
 
-    def score(rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        group, tokens = rows // len(candidates), candidates[rows % len(candidates)]
-        cache = kv.broadcast(group) if kv is not None else None
+    offsets = torch.tensor([0] + [scorer.reduce.n for _, scorer in scorers]).cumsum(0).tolist()
+    spans = list(zip(offsets, offsets[1:]))  # each scorer's columns
+    # With one prefix, a scorer whose problems are single features takes the shortcut (see
+    # `Scorer.threshold`): once the top-k is full, a batch costs its forward and one pass for its
+    # blocks' maxima (`Scorer.blocks`, while it is in cache), and is kept. Every few batches, a
+    # threshold per problem under which no row can enter the top-k is found; the rows of the
+    # kept blocks whose maximum is above it are read, those above it scored in float64 and merged
+    # (`Scorer.above`, `TopK.add`). Every row is scored while the top-k fills, and always for the
+    # other scorers.
+    fast = [n_groups == 1 and scorer.shortcut() for _, scorer in scorers]
+    kept: list[list[tuple[Tensor, Tensor]]] = [[] for _ in scorers]  # per scorer, `blocks` not merged yet
+    kept_tokens: list[Tensor] = []  # the token ids of their batches
+    seen = 0  # rows scored so far
+    merged = [0]  # rows merged by the shortcut so far
+
+    def merge() -> None:
+        """Merge the kept batches' rows that can enter the top-k (`Scorer.above`)."""
+        if not kept_tokens:
+            return
+        tokens = torch.cat(kept_tokens) if len(kept_tokens) > 1 else kept_tokens[0]
+        for i, ((site, scorer), (c0, c1)) in enumerate(zip(scorers, spans)):
+            if kept[i]:
+                u = scorer.threshold(topk.values[-1, c0:c1], kept[i][0][0].dtype)
+                scores, rows, columns = scorer.above(kept[i], u)
+                topk.add(scores, tokens.index_select(0, rows), columns + c0)
+                kept[i].clear()
+        merged[0] += len(tokens)
+        kept_tokens.clear()
+
+    def score(lo: int, hi: int) -> tuple[list[tuple[Tensor, Tensor, Tensor | None]], dict, Tensor]:
+        """Rows `lo..hi-1` -> `(merges, found, tokens)`: every row's scores for the problems that
+        need them, as `(scores, ids, columns)` for `TopK.update`, and per shortcut scorer its
+        `blocks`."""
+        if n_groups == 1:  # the rows are the candidates
+            group, tokens = None, candidates[lo:hi]
+            cache = kv.broadcast(torch.zeros(hi - lo, dtype=torch.long, device=device)) if kv is not None else None
+        else:
+            rows = torch.arange(lo, hi, device=device)
+            group, tokens = rows // len(candidates), candidates[rows % len(candidates)]
+            cache = kv.broadcast(group)
         acts = adapter.run(sites, input_ids=tokens[:, None], past_key_values=cache, isolated=isolated)
-        scores = torch.cat([scorer(acts[site], group) for site, scorer in scorers], dim=1)
-        if n_groups == 1:
-            return scores, tokens, None
-        # A candidate only counts for the problems whose prefix it continues; a batch of
-        # contiguous rows spans few prefixes, so only their problems are merged.
-        columns = torch.isin(groups, group.unique()).nonzero().squeeze(1)
-        scores = scores[:, columns].masked_fill(group[:, None] != groups[columns][None, :], float("-inf"))
-        return scores, tokens, columns
+        if n_groups > 1:
+            scores = torch.cat([scorer(acts[site], group) for site, scorer in scorers], dim=1)
+            # A candidate only counts for the problems whose prefix it continues; a batch of
+            # contiguous rows spans few prefixes, so only their problems are merged.
+            columns = torch.isin(groups, group.unique()).nonzero().squeeze(1)
+            scores = scores[:, columns].masked_fill(group[:, None] != groups[columns][None, :], float("-inf"))
+            return [(scores, tokens, columns)], {}, tokens
+        merges, found = [], {}
+        for i, ((site, scorer), (c0, c1)) in enumerate(zip(scorers, spans)):
+            if fast[i] and seen >= k:
+                found[i] = scorer.blocks(acts[site])
+            else:
+                columns = None if len(scorers) == 1 else torch.arange(c0, c1, device=device)
+                merges.append((scorer(acts[site]), tokens, columns))
+        return merges, found, tokens
 
     size = batch_size or AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
     bar = tqdm(total=stop - start, desc=desc, unit="tok", disable=not progress or rank != 0, leave=False)
@@ -132,7 +181,7 @@ def sweep(
     while at < stop:
         end = min(at + size, stop)
         try:
-            scores, tokens, columns = score(torch.arange(at, end, device=device))
+            merges, found, tokens = score(at, end)
         except RuntimeError as error:
             if not is_oom(error) or size == 1:
                 raise
@@ -144,9 +193,20 @@ def sweep(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        topk.update(scores, tokens, columns)
+        for scores, ids, columns in merges:
+            topk.update(scores, ids, columns)
+        if found:
+            for i, part in found.items():
+                kept[i].append(part)
+            kept_tokens.append(tokens)
+            held = sum(a.numel() * a.element_size() for parts in kept for a, _ in parts)
+            due = min(MERGE_BATCHES, max(1, merged[0] // (MERGE_GROWTH * len(tokens))))
+            if len(kept_tokens) >= due or held >= MERGE_BYTES:
+                merge()
+        seen += end - at
         bar.update(end - at)
         at = end
+    merge()
     bar.close()
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         topk = gather_topk(topk)
