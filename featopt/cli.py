@@ -6,7 +6,9 @@ Bad input ends in one sentence on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -28,6 +30,9 @@ _HELP = {
     "objective": "l1 (the documents') or maximize",
     "isolated": "run the block alone on the input, without the blocks before it",
     "untrained": "re-initialize the model from its config under --seed",
+    "bos": "start the model input with the tokenizer's BOS token, a fixed first token the search never "
+           "changes (default off: the source documents encode without one)",
+    "trust_remote_code": "allow a model folder or hub id to run its own Python code (default off)",
     "init": "start from the embeddings of this text instead of random ones",
     "prior": "embedding (free input embeddings, the documents' method) or simplex (softmax over the vocabulary)",
     "temperature": "simplex softmax temperature at the start",
@@ -62,14 +67,36 @@ def _add_config_arguments(parser: ArgumentParser, config_cls, helps: dict | None
     overrides the shared help texts for this command."""
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe with any of these options")
     hints = get_type_hints(config_cls)
-    helps = {**_HELP, **(helps or {})}
+    helps = {**_HELP, **_field_comments(config_cls), **(helps or {})}
     for f in fields(config_cls):
         # A field with a default_factory (a list) has no plain default: build it.
         default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        flag = f"--{f.name.rstrip('_')}"  # a field `from_` (a Python keyword) is the flag --from
         if hints[f.name] is bool:
-            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=default, help=helps.get(f.name, ""))
+            parser.add_argument(flag, dest=f.name, action=ActionYesNo, default=default, help=helps.get(f.name, ""))
         else:
-            parser.add_argument(f"--{f.name}", type=hints[f.name], default=default, help=helps.get(f.name, ""))
+            parser.add_argument(flag, dest=f.name, type=hints[f.name], default=default, help=helps.get(f.name, ""))
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+):[^#]*#\s*(.+?)\s*$")
+
+
+def _field_comments(config_cls) -> dict[str, str]:
+    """Each field's trailing comment in the config's source (`lr: float = 0.01  # Adam's step`),
+    the help of its flag: the comment is written for the reader of the dataclass, and so a
+    field whose name means something else elsewhere (`--target` of `neurons clamp` is a token,
+    not the L1 constant) never borrows another command's help."""
+    try:
+        lines = inspect.getsource(config_cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in fields(config_cls)}
+    found = {}
+    for line in lines:
+        match = _FIELD_COMMENT.match(line)
+        if match and match.group(1) in names:
+            found[match.group(1)] = match.group(2)
+    return found
 
 
 def build_parser() -> ArgumentParser:
@@ -94,6 +121,10 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("compare", _config_parser("featopt.compare", "CompareConfig",
                        "Gradient methods' decoded tokens as a fraction of the exhaustive optimum (one-token inputs)."),
                        help="is gradient feature visualization accurate? (vs exhaustive search)")
+    sub.add_subcommand("align", _config_parser("featopt.search.align", "AlignConfig",
+                       "Top-k overlap of each feature index's exhaustive top tokens across layers, against a "
+                       "shuffled baseline (JSON, heatmap PNG).", _ALIGN_HELP),
+                       help="are the features of one index aligned across layers? (exhaustive top-k overlap)")
     neurons = _Parser(description="MLP neurons read through the LM head, and clamped (Flash Interpretability).")
     sub.add_subcommand("neurons", neurons, help="decode, find, compare and clamp MLP neurons")
     tasks = neurons.add_subcommands(dest="task", required=True)
@@ -298,6 +329,20 @@ def _run_config(module_name: str, config_name: str, args) -> None:
     print(f"results: {result.out}")
 
 
+_ALIGN_HELP = {
+    "layer": "layers to compare, at least two: 0-29 or 0,4,8 (default: every layer; with --from, every layer in the files)",
+    "site": "one kind: resid_post (default), resid_pre, attn_out, mlp_out, mlp_hidden (with --from: the files' only kind)",
+    "features": 'problems, the same at every layer (default: every feature of the site, "[:, :, 0-(width-1)]")',
+    "top_k": "size of each feature's top-k token set",
+    "isolated": "each block alone on the token's embedding (one sweep per layer)",
+    "seed": "random seed (untrained weights, and the baseline's feature permutation)",
+    "dtype": "the model's dtype: float32, float64, bfloat16, float16",
+    "device": "auto (cuda when there is one), cpu, cuda",
+    "batch_size": "candidates per forward (0: automatic, halved on out-of-memory)",
+    "from_": "exhaustive results.json files (or folders), comma-separated: align them instead of sweeping "
+             "(the model flags are then unused)",
+}
+
 _INVERT_HELP = {
     "text": "a text to invert; repeat --text for more (each is one problem)",
     "texts": "texts to invert, as a list (YAML or JSON)",
@@ -355,13 +400,61 @@ def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # "Token indices sequence length is longer than ...": featopt checks input lengths against the
+    # model itself and answers a too-long text with its own one sentence.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+
+
+def _leaf(args) -> tuple[str, object, type | None]:
+    """The chosen (sub)subcommand of parsed `args`: its name ("search gcg"), its namespace and its
+    config dataclass (None for demo)."""
+    import importlib
+
+    command = args.command
+    tables = {"search": (_SEARCHES, "kind"), "neurons": (_NEURONS, "task"), "sae": (_SAE, "task"), "flow": (_FLOW, "task")}
+    if command not in tables:
+        configs = {"optimize": ("featopt.objectives.ascent", "AscentConfig"), "compare": ("featopt.compare", "CompareConfig"),
+                   "invert": ("featopt.objectives.inversion", "InversionConfig"), "align": ("featopt.search.align", "AlignConfig")}
+        config = configs.get(command)
+        return command, args[command], config and getattr(importlib.import_module(config[0]), config[1])
+    table, key = tables[command]
+    name = args[command][key]
+    return f"{command} {name}", args[command][name], getattr(importlib.import_module(table[name][0]), table[name][1])
+
+
+def _check_flags(namespace, config_cls) -> None:
+    """What every command requires of its flags: finite numbers (nan and inf are no setting of any
+    float flag) and an `--out` featopt may write into (`featopt.outdir`)."""
+    import math
+
+    from featopt.outdir import check_out
+
+    for f in fields(config_cls) if config_cls else ():
+        value = namespace[f.name]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FeatoptError(f"--{f.name} must be a finite number, got {v}.")
+    check_out(namespace["out"] if "out" in namespace else None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from featopt.interrupt import Interrupted, raising_on_signals
+
+    try:
+        with raising_on_signals():
+            return _main(argv)
+    except Interrupted as interrupted:  # Ctrl-C or kill -TERM: every writer has cleaned up on the way here
+        hint = interrupted.hint or "run it again"
+        print(f"featopt: interrupted by {interrupted.name}; {hint}.", file=sys.stderr)
+        return interrupted.exit_status
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_lightning()
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with one message on malformed flags
     try:
+        _check_flags(*_leaf(args)[1:])
         if args.command == "optimize":
             _optimize(args.optimize)
         elif args.command == "demo":
@@ -381,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_task(_FLOW, args.flow.task, args.flow[args.flow.task])
         elif args.command == "compare":
             _run_config("featopt.compare", "CompareConfig", args.compare)
-    except FeatoptError as error:
-        print(f"featopt: error: {error}", file=sys.stderr)
+        elif args.command == "align":
+            _run_config("featopt.search.align", "AlignConfig", args.align)
+    except FeatoptError as error:  # one line, however the message was built
+        print(f"featopt: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0
 

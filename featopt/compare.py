@@ -28,7 +28,7 @@ import lightning as L
 
 from featopt.errors import FeatoptError
 from featopt.features import parse_features
-from featopt.models import ModelAdapter, Site, load_model
+from featopt.models import ModelAdapter, Site, load_model, model_options
 from featopt.objectives import ascent
 from featopt.objectives.module import FeatureOptimization, StepsDataModule
 from featopt.objectives.readout import evaluate
@@ -49,6 +49,7 @@ class CompareConfig:
     """Settings of one comparison (the flags of `featopt compare`)."""
 
     model: str = "tiny-gpt2"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int | str = 0  # one layer or several ("0,4,8"): one sweep, one gradient run per layer
     site: str = "resid_post"  # one kind
     features: str = "[:, :, 0-4]"  # positions, if given, can only be 0: inputs are one token
@@ -215,7 +216,7 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
     `out/simplex`)."""
     _check(config)
     if adapter is None:
-        adapter = load_model(config.model, untrained=config.untrained, seed=config.seed)
+        adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, **model_options(config))
     if config.sae:
         adapter, sae_site = attach_path(adapter, config.sae)
         sites = [sae_site]

@@ -79,11 +79,11 @@ def corpus_contexts(
     says which document and position each token comes from (the contexts are the same).
     """
     if split not in SPLITS:
-        raise FeatoptError(f"unknown corpus split {split!r}: allowed are {', '.join(SPLITS)}.")
+        raise FeatoptError(f"--split {split!r} is not a corpus split: allowed are {', '.join(SPLITS)}.")
     if context_length < 2:
-        raise FeatoptError(f"the context length must be at least 2 tokens, got {context_length}.")
+        raise FeatoptError(f"--context_length {context_length} is too short: a context length must be at least 2 tokens.")
     if not 0.0 <= eval_fraction < 1.0:
-        raise FeatoptError(f"the held-out fraction must be in [0, 1), got {eval_fraction}.")
+        raise FeatoptError(f"--eval_fraction (the held-out fraction) must be in [0, 1), got {eval_fraction}.")
     if tokenizer is None:
         raise FeatoptError("this model has no tokenizer, so a text corpus cannot be read.")
     stream: list[int] = []

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,9 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from featopt import cache
 from featopt.errors import FeatoptError
 
 _FORMAT = "featopt-pinv-v1"  # hashed into the disk key: bump it when the cutoff rule changes
+_FILE = "gram_pinv.safetensors"
 _ELEMS = 1 << 25  # entries per temporary block (128 MiB of float32): bounds every chunked loop
 _MEMORY_SLOTS = 2  # each entry holds a float64 [d, d] (128 MiB at d=4096), so keep few
 _memory: collections.OrderedDict = collections.OrderedDict()
@@ -197,32 +198,26 @@ def _probe(embedding: Tensor) -> Tensor:
     return embedding[_rows(embedding, 16)].clone()
 
 
-def _load(path: Path, d: int) -> Tensor | None:
-    if not path.exists():
-        return None
-    try:  # a corrupt or foreign file only costs a recomputation
-        gp = load_file(str(path))["gram_pinv"]
-        if tuple(gp.shape) == (d, d) and gp.dtype == torch.float64:
-            return gp
-    except Exception as exc:
-        warnings.warn(f"ignoring unreadable pinv cache {path}: {exc}")
-    return None
+def _cached_gram_pinv(folder: Path, emb: Tensor) -> Tensor:
+    """G^+ of E from the cache entry `folder` (see :func:`featopt.cache.entry`: written atomically,
+    checked on read, rebuilt when corrupt), computing and storing it when missing."""
+    computed: list[Tensor] = []
 
+    def build(tmp: Path) -> None:
+        computed.append(compute_gram_pinv(emb))
+        save_file({"gram_pinv": computed[0].cpu().contiguous()}, str(tmp / _FILE), metadata={"format": _FORMAT})
 
-def _save(path: Path, gram_pinv: Tensor) -> None:
-    """Write atomically (temp file in the same folder, then os.replace): readers never see half a file."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        save_file({"gram_pinv": gram_pinv.cpu().contiguous()}, tmp, metadata={"format": _FORMAT})
-        os.replace(tmp, path)
+        cache.entry(folder, build)
+        if computed:
+            return computed[0]
+        gram_pinv = load_file(str(folder / _FILE))["gram_pinv"]
+        if tuple(gram_pinv.shape) == (emb.shape[1],) * 2 and gram_pinv.dtype == torch.float64:
+            return gram_pinv
+        warnings.warn(f"ignoring the pinv cache entry {folder}: it holds {gram_pinv.dtype} {tuple(gram_pinv.shape)}")
     except OSError as exc:  # a read-only or full disk must not stop decoding
-        warnings.warn(f"could not write pinv cache {path}: {exc}")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        warnings.warn(f"could not use the pinv cache {folder}: {exc}")
+    return computed[0] if computed else compute_gram_pinv(emb)
 
 
 def clear_memory_cache() -> None:
@@ -236,7 +231,7 @@ def pinv_decoder(embedding: Tensor, cache_dir: str | Path | None = None) -> Pinv
     Memory: keyed on the tensor (data_ptr, shape, stride, dtype, device) and valid only for the
     same ``E._version`` (an in-place edit invalidates) and the same 16 probe rows. Edits made
     through ``E.data`` do not bump the version; the probe catches most of them, not all.
-    Disk: ``<cache_dir or $FEATOPT_CACHE>/pinv/<fingerprint>.safetensors``; with neither set
+    Disk: ``<cache_dir or $FEATOPT_CACHE>/pinv/<fingerprint>/gram_pinv.safetensors``; with neither set
     nothing is written (a library should not fill the home folder unasked; see
     :func:`featopt.cache.cache_dir`).
     """
@@ -248,12 +243,10 @@ def pinv_decoder(embedding: Tensor, cache_dir: str | Path | None = None) -> Pinv
         _memory.move_to_end(key)
         return PinvDecoder(emb, hit[2])
     folder = cache_dir if cache_dir is not None else os.environ.get("FEATOPT_CACHE") or None
-    path = Path(folder) / "pinv" / f"{fingerprint(emb)}.safetensors" if folder is not None else None
-    gram_pinv = _load(path, emb.shape[1]) if path is not None else None
-    if gram_pinv is None:
+    if folder is None:
         gram_pinv = compute_gram_pinv(emb)
-        if path is not None:
-            _save(path, gram_pinv)
+    else:
+        gram_pinv = _cached_gram_pinv(Path(folder) / "pinv" / fingerprint(emb), emb)
     gram_pinv = gram_pinv.to(_f64_device(emb))
     _memory[key] = (emb._version, _probe(emb), gram_pinv)
     _memory.move_to_end(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from featopt.errors import FeatoptError
 from featopt.models import load_model
 from featopt.models.loading import available_models
 from featopt.objectives.ascent import AscentConfig, format_results, run
@@ -24,6 +25,8 @@ def pick_model() -> tuple[str, str]:
 
 
 def demo(out: str | Path = "featopt-runs/demo", steps: int | None = None) -> None:
+    if steps is not None and steps < 1:
+        raise FeatoptError(f"--steps must be at least 1, got {steps}.")
     name, why = pick_model()
     steps = steps or (200 if name == REAL_MODEL else 100)
     print(f"featopt demo on {why}.\n")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import secrets
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,12 +44,17 @@ class FeatureResult:
     nearest_token_ids: list[int] | None = None
     pinv_nearest_agreement: float | None = None
     model: str = ""
+    # Whether the model's input started with its BOS token (--bos); older files lack it: False.
+    bos: bool = False
     seed: int | None = None
     dtype: str = ""
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     # What the site's features are when not its raw activation (an SAE: path, hash, ...).
     feature_map: dict | None = None
+    # Some number of this result (or its row of the saved tensors) was NaN or infinite: the run
+    # diverged. results.json holds null for each such number (JSON has no NaN).
+    diverged: bool = False
 
 def versions() -> dict[str, str]:
     """Versions of everything that can change a number."""
@@ -64,15 +71,27 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
     }
 
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename it into place: a reader sees the
+    old file or the whole new one, never half of it. The file gets the usual permissions (mkstemp's
+    0600 would make results private to the user who ran featopt)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
 
 @contextlib.contextmanager
 def atomic_folder(out: Path):
@@ -109,13 +128,50 @@ def write_results(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    document = {"run": {**run, "versions": versions()}, "results": [asdict(r) for r in results]}
-    text = json.dumps(document, indent=2, ensure_ascii=False)
+    records = flag_nonfinite(results, tensors)
+    document = {"run": finite(run)[0] | {"versions": versions()}, "results": records}
+    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
     if tensors:
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         atomic_write(out / "embeddings.safetensors", lambda tmp: save_file(cpu, tmp))
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / "results.json"
+
+def finite(value, name: str = "") -> tuple:
+    """`value` (JSON-like: dicts, lists, numbers, ...) with every NaN or infinite float replaced by
+    None, and the names of the replaced ones (`token_cosine[2]`, `extra.distance`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [name]
+    if isinstance(value, dict):
+        pairs = [(k, finite(v, f"{name}.{k}" if name else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [n for _, (_, bad) in pairs for n in bad]
+    if isinstance(value, (list, tuple)):
+        items = [finite(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [n for _, bad in items for n in bad]
+    return value, []
+
+
+def flag_nonfinite(results: list[FeatureResult], tensors: dict[str, Tensor] | None = None) -> list[dict]:
+    """The JSON records of `results`, NaN and infinities written as null. A result with any of them
+    in its numbers, or in its row of a tensor `[len(results), ...]`, gets `diverged = True` (in the
+    record and on the object) and one line on stderr names them all."""
+    rows = {name: ~torch.isfinite(t.detach().float()).flatten(1).all(dim=1).cpu()
+            for name, t in (tensors or {}).items()
+            if t.is_floating_point() and t.dim() >= 1 and len(t) == len(results) and len(results)}
+    records, problems = [], []
+    for i, r in enumerate(results):
+        record, bad = finite(asdict(r))
+        bad += [name for name, row in rows.items() if row[i]]
+        if bad:
+            r.diverged = record["diverged"] = True
+            problems.append(f"{r.spec} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        records.append(record)
+    if problems:
+        sys.stderr.write(f"featopt: warning: {len(problems)} of {len(results)} results hold NaN or infinity, written "
+                         f"as null with \"diverged\": true: {'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''}. "
+                         "The run diverged: lower --lr, or use a wider --precision/--dtype.\n")
+    return records
+
 
 def read_results(path: str | Path) -> tuple[dict, list[FeatureResult]]:
     """Read back a `results.json` (or the folder holding it): `(run, results)`."""

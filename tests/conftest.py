@@ -15,7 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _family_models():
     from transformers import (
         GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
-        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+        Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+        MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
     )
 
     common = dict(vocab_size=97, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -32,6 +33,15 @@ def _family_models():
         "llama": lambda: LlamaForCausalLM(LlamaConfig(**llama_like)),
         "mistral": lambda: MistralForCausalLM(MistralConfig(**llama_like)),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**llama_like)),
+        # Gemma scales embedding rows by sqrt(d_model) inside the embedding module and normalizes
+        # each module's output before the residual add; a window of 4 tokens on the sliding
+        # layers makes the tests' 5-6 token inputs reach past it.
+        "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+            head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            **llama_like)),
+        "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+            head_dim=8, sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **llama_like)),
     }
 
 

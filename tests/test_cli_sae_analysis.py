@@ -104,7 +104,7 @@ def test_lens_ablate_and_mcs_write_their_records(files, tmp_path, capsys):
     (["sae", "mcs", "--sae", "{small}"], "at least two"),
     (["sae", "mcs", "--sae", "{small},{small}", "--threshold", "1.5"], "between 0 and 1"),
     (["sae", "dashboard", "--sae", "{small}", "--corpus", "{corpus}", "--features", "[:, :, 99]"], "out of range"),
-    (["sae", "dashboard", "--sae", "{small}", "--corpus", "{corpus}", "--out", "{foreign}"], "not a featopt dashboard"),
+    (["sae", "dashboard", "--sae", "{small}", "--corpus", "{corpus}", "--out", "{foreign}"], "not featopt's"),
     (["sae", "dashboard", "--sae", "{small}", "--corpus", "{corpus}", "--out", "{file}"], "is a file"),
     (["sae", "dashboard", "--sae", "{small}", "--stats", "{corpus}"], "features"),
 ])

@@ -142,8 +142,8 @@ def test_disk_cache_round_trip(monkeypatch, tmp_path):
     E = torch.randn(1000, 32, generator=_gen(19))
     embeds = torch.randn(2, 5, 32, generator=_gen(20))
     first = dec.pinv_decoder(E)
-    files = list((tmp_path / "cache" / "pinv").iterdir())
-    assert [f.suffix for f in files] == [".safetensors"]  # and no temporary file left behind
+    (entry,) = (tmp_path / "cache" / "pinv").iterdir()  # and no temporary folder left behind
+    assert sorted(f.name for f in entry.iterdir()) == [".featopt-entry.json", "gram_pinv.safetensors"]
 
     dec.clear_memory_cache()
     monkeypatch.setattr(dec, "compute_gram_pinv", lambda *a, **k: pytest.fail("recomputed"))
@@ -155,10 +155,10 @@ def test_disk_cache_round_trip(monkeypatch, tmp_path):
 def test_explicit_cache_dir_and_corrupt_file(tmp_path):
     E = torch.randn(200, 16, generator=_gen(21))
     first = dec.pinv_decoder(E, cache_dir=tmp_path)
-    (path,) = (tmp_path / "pinv").iterdir()
-    path.write_bytes(b"not a safetensors file")
+    (entry,) = (tmp_path / "pinv").iterdir()
+    (entry / "gram_pinv.safetensors").write_bytes(b"not a safetensors file")
     dec.clear_memory_cache()
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="incomplete or corrupt: rebuilding"):
         again = dec.pinv_decoder(E, cache_dir=tmp_path)
     assert torch.equal(again.gram_pinv, first.gram_pinv)
     dec.clear_memory_cache()

@@ -96,12 +96,12 @@ def load_flow(saes: str) -> FlowSet:
 
 
 def load_model_for(config, flow: FlowSet):
-    from featopt.models import load_model
+    from featopt.models import load_model, model_options
     from featopt.search.common import DTYPES
 
     if config.dtype not in DTYPES:
         raise FeatoptError(f"--dtype {config.dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
-    adapter = load_model(config.model, dtype=DTYPES[config.dtype])
+    adapter = load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
     flow.check_model(adapter)
     return adapter
 
@@ -256,6 +256,7 @@ class GraphConfig:
     threshold: str = "0.3"  # a number, or per module: res=0.3,mlp=0.25,att=0.25
     direction: str = "both"  # backward, forward or both
     model: str | None = None  # label nodes by their logit-lens tokens (none: no labels)
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     label_k: int = 3
     norm: str = "weight"
     dtype: str = "float32"

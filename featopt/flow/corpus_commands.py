@@ -38,6 +38,7 @@ class CorpusSettings:
     """The settings every corpus command shares (its own follow, after these)."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     saes: str = ""
     corpus: str = ""
     split: str = "all"

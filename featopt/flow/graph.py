@@ -81,7 +81,11 @@ class FlowGraph:
         if not path.is_file():
             raise FeatoptError(f"flow graph {str(path)!r} does not exist: give a graph.json written by "
                                "`featopt flow graph` or its folder.")
-        return cls.from_record(json.loads(path.read_text()))
+        try:
+            return cls.from_record(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or JSON of something else
+            raise FeatoptError(f"flow graph {str(path)!r} is not a graph.json written by `featopt flow graph` "
+                               f"({type(e).__name__}): give one, or its folder.") from e
 
     def save(self, out_dir: str | Path, stem: str = "graph", *, title: str = "") -> dict[str, Path]:
         """Writes `{stem}.json`, `{stem}.graphml` and `{stem}.png` in `out_dir`, each atomically;

@@ -254,7 +254,7 @@ def steer(flow: FlowSet, adapter: ModelAdapter, prompts: Sequence[str | Sequence
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise FeatoptError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens}.")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise FeatoptError(f"temperature must be 0 (greedy) or a positive number, got {temperature}.")
+        raise FeatoptError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}.")
     names = [s.name for s in settings]
     if len(set(names)) < len(names) or BASELINE in names:
         raise FeatoptError(f"setting names must be distinct and not {BASELINE!r}, got {names}.")

@@ -110,7 +110,10 @@ def chat_prompt(adapter: ModelAdapter, text: str) -> Tensor:
     if tok is None or not getattr(tok, "chat_template", None):
         raise FeatoptError(f"model {adapter.name!r} has no chat template: drop --chat.")
     rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return torch.tensor(tok.encode(rendered, add_special_tokens=False), dtype=torch.long)
+    ids = tok.encode(rendered, add_special_tokens=False)
+    if adapter.bos and ids[:1] != [adapter.bos_token_id()]:  # many templates already write the BOS
+        ids = [adapter.bos_token_id(), *ids]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 @dataclass
@@ -118,6 +121,8 @@ class ClampConfig:
     """Settings of `featopt neurons clamp`."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start the model input with its BOS token (off: as the source documents encode)
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int = 0
     neuron: int = 0
     prompt: str = "My favourite animal is"
@@ -151,14 +156,25 @@ class ClampRun:
 def run_clamp(config: ClampConfig, adapter: ModelAdapter | None = None) -> ClampRun:
     from featopt.results import atomic_write
     from featopt.search.common import load, out_dir
+    from featopt.search.tokens import context_limit
     from featopt.weights.neurons import check_config
 
     check_config(config)
-    adapter = load(config, adapter)
+    if not config.prompt.strip():
+        raise FeatoptError("--prompt is empty or only whitespace: give a text to continue.")
+    if config.target == "":
+        raise FeatoptError("--target is empty: give the text of the token to sweep (e.g. ' dog'), or null for no sweep.")
+    if config.generate < 0:
+        raise FeatoptError(f"--generate must be 0 (none) or more, got {config.generate}.")
     values = parse_values(config.values)
+    adapter = load(config, adapter)
     prompt = adapter.encode(config.prompt)
     if not len(prompt):
         raise FeatoptError("--prompt encodes to no token: give a non-empty prompt.")
+    limit = context_limit(adapter)
+    if limit is not None and len(prompt) + config.generate > limit:
+        raise FeatoptError(f"--prompt is {len(prompt)} tokens (and --generate {config.generate} more) but {adapter.name!r} "
+                           f"takes at most {limit}: shorten it.")
     site = check_neuron(adapter, config.layer, config.neuron)
     with torch.no_grad():
         natural = float(adapter.run([site], input_ids=prompt[None])[site][0, -1, config.neuron])

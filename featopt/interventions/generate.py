@@ -38,7 +38,7 @@ def generate(adapter: ModelAdapter, prompt: Tensor, max_new_tokens: int, clamped
     cache = DynamicCache(config=adapter.model.config)
     with guards:
         for _ in range(max_new_tokens):
-            logits = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+            logits = adapter.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1].float()
             if logits_out is not None:
                 logits_out.append(logits.cpu())
             if temperature > 0:

@@ -11,16 +11,27 @@ import torch
 from featopt.models.adapter import ModelAdapter
 from featopt.models.sites import SITE_KINDS, Site, parse_site
 
-__all__ = ["ModelAdapter", "Site", "SITE_KINDS", "parse_site", "load_model"]
+__all__ = ["ModelAdapter", "Site", "SITE_KINDS", "parse_site", "load_model", "model_options"]
 
 
 def load_model(
-    name: str, *, untrained: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name: str, *, untrained: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu", bos: bool = False, trust_remote_code: bool = False,
 ) -> ModelAdapter:
     """Load a causal LM by name and wrap it. `untrained=True` re-initializes it from its own
-    config under `seed` (the documents compare trained and untrained models)."""
+    config under `seed` (the documents compare trained and untrained models); `bos` starts
+    every encoded text with the BOS token (`--bos`); `trust_remote_code` lets a model folder
+    or hub id run its own Python code (`--trust_remote_code`; never by default)."""
     from featopt.models import loading
 
-    loaded = loading.load_model(name, untrained=untrained, seed=seed, dtype=dtype, device=device)
+    loaded = loading.load_model(name, untrained=untrained, seed=seed, dtype=dtype, device=device,
+                                trust_remote_code=trust_remote_code)
     label = f"{name} (untrained, seed {seed})" if untrained else name
-    return ModelAdapter(loaded.model, loaded.tokenizer, name=label, info=loaded)
+    return ModelAdapter(loaded.model, loaded.tokenizer, name=label, info=loaded, bos=bos)
+
+
+def model_options(config) -> dict:
+    """The model-loading flags a method's config carries (`--bos`, `--trust_remote_code`), as
+    keyword arguments of :func:`load_model`; absent fields mean off."""
+    return {"bos": bool(getattr(config, "bos", False)),
+            "trust_remote_code": bool(getattr(config, "trust_remote_code", False))}

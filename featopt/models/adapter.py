@@ -110,10 +110,11 @@ class ModelAdapter:
         name: how results name the model.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, name: str | None = None, info=None):
+    def __init__(self, model: nn.Module, tokenizer=None, *, name: str | None = None, info=None, bos: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.info = info
+        self._embedding_cache: tuple[tuple, Tensor] | None = None
         self.name = name or getattr(model.config, "name_or_path", None) or model.config.model_type
         self.base: nn.Module = model.base_model
         self.family: Family = find_family(model.config.model_type, self.base)
@@ -125,6 +126,31 @@ class ModelAdapter:
         self.lm_head: nn.Module = model.get_output_embeddings()
         self._feature_maps: dict[Site, FeatureMap] = {}
         self._block_tuple_len, self._widths = self._probe()
+        self.bos = bos  # set after the probe: validated here, so a missing BOS fails at load time
+
+    @property
+    def bos(self) -> bool:
+        """The run's `--bos`: :meth:`encode` starts texts with the tokenizer's BOS token (the
+        searches' prefix), and the continuous methods run it first (:meth:`run` with `bos=True`)."""
+        return self._bos
+
+    @bos.setter
+    def bos(self, value: bool) -> None:
+        if value:
+            self.bos_token_id()
+        self._bos = bool(value)
+
+    def bos_token_id(self) -> int:
+        """The tokenizer's BOS id; one clear error when there is none."""
+        bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+        if bos is None:
+            raise FeatoptError(f"--bos was given but the tokenizer of model {self.name!r} has no BOS token: "
+                               f"drop --bos for this model.")
+        return bos
+
+    def __getstate__(self) -> dict:
+        # Spawned workers rebuild the (vocab x d_model) scaled rows themselves: don't pickle them.
+        return {**self.__dict__, "_embedding_cache": None}
 
     # ----------------------------------------------------------------- shapes and parts
     @property
@@ -133,24 +159,47 @@ class ModelAdapter:
 
     @property
     def d_model(self) -> int:
-        return self.embedding.shape[1]
+        return self.embedding_weight.shape[1]
 
     @property
     def vocab_size(self) -> int:
-        return self.embedding.shape[0]
+        return self.embedding_weight.shape[0]
 
     @property
-    def embedding(self) -> Tensor:
-        """The input embedding matrix `[vocab, d_model]`."""
+    def embedding_weight(self) -> Tensor:
+        """The raw weight of the input embedding module `[vocab, d_model]` (what a tied LM head
+        shares). Not the model's input rows when the module scales them: use :attr:`embedding`."""
         return self.model.get_input_embeddings().weight
 
     @property
+    def embedding(self) -> Tensor:
+        """The effective input embedding `[vocab, d_model]`, in the model's dtype: row i is exactly
+        what the model's embedding module gives for token i, so `inputs_embeds=embedding[ids]`
+        is the same forward as `input_ids=ids`. Every continuous input (priors, initial texts,
+        penalties, decoders, GCG's one-hot gradient) is built from this matrix.
+
+        Gemma's `ScaledWordEmbedding` multiplies the weight by sqrt(d_model) inside the module,
+        which `inputs_embeds` skips; a plain `nn.Embedding` is its weight (no copy). Scaled rows
+        are computed once and kept until the weight changes (dtype, device, in-place edits).
+        """
+        module = self.model.get_input_embeddings()
+        weight = module.weight
+        if type(module).forward is nn.Embedding.forward:
+            return weight.detach()
+        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+        if self._embedding_cache is None or self._embedding_cache[0] != key:
+            with torch.no_grad():
+                rows = module(torch.arange(weight.shape[0], device=weight.device))
+            self._embedding_cache = (key, rows.detach())
+        return self._embedding_cache[1]
+
+    @property
     def device(self) -> torch.device:
-        return self.embedding.device
+        return self.embedding_weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedding.dtype
+        return self.embedding_weight.dtype
 
     @property
     def is_causal(self) -> bool:
@@ -212,18 +261,27 @@ class ModelAdapter:
         """`input_ids: [batch, tokens]` -> `[batch, tokens, d_model]` (the model's own lookup)."""
         return self.model.get_input_embeddings()(input_ids.to(self.device))
 
-    def encode(self, text: str) -> Tensor:
-        """Text -> token ids `[tokens]`, without special tokens."""
-        if self.tokenizer is None:
-            raise FeatoptError(f"model {self.name!r} has no tokenizer, so text cannot be encoded.")
-        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+    def encode(self, text: str, *, bos: bool | None = None) -> Tensor:
+        """Text -> token ids `[tokens]`: the tokenizer's ids without special tokens, after the BOS
+        token when `bos` (default: :attr:`bos`, the run's `--bos`). Pass `bos=False` for pieces
+        that are not a model input's start (a word to look up, the searched tokens' initial text).
+        The empty text gives `[BOS]` with BOS and no ids without."""
+        ids = [self.bos_token_id()] if (self.bos if bos is None else bos) else []
+        if text:
+            if self.tokenizer is None:
+                raise FeatoptError(f"model {self.name!r} has no tokenizer, so text cannot be encoded.")
+            ids += self.tokenizer.encode(text, add_special_tokens=False)
+        return torch.tensor(ids, dtype=torch.long)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else " ".join(map(str, ids))
 
     def unembed(self, resid: Tensor) -> Tensor:
         """Residual stream `[..., d_model]` -> logits `[..., vocab]` through final norm and LM head."""
-        return self.lm_head(self.final_norm(resid))
+        logits = self.lm_head(self.final_norm(resid))
+        # Gemma 2 squashes logits with cap * tanh(logits / cap) in its CausalLM forward, after the head.
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     # ----------------------------------------------------------------- MLP neuron weights (read-only)
     def mlp_up_weight(self, layer: int) -> Tensor:
@@ -257,8 +315,8 @@ class ModelAdapter:
         """The HF module for a site and whether the activation is its input (True) or output."""
         block = self.blocks[site.layer]
         path = {
-            "resid_pre": None, "resid_post": None, "attn_out": self.family.attn,
-            "mlp_out": self.family.mlp, "mlp_hidden": self.family.mlp_down,
+            "resid_pre": None, "resid_post": None, "attn_out": self.family.attn_out or self.family.attn,
+            "mlp_out": self.family.mlp_out or self.family.mlp, "mlp_hidden": self.family.mlp_down,
         }[site.kind]
         module = block if path is None else get_module(block, path)
         return module, site.kind in ("resid_pre", "mlp_hidden")
@@ -345,7 +403,8 @@ class ModelAdapter:
         input_ids: Tensor | None = None,
         isolated: bool = False,
         write: Mapping[Site | str, WriteFn] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        bos: bool = False,
     ) -> dict[Site, Tensor]:
         """Run the model until every site in `sites` is read, then stop.
 
@@ -353,7 +412,9 @@ class ModelAdapter:
             inputs_embeds: `[batch, tokens, d_model]` (gradients flow), or
             input_ids: `[batch, tokens]`.
             isolated: skip the blocks before the shallowest requested site's block.
-            past_key_values: continue after the cached tokens (see :meth:`prefix`): positions
+            bos: run the BOS token first, a fixed token before the given ones whose own
+                activations are dropped (the continuous methods' `--bos`).
+            cache: continue after the cached tokens (see :meth:`prefix`): positions
                 and the attention mask follow them, and the cache is extended in place.
         Returns:
             `{site: [batch, tokens, width]}`, for the new tokens only when continuing a cache;
@@ -364,6 +425,15 @@ class ModelAdapter:
             raise FeatoptError("no site to read: give at least one site.")
         if (inputs_embeds is None) == (input_ids is None):
             raise FeatoptError("give exactly one of inputs_embeds and input_ids.")
+        if bos:
+            if cache is not None:
+                raise FeatoptError("a cached prefix already holds the input's start: put the BOS token in the prefix.")
+            first = torch.tensor([self.bos_token_id()], device=self.device)
+            if inputs_embeds is not None:  # the model's own row for BOS, so it equals input_ids=[BOS, ...]
+                row = self.embedding[first].to(inputs_embeds.dtype).expand(len(inputs_embeds), 1, -1)
+                inputs_embeds = torch.cat([row, inputs_embeds.to(self.device)], dim=1)
+            else:
+                input_ids = torch.cat([first.expand(len(input_ids), 1), input_ids.to(self.device)], dim=1)
         kwargs = {"use_cache": False}
         if inputs_embeds is not None:
             kwargs["inputs_embeds"] = inputs_embeds.to(self.dtype)
@@ -371,13 +441,13 @@ class ModelAdapter:
             kwargs["input_ids"] = input_ids.to(self.device)
             # Explicit, so HF does not warn about padding: inputs are never padded here.
             kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
-        if past_key_values is not None:
+        if cache is not None:
             if isolated:
                 raise FeatoptError("an isolated block cannot continue a cached prefix: drop the prefix or the isolation.")
             batch, new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            past = past_key_values.get_seq_length()
+            past = cache.get_seq_length()
             kwargs.update(
-                past_key_values=past_key_values, use_cache=True,
+                cache=cache, use_cache=True,
                 attention_mask=torch.ones(batch, past + new, dtype=torch.long, device=self.device),
                 position_ids=torch.arange(past, past + new, device=self.device).expand(batch, -1),
             )
@@ -387,7 +457,7 @@ class ModelAdapter:
                 self.base(**kwargs)
             except _StopForward:
                 pass
-        return {s: self._features(s, captured[s]) for s in sites}
+        return {s: self._features(s, captured[s][:, int(bos):]) for s in sites}
 
     def _features(self, site: Site, acts: Tensor) -> Tensor:
         feature_map = self._feature_maps.get(site)
@@ -395,9 +465,9 @@ class ModelAdapter:
 
     def prefix(self, sites: Iterable[Site | str], input_ids: Tensor) -> KVPrefix:
         """Run prefixes `input_ids [G, L]` to the deepest of `sites`, keeping their keys/values;
-        continue them with `run(..., past_key_values=prefix.broadcast(index))`."""
+        continue them with `run(..., cache=prefix.broadcast(index))`."""
         cache = DynamicCache(config=self.model.config)
-        acts = self.run(sites, input_ids=input_ids, past_key_values=cache)
+        acts = self.run(sites, input_ids=input_ids, cache=cache)
         return KVPrefix(input_ids.to(self.device), acts, cache)
 
     def forward_to_site(self, inputs_embeds: Tensor, site: Site | str, *, isolated: bool = False) -> Tensor:

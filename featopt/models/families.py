@@ -26,6 +26,10 @@ class Family:
     mlp_down: str  # its input is the MLP's hidden neurons (site `mlp_hidden`)
     mlp_up: str
     mlp_gate: str | None = None
+    # Where `attn_out`/`mlp_out` are read when the block normalizes a module's output before adding
+    # it to the residual (Gemma 2/3's post-norms): the norm, so resid_pre + attn_out is the sum.
+    attn_out: str | None = None
+    mlp_out: str | None = None
 
 
 _LLAMA = Family("llama", "layers", "norm", "self_attn", "mlp", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj")
@@ -36,6 +40,11 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family("gpt_neox", "layers", "final_layer_norm", "attention", "mlp", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
     # Llama-like decoders share Llama's module names.
     **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "olmo", "granite")},
+    # Gemma 2/3: Llama's names, but `post_attention_layernorm` normalizes the attention output
+    # (Llama's is the MLP's input norm) and `post_feedforward_layernorm` the MLP output.
+    **{t: Family(t, "layers", "norm", "self_attn", "mlp", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj",
+                 attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+       for t in ("gemma2", "gemma3_text")},
 }
 
 _GENERIC_NAMES = {

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from featopt import cache
 from featopt.cache import cache_dir
 from featopt.errors import FeatoptError
 from featopt.models.tiny import TINY_MODELS, build_tiny
@@ -50,6 +51,7 @@ class LoadedModel:
     source: str  # 'built-in', a folder path, a gguf path, or a hub id
     untrained: bool
     seed: int | None  # the re-init seed when untrained
+    trust_remote_code: bool = False  # whether the model's own Python code was allowed to run
 
 
 def _holds_model(folder: Path) -> bool:
@@ -108,18 +110,15 @@ def gguf_cache_folder(gguf: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path) -> Path:
-    """De-quantize ``gguf`` to an fp32 HF folder in the cache, once; return that folder."""
-    target = gguf_cache_folder(gguf)
-    if (target / "config.json").is_file():
-        return target
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise FeatoptError(f"Loading {gguf} needs the {' and '.join(missing)} package(s): "
-                           f'pip install "featopt[gguf]".')
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Save into a temporary sibling, then rename: a reader never sees a half-written folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    """De-quantize ``gguf`` to an fp32 HF folder in the cache, once; return that folder. It is a
+    cache entry (:func:`featopt.cache.entry`): saved into a temporary sibling and renamed into place,
+    checked on every load, converted again when incomplete or corrupt."""
+
+    def convert(tmp: Path) -> None:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise FeatoptError(f"Loading {gguf} needs the {' and '.join(missing)} package(s): "
+                               f'pip install "featopt[gguf]".')
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         try:  # dequantize=True: dense fp32 weights, so save_pretrained accepts the model
@@ -129,14 +128,27 @@ def _convert_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # a concurrent loader won the race: use its folder
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return cache.entry(gguf_cache_folder(gguf), convert)
+
+
+def _read_gguf(gguf: Path) -> Path:
+    """`_convert_gguf`, with a file that is not a whole GGUF (cut short, another format) as one sentence."""
+    try:
+        return _convert_gguf(gguf)
+    except FeatoptError:
+        raise
+    except Exception as e:  # the GGUF readers raise struct.error, ValueError, KeyError... on a broken file
+        raise FeatoptError(f"Model file {str(gguf)!r} is not a readable .gguf (truncated or not GGUF: "
+                           f"{type(e).__name__}): give a complete .gguf file.") from e
+
+
+def _check_config_json(config: Path) -> None:
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FeatoptError(f"Model folder {str(config.parent)!r} has a config.json that is not JSON: give a model "
+                           "folder saved by transformers (save_pretrained).") from e
 
 
 def _local(name: str, path: Path) -> tuple[Path, str]:
@@ -145,12 +157,13 @@ def _local(name: str, path: Path) -> tuple[Path, str]:
         if path.suffix.lower() != ".gguf":
             raise FeatoptError(f"Model {name!r} is a file but not a .gguf; give a model folder "
                                f"(with config.json) or a .gguf file.")
-        return _convert_gguf(path), str(path.resolve())
+        return _read_gguf(path), str(path.resolve())
     if (path / "config.json").is_file():
+        _check_config_json(path / "config.json")
         return path, str(path.resolve())
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return _convert_gguf(ggufs[0]), str(ggufs[0].resolve())
+        return _read_gguf(ggufs[0]), str(ggufs[0].resolve())
     if ggufs:
         raise FeatoptError(f"Folder {path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
                            f"give the path of the one to load.")
@@ -159,13 +172,24 @@ def _local(name: str, path: Path) -> tuple[Path, str]:
                        f"folder needs a config.json and weights, or a single .gguf file.")
 
 
-def _reinit(config, seed: int) -> PreTrainedModel:
+def _reinit(config, seed: int, trust_remote_code: bool = False) -> PreTrainedModel:
     """A fresh random model of ``config``'s architecture, drawn under ``torch.manual_seed(seed)``."""
     attn = getattr(config, "_attn_implementation", None)
     kw = {"attn_implementation": attn} if attn else {}
+    kw["trust_remote_code"] = trust_remote_code
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kw)
+
+
+def _remote_code_error(name: str, source: str) -> FeatoptError:
+    return FeatoptError(f"Model {name!r} ({source}) needs to run its own Python code to load, which featopt "
+                        f"never does unless asked: pass --trust_remote_code if you trust its source.")
+
+
+def _needs_remote_code(error: Exception) -> bool:
+    """transformers' refusal to run a model's own code (its message names the argument)."""
+    return "trust_remote_code" in str(error)
 
 
 def _hub_error(name: str, offline: bool) -> FeatoptError:
@@ -177,13 +201,15 @@ def _hub_error(name: str, offline: bool) -> FeatoptError:
         f"hub id with network access (the hub lookup failed: {why}).")
 
 
-def load_model(name: str, *, untrained: bool = False, seed: int = 0,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(name: str, *, untrained: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
     """Resolve ``name`` (see the module docstring) and load it in eval mode, gradients off.
 
     ``untrained=True`` gives the same architecture and tokenizer with weights re-drawn from
     the config's own initializer under ``torch.manual_seed(seed)``: a baseline for "is this
-    feature learned, or does a random network show it too?".
+    feature learned, or does a random network show it too?". A model whose config names its
+    own Python code fails with one sentence unless ``trust_remote_code`` (``--trust_remote_code``):
+    loading a folder or hub id must never run code from it by default.
     """
     if name in TINY_MODELS:
         model, tok = build_tiny(name)
@@ -199,19 +225,24 @@ def load_model(name: str, *, untrained: bool = False, seed: int = 0,
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     kw = {"local_files_only": True} if offline and found is None else {}
     folder, source = _local(name, found) if found is not None else (name, name)
+    kw["trust_remote_code"] = trust_remote_code
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kw)
     except (OSError, ValueError) as e:
+        if _needs_remote_code(e):
+            raise _remote_code_error(name, source) from e
         if found is None:
             raise _hub_error(name, offline) from e
         raise FeatoptError(f"Model folder {folder} has no usable tokenizer ({type(e).__name__}).") from e
     try:
         if untrained:
-            model = _reinit(AutoConfig.from_pretrained(folder, **kw), seed)
+            model = _reinit(AutoConfig.from_pretrained(folder, **kw), seed, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a weights file cut short
+        if _needs_remote_code(e):
+            raise _remote_code_error(name, source) from e
         first_line = (str(e).splitlines() or [""])[0]
         raise FeatoptError(f"Cannot load model {name!r} from {source} ({type(e).__name__}: {first_line}).") from e
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedModel(model, tok, name, source, untrained, seed if untrained else None)
+    return LoadedModel(model, tok, name, source, untrained, seed if untrained else None, trust_remote_code)

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from featopt import checkpoints
 from featopt.callbacks import DecodeCallback, TextProgressBar
 from featopt.errors import FeatoptError
 from featopt.features import parse_features
-from featopt.models import ModelAdapter, load_model
+from featopt.models import ModelAdapter, load_model, model_options
 from featopt.objectives.module import FeatureOptimization, StepsDataModule
 from featopt.objectives.priors import make_parametrization
 from featopt.objectives.readout import DECODERS, evaluate
@@ -35,6 +35,8 @@ class AscentConfig:
     """Settings of one embedding-ascent run (the flags of `featopt optimize`)."""
 
     model: str = "tiny-gpt2"
+    bos: bool = False  # run the model's BOS token before the optimized tokens (off: as the source documents)
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int = 0
     site: str = "resid_post"
     features: str = "[:, :, 0-4]"
@@ -76,7 +78,9 @@ class AscentRun:
 def _check(config: AscentConfig) -> None:
     for name in ("tokens", "steps", "devices", "decode_every", "log_every"):
         if getattr(config, name) < 1:
-            raise FeatoptError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+            raise FeatoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
+    if config.checkpoint_every < 0:
+        raise FeatoptError(f"--checkpoint_every must be 0 (never) or more, got {config.checkpoint_every}.")
     if config.lr <= 0:
         raise FeatoptError(f"--lr must be positive, got {config.lr}.")
     for name, allowed in (("precision", PRECISIONS), ("objective", OBJECTIVES), ("decoder", DECODERS)):
@@ -89,7 +93,8 @@ def _check(config: AscentConfig) -> None:
 def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureOptimization:
     """The LightningModule for `config` (validated), without training it."""
     _check(config)
-    loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed)
+    loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed,
+                               **model_options(config))
     if adapter is None:
         adapter = loader()
     if config.sae:
@@ -97,12 +102,15 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
         loader = functools.partial(_attached, loader, config.sae)
     else:
         site = adapter.site(config.site, config.layer)
+    from featopt.search.tokens import check_length  # lazy: the featopt.search package loads every search
+
+    check_length(adapter, int(adapter.bos), config.tokens)
     problems = parse_features(config.features, n_tokens=config.tokens, width=adapter.width(site), site=str(site))
     selection = Selection(site, problems, config.tokens, adapter.width(site))
     objective = l1_target(selection, config.target) if config.objective == "l1" else maximize(selection)
     ids = None
     if config.init:
-        ids = adapter.encode(config.init)
+        ids = adapter.encode(config.init, bos=False)  # the free tokens; a BOS is run before them
         if len(ids) != config.tokens:
             raise FeatoptError(f"--init {config.init!r} is {len(ids)} tokens but --tokens is {config.tokens}: make them equal.")
     parametrization = make_parametrization(
@@ -130,19 +138,17 @@ def resolve_strategy(config) -> str:
     return "ddp" if on_gpu else "ddp_spawn"
 
 
-def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
+def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callback, ...] = (),
+                command: str = "optimize") -> L.Trainer:
     """The Trainer for a run's settings. `config` is any config with AscentConfig's trainer fields
     (steps, precision, devices, accelerator, strategy, decode_every, decoder, log_every,
-    checkpoint_every, progress); `extra_callbacks` are a method's own, added after the shared ones."""
+    checkpoint_every, progress); `extra_callbacks` are a method's own, added after the shared ones;
+    `command` is stamped into the checkpoints."""
     strategy = resolve_strategy(config)
     callbacks = [DecodeCallback(config.decode_every, config.decoder), *extra_callbacks]
     if config.progress:
         callbacks.append(TextProgressBar())
-    if config.checkpoint_every:
-        callbacks.append(ModelCheckpoint(
-            dirpath=out / "checkpoints", every_n_train_steps=config.checkpoint_every, save_top_k=-1, save_last=True,
-            filename="step{step}", auto_insert_metric_name=False,
-        ))
+    callbacks.extend(checkpoints.callbacks(command, out, config.checkpoint_every))
     return L.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -166,10 +172,13 @@ def run(config: AscentConfig, adapter: ModelAdapter | None = None) -> AscentRun:
     `out/embeddings.safetensors` (`embeddings [problems, tokens, d_model]`, `token_ids [problems, tokens]`).
     """
     module = build(config, adapter)
+    if config.resume:
+        checkpoints.check_resume(config.resume, module, "optimize")
     out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
     trainer = trainer_for(config, out)
     L.seed_everything(config.seed, verbose=False)
-    trainer.fit(module, datamodule=StepsDataModule(config.steps), ckpt_path=config.resume)
+    with checkpoints.resume_hint(out, config.checkpoint_every):
+        trainer.fit(module, datamodule=StepsDataModule(config.steps), ckpt_path=config.resume, weights_only=True)
     results: list[FeatureResult] = []
     if trainer.is_global_zero:
         method = "embedding-ascent" if config.prior == "embedding" else f"simplex-{config.simplex_mode}"

@@ -19,12 +19,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from featopt import checkpoints
 from featopt.cache import cache_dir
 from featopt.decoding import nearest_decode, pinv_decoder, token_cosine
 from featopt.errors import FeatoptError
 from featopt.features import Problem
 from featopt.metrics import ExactMatch, OutputDistance, TokenRecovery, token_matches
-from featopt.models import ModelAdapter, load_model
+from featopt.models import ModelAdapter, load_model, model_options
 from featopt.objectives.ascent import PRECISIONS, trainer_for
 from featopt.objectives.matching import OBJECTIVES, match
 from featopt.objectives.module import FeatureOptimization, StepsDataModule
@@ -44,6 +45,7 @@ class InversionConfig:
     """Settings of one inversion run (the flags of `featopt invert`)."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int = 0
     site: str = "resid_post"
     text: str | None = None  # one text to invert; `texts` adds more (all become one run)
@@ -53,7 +55,7 @@ class InversionConfig:
     method: str = "gradient"  # or "gcg": a discrete search over real tokens (no decoding)
     steps: int = 600
     lr: float = 0.01  # with 600 steps: 90% of tokens on unseen sentences at layer 0 of SmolLM2 (0.05/300: 67%)
-    decoder: str = "nearest"  # or "pinv"; a simplex decodes by its own argmax
+    decoder: str = "pinv"  # or "nearest": at layer 0 of SmolLM2 pinv 91% of tokens, nearest 55% (docs/reproductions.md); a simplex decodes by its own argmax
     temperature: float = 1.0  # simplex only: softmax temperature at the start ...
     temperature_end: float | None = None  # ... and at the end (None: constant)
     simplex_mode: str = "softmax"  # or "projected"
@@ -101,8 +103,8 @@ def texts_of(config: InversionConfig) -> list[str]:
     if not texts:
         raise FeatoptError("no text to invert: give at least one --text.")
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise FeatoptError(f"text {i + 1} is empty: every --text must be non-empty text.")
+        if not isinstance(text, str) or not text.strip():  # whitespace alone is no text to recover
+            raise FeatoptError(f"text {i + 1} is empty or only whitespace: every --text must hold visible text.")
     return texts
 
 
@@ -115,7 +117,7 @@ def _check(config: InversionConfig) -> None:
     for name in ("lr", "temperature", "temperature_end"):
         if getattr(config, name) is not None and not getattr(config, name) > 0:
             raise FeatoptError(f"--{name} must be positive, got {getattr(config, name)}.")
-    for name, zero in (("batch_size", "automatic"), ("causal_topk", "no causal pass")):
+    for name, zero in (("batch_size", "automatic"), ("causal_topk", "no causal pass"), ("checkpoint_every", "never")):
         if getattr(config, name) < 0:
             raise FeatoptError(f"--{name} must be 0 ({zero}) or more, got {getattr(config, name)}.")
     for name, allowed in (("allow", ALLOW), ("objective", OBJECTIVES), ("prior", PRIORS), ("decoder", DECODERS),
@@ -154,7 +156,8 @@ def build(config: InversionConfig, adapter: ModelAdapter | None = None) -> tuple
     """The LightningModule for `config` (validated) and the padded texts, without training."""
     _check(config)
     texts = texts_of(config)
-    loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed)
+    loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed,
+                               **model_options(config))
     adapter = adapter if adapter is not None else loader()
     site = adapter.site(config.site, config.layer)
     batch = encode_texts(adapter, texts)
@@ -237,7 +240,7 @@ def evaluate(module: FeatureOptimization, batch: Batch, config: InversionConfig)
             activation=float(activation[p]), continuous_activation=float(cont_activation[p]),
             token_cosine=[round(float(c), 6) for c in cosine[p, :n]], nearest_token_ids=decoded["nearest"][p, :n].tolist(),
             pinv_nearest_agreement=float((decoded["nearest"][p, :n] == decoded["pinv"][p, :n]).float().mean()),
-            model=adapter.name, seed=config.seed, dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
+            model=adapter.name, bos=adapter.bos, seed=config.seed, dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"original_token_ids": batch.ids[p, :n].tolist(), "token_recovery": int(correct[p]) / n,
                    "tokens_recovered": int(correct[p]), "exact_match": bool(correct[p] == n),
                    "distance": float(distance[p]), "continuous_distance": float(cont_distance[p]),
@@ -258,9 +261,12 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
         return inversion.run(config, adapter)
     module, batch = build(config, adapter)
     out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
-    trainer = trainer_for(config, out, (RecoveryCallback(batch, config.decode_every, config.decoder),))
+    if config.resume:
+        checkpoints.check_resume(config.resume, module, "invert")
+    trainer = trainer_for(config, out, (RecoveryCallback(batch, config.decode_every, config.decoder),), command="invert")
     L.seed_everything(config.seed, verbose=False)
-    trainer.fit(module, datamodule=StepsDataModule(config.steps), ckpt_path=config.resume)
+    with checkpoints.resume_hint(out, config.checkpoint_every):
+        trainer.fit(module, datamodule=StepsDataModule(config.steps), ckpt_path=config.resume, weights_only=True)
     results, metrics = [], {}
     if trainer.is_global_zero:
         results, metrics, ids = evaluate(module, batch, config)

@@ -23,7 +23,8 @@ from featopt.objectives.parametrization import Parametrization
 from featopt.objectives.targets import Selection
 
 
-def _adapter_from_parts(config, weights: dict, tokenizer, name: str, feature_maps: dict | None = None) -> ModelAdapter:
+def _adapter_from_parts(config, weights: dict, tokenizer, name: str, feature_maps: dict | None = None,
+                        bos: bool = False) -> ModelAdapter:
     """Rebuild a model (and the feature maps seen through it) in a spawned worker from its config
     and weights."""
     from transformers import AutoModelForCausalLM
@@ -31,7 +32,7 @@ def _adapter_from_parts(config, weights: dict, tokenizer, name: str, feature_map
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(weights)
     dtype = next(iter(weights.values())).dtype
-    adapter = ModelAdapter(model.to(dtype).eval().requires_grad_(False), tokenizer, name=name)
+    adapter = ModelAdapter(model.to(dtype).eval().requires_grad_(False), tokenizer, name=name, bos=bos)
     for site, feature_map in (feature_maps or {}).items():
         adapter = adapter.with_features(site, feature_map)
     return adapter
@@ -101,7 +102,7 @@ class FeatureOptimization(L.LightningModule):
             # which may carry transformers' own unpicklable hooks.
             state["_loader"] = functools.partial(
                 _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name,
-                dict(zip(adapter.feature_sites, map(adapter.feature_map, adapter.feature_sites))),
+                dict(zip(adapter.feature_sites, map(adapter.feature_map, adapter.feature_sites))), adapter.bos,
             )
         if state.get("_loader") is not None:
             state["_adapter"] = None
@@ -143,7 +144,7 @@ class FeatureOptimization(L.LightningModule):
         # The selection's site is read too: activations are logged even when the objective reads
         # no site at all (a penalty) or another one.
         sites = tuple(dict.fromkeys((*self.objective.sites, self.selection.site)))
-        acts = self.adapter.run(sites, inputs_embeds=embeds, isolated=self.isolated)
+        acts = self.adapter.run(sites, inputs_embeds=embeds, isolated=self.isolated, bos=self.adapter.bos)
         losses = self.objective.loss(Context(acts, embeds, rows, self.adapter))
         activation = self.selection.activation(acts[self.selection.site].float(), rows)
         return losses, activation

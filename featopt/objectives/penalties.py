@@ -105,7 +105,11 @@ class FluencyPenalty(Objective):
         ids = self.target_ids(ctx) if self.soft is None else None  # [rows, tokens]
         if self.straight_through:  # value of the tokens, gradient of the identity
             x = x + (adapter.embedding[ids].to(x.dtype) - x).detach()
-        logits = adapter.model(inputs_embeds=x.to(adapter.dtype), use_cache=False).logits  # [rows, tokens, vocab]
+        x = x.to(adapter.dtype)
+        if adapter.bos:  # the run's fixed BOS first (--bos), as every other forward of the run
+            bos = adapter.embedding[adapter.bos_token_id()].to(x.device)
+            x = torch.cat([bos.expand(rows, 1, -1), x], dim=1)
+        logits = adapter.model(inputs_embeds=x, use_cache=False).logits[:, int(adapter.bos):]  # [rows, tokens, vocab]
         # float32 log-probabilities even under bf16 autocast: a cross-entropy over a large vocabulary.
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [rows, tokens - 1, vocab]
         if ids is not None:

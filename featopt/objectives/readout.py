@@ -39,7 +39,8 @@ def measure(module: FeatureOptimization, *, input_ids: Tensor | None = None, inp
     """Selected activation per problem `[problems]`, full precision, outside any autocast."""
     adapter, site = module.adapter, module.selection.site
     with torch.autocast(adapter.device.type, enabled=False):
-        acts = adapter.run([site], input_ids=input_ids, inputs_embeds=inputs_embeds, isolated=module.isolated)[site]
+        acts = adapter.run([site], input_ids=input_ids, inputs_embeds=inputs_embeds, isolated=module.isolated,
+                           bos=adapter.bos)[site]
     return module.selection.activation(acts.float())
 
 
@@ -80,7 +81,7 @@ def evaluate(
             token_cosine=[round(float(c), 6) for c in cosine[p]],
             nearest_token_ids=nearest[p].tolist(),
             pinv_nearest_agreement=float(agree[p]),
-            model=adapter.name,
+            model=adapter.name, bos=adapter.bos,
             feature_map=adapter.describe_features(module.selection.site),
             seed=seed,
             dtype=dtype or str(adapter.dtype).replace("torch.", ""),

@@ -62,7 +62,7 @@ class SimplexEmbeddings(Parametrization):
             raise FeatoptError(f"temperature schedule {schedule!r} is not known: allowed are {', '.join(SCHEDULES)}.")
         for name, value in (("temperature", temperature), ("temperature_end", temperature_end)):
             if value is not None and not value > 0:
-                raise FeatoptError(f"{name} must be positive, got {value}.")
+                raise FeatoptError(f"--{name} must be positive, got {value}.")
         if init.dim() != 3:
             raise FeatoptError(f"simplex logits must be [problems, tokens, vocab], got shape {tuple(init.shape)}.")
         if chunk_elements < 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 
@@ -36,6 +37,12 @@ class ModelSource:
     @property
     def n_contexts(self) -> int:
         return self.contexts.shape[0]
+
+    @property
+    def token_bytes(self) -> int:
+        """CPU bytes one token's activations take in a buffer (float32 at every site, and the copy
+        made when a buffer is sliced into rows)."""
+        return 2 * 4 * sum(self.adapter.width(site) for site in self.sites)
 
     @torch.inference_mode()
     def __call__(self, index: Tensor) -> dict[Site, Tensor]:
@@ -179,6 +186,9 @@ class ActivationStream:
         contexts = self.buffer_contexts(g)
         C, R = len(contexts), self.rows_per_context
         mine_ctx = torch.arange(C) % self.world == self.rank
+        if hasattr(self.source, "token_bytes"):  # checked before the forward: the OOM killer gives no error to catch
+            memory.check(int(mine_ctx.sum()) * (R + self.skip_first) * self.source.token_bytes, "cpu",
+                         flag="--buffer_batches or --batch_size", what="the SAE training buffer")
         acts = self.source(contexts[mine_ctx])
         self._acts = {site: a[:, self.skip_first:].reshape(-1, a.shape[-1]) for site, a in acts.items()}
         self._owner = mine_ctx.repeat_interleave(R)  # [C * R] rows in buffer order

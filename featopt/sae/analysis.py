@@ -16,15 +16,17 @@ import torch
 
 from featopt.errors import FeatoptError
 from featopt.features import parse_features
-from featopt.models import ModelAdapter, load_model
+from featopt.models import ModelAdapter, load_model, model_options
 from featopt.results import atomic_write, versions
 from featopt.sae.commands import _check_context, _check_positive, _out
 from featopt.search.common import DTYPES
+from featopt.search.tokens import context_limit
 
 
 # ----------------------------------------------------------------------------- shared
-def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdapter | None = None):
-    """`(adapter, sae)`: the model and the SAE at `sae_path`, checked to fit each other."""
+def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdapter | None = None, **options):
+    """`(adapter, sae)`: the model and the SAE at `sae_path`, checked to fit each other; `options`
+    are :func:`~featopt.models.model_options` of the command's config."""
     from featopt.sae.attach import attach
     from featopt.sae.formats import load_sae
 
@@ -33,7 +35,7 @@ def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdap
     if dtype not in DTYPES:
         raise FeatoptError(f"--dtype {dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
     sae = load_sae(sae_path)
-    adapter = adapter or load_model(model, dtype=DTYPES[dtype])
+    adapter = adapter or load_model(model, dtype=DTYPES[dtype], **options)
     attach(adapter, sae, sae_path)  # validates the site and its width
     return adapter, sae
 
@@ -72,6 +74,7 @@ class FeaturesConfig:
     """Settings of `featopt sae features`: statistics of every latent over a corpus, one pass."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     corpus: str = ""
     split: str = "all"  # all, train or eval (the text `sae train` held out)
@@ -115,7 +118,7 @@ def run_features(config: FeaturesConfig, adapter: ModelAdapter | None = None) ->
     from featopt.sae.corpus_stats import corpus_stats
 
     _check_features(config)
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter)
+    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
     _check_context(adapter, config.context_length)
     contexts, sources = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
                                         eval_fraction=config.eval_fraction, max_tokens=config.tokens, with_sources=True)
@@ -143,6 +146,7 @@ class LensConfig:
     """Settings of `featopt sae lens`: decoder directions through the unembedding."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     features: str = "[:, :, 0-9]"  # the latents
     k: int = 10  # top and bottom tokens
@@ -167,7 +171,7 @@ def run_lens(config: LensConfig, adapter: ModelAdapter | None = None) -> LensRun
         raise FeatoptError(f"--drop_top must be 0 or more, got {config.drop_top}.")
     if config.drop_z is not None and not config.drop_z == config.drop_z:
         raise FeatoptError("--drop_z must be a number (a z-score such as 3), not nan.")
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter)
+    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
     latents = parse_latents(config.features, sae.d_sae)
     lens = logit_lens(adapter, sae, latents, k=config.k, norm=config.norm, drop_z=config.drop_z, drop_top=config.drop_top)
     records = lens.records(adapter.decode)
@@ -194,6 +198,7 @@ class AblateConfig:
     and what removing its direction does to the next-token log-probs (direction ablation)."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     latent: int = 0
     text: str = ""
@@ -220,15 +225,17 @@ def run_ablate(config: AblateConfig, adapter: ModelAdapter | None = None) -> Abl
     _check_positive(config, ("top",))
     if config.mode not in MODES:
         raise FeatoptError(f"--mode {config.mode!r} is not known: allowed are {', '.join(MODES)}.")
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter)
+    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
     if not 0 <= config.latent < sae.d_sae:
-        raise FeatoptError(f"latent {config.latent} is out of range: this SAE has {sae.d_sae} latents (0-{sae.d_sae - 1}).")
+        raise FeatoptError(f"--latent {config.latent} is out of range: this SAE has {sae.d_sae} latents (0-{sae.d_sae - 1}).")
     if not config.text.strip():
         raise FeatoptError("--text is empty: give a text of at least two tokens.")
     ids = adapter.encode(config.text)
     if len(ids) < 2:
         raise FeatoptError(f"--text {config.text!r} is {len(ids)} token: give at least two tokens.")
-    _check_context(adapter, len(ids))
+    limit = context_limit(adapter)
+    if limit is not None and len(ids) > limit:
+        raise FeatoptError(f"--text is {len(ids)} tokens but {adapter.name!r} takes at most {limit}: shorten it.")
     site = adapter.site(site_of(sae))
     with torch.inference_mode():
         z = sae.encode(adapter.run([site], input_ids=ids[None])[site])[0, :, config.latent].float()

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from featopt.errors import FeatoptError
-from featopt.models import ModelAdapter, Site, load_model
+from featopt.models import ModelAdapter, Site, load_model, model_options
 from featopt.results import atomic_write, versions
 from featopt.search.common import DTYPES
 from featopt.sae.attach import attach
@@ -61,6 +61,7 @@ class TrainConfig:
     """Settings of `featopt sae train`."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     site: str = "blocks.1.resid_post"  # several: "blocks.3.resid_post,blocks.6.resid_post"
     corpus: str | None = None  # a folder of .txt files (or one .txt file)
     activations: str | None = None  # train from a cache written by `featopt sae cache` instead
@@ -162,9 +163,9 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     import functools
 
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from featopt import checkpoints
     from featopt.data import corpus_contexts
     from featopt.objectives.ascent import resolve_strategy
     from featopt.objectives.module import StepsDataModule
@@ -172,7 +173,8 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     from featopt.sae.train import HeldOutEval, SAETraining, auto_lr
 
     _check_train(config)
-    loader = functools.partial(load_model, config.model, dtype=DTYPES[config.dtype], seed=config.seed)
+    loader = functools.partial(load_model, config.model, dtype=DTYPES[config.dtype], seed=config.seed,
+                               **model_options(config))
     if adapter is None:
         adapter = loader()
     sites = _sites(adapter, config.site)
@@ -216,9 +218,9 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
                                    eval_fraction=config.eval_fraction)[: config.eval_contexts]
         if config.eval_every:
             callbacks.append(HeldOutEval(held_out, config.eval_every, skip_first=config.skip_first))
-    if config.checkpoint_every:
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=config.checkpoint_every,
-                                         save_top_k=-1, save_last=True, filename="step{step}", auto_insert_metric_name=False))
+    callbacks.extend(checkpoints.callbacks("sae train", out, config.checkpoint_every))
+    if config.resume:
+        checkpoints.check_resume(config.resume, module, "sae train")
     trainer = L.Trainer(
         accelerator=config.accelerator, devices=config.devices, strategy=strategy, precision=config.precision,
         max_steps=steps, logger=TensorBoardLogger(out, name="tensorboard", version=""), callbacks=callbacks,
@@ -226,7 +228,8 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
         enable_model_summary=False, log_every_n_steps=config.log_every, num_sanity_val_steps=0,
     )
     L.seed_everything(config.seed, verbose=False)
-    trainer.fit(module, datamodule=StepsDataModule(steps), ckpt_path=config.resume)
+    with checkpoints.resume_hint(out, config.checkpoint_every):
+        trainer.fit(module, datamodule=StepsDataModule(steps), ckpt_path=config.resume, weights_only=True)
     if not trainer.is_global_zero:
         return TrainRun([], [], [], out, module, trainer)
     saes = [module.export(i) for i in range(len(configs))]
@@ -288,6 +291,7 @@ class CacheConfig:
     """Settings of `featopt sae cache`: activations of a corpus' contexts, saved for training."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     site: str = "blocks.1.resid_post"
     corpus: str = ""
     context_length: int = 128
@@ -311,6 +315,8 @@ def run_cache(config: CacheConfig, adapter: ModelAdapter | None = None) -> Cache
     from featopt.sae.activations import ModelSource, write_cache
 
     _check_positive(config, ("context_length", "batch_contexts"))
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise FeatoptError(f"--max_tokens must be at least 1 (or unset: the whole split), got {config.max_tokens}.")
     if config.dtype not in DTYPES:
         raise FeatoptError(f"--dtype {config.dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
     if not config.corpus:
@@ -318,7 +324,7 @@ def run_cache(config: CacheConfig, adapter: ModelAdapter | None = None) -> Cache
     out = _out(config.out)
     if out.exists():
         raise FeatoptError(f"the cache folder {str(out)!r} already exists: give a new folder.")
-    adapter = adapter or load_model(config.model, dtype=DTYPES[config.dtype])
+    adapter = adapter or load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
     sites = _sites(adapter, config.site)
     _check_context(adapter, config.context_length)
     contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
@@ -339,6 +345,7 @@ class EvalConfig:
     """Settings of `featopt sae eval`."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""  # an SAE folder (SAELens, sparsify, Gemma Scope); several comma-separated
     corpus: str = ""
     split: str = "eval"  # eval (held out by `sae train`), train or all
@@ -375,7 +382,7 @@ def run_eval(config: EvalConfig, adapter: ModelAdapter | None = None) -> EvalRun
         raise FeatoptError(f"--dtype {config.dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
     paths = [p.strip() for p in config.sae.split(",") if p.strip()]
     saes = [load_sae(p) for p in paths]
-    adapter = adapter or load_model(config.model, dtype=DTYPES[config.dtype])
+    adapter = adapter or load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
     for path, sae in zip(paths, saes):
         attach(adapter, sae, path)  # validates the site and its width
     _check_context(adapter, config.context_length)

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.models import ModelAdapter
+from featopt.models import ModelAdapter, model_options
 from featopt.results import atomic_write, versions
 from featopt.sae.analysis import MODES, load_model_and_sae, parse_latents
 from featopt.sae.commands import _check_context, _check_positive, _out
+from featopt.search.tokens import context_limit
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DashboardConfig:
     """Settings of `featopt sae dashboard`."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     corpus: str = ""
     features: str = "[:, :, 0-49]"  # the latents to show
@@ -100,8 +102,12 @@ def run_dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) 
 
     out = _out(config.out)
     _check(config, out)
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter)
+    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
     latents = parse_latents(config.features, sae.d_sae)
+    limit = context_limit(adapter)
+    if config.ascent_steps and limit is not None and config.ascent_tokens > limit:
+        raise FeatoptError(f"--ascent_tokens {config.ascent_tokens} is more than the {limit} positions {adapter.name!r} "
+                           f"takes: give at most {limit}.")
     settings = config
     if config.stats:
         stats = FeatureStats.load(config.stats)

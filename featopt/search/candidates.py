@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 from featopt.models.adapter import KVPrefix
@@ -74,7 +75,7 @@ class CandidateModel:
     def _forward(self, *, ids: Tensor | None = None, embeds: Tensor | None = None, cache=None):
         """`({site: [B, n, W]} for the new positions, final hidden states [B, n, d] or None)`."""
         if not self.xent:
-            acts = self.adapter.run(self.sites, input_ids=ids, inputs_embeds=embeds, past_key_values=cache,
+            acts = self.adapter.run(self.sites, input_ids=ids, inputs_embeds=embeds, cache=cache,
                                     isolated=self.isolated)
             return acts, None
         x = ids if ids is not None else embeds
@@ -85,7 +86,7 @@ class CandidateModel:
                   "attention_mask": torch.ones(batch, past + new, dtype=torch.long, device=device),
                   "position_ids": torch.arange(past, past + new, device=device).expand(batch, -1)}
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs["cache"] = cache
         if ids is not None:
             kwargs["input_ids"] = ids.to(device)
         else:
@@ -150,6 +151,10 @@ class CandidateModel:
         (float64, on the CPU), in batches; a batch that does not fit is halved and retried."""
         losses, xents = [], []
         size, at = self.batch_size, 0
+        # Sized before allocating: on a CPU the OOM killer strikes before an out-of-memory error can be caught.
+        size = memory.fit_batch(size, memory.forward_row_bytes(self.adapter.model.config, ids.shape[1] + len(self.prefix),
+                                                               logits=self.xent), self.adapter.device,
+                                flag="--batch_size", what="scoring candidates")
         while at < len(ids):
             batch, probs = ids[at:at + size], problems[at:at + size]
             try:

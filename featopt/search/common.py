@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from featopt.errors import FeatoptError
-from featopt.models import ModelAdapter, Site, load_model
-from featopt.results import FeatureResult, atomic_write, read_results, versions
+from featopt.models import ModelAdapter, Site, load_model, model_options
+from featopt.results import FeatureResult, atomic_write, flag_nonfinite, read_results, versions
 from featopt.search.scoring import SCORE_DTYPE
 
 _DIGITS = re.compile("[0-9]{1,9}")  # not \d: it also matches other scripts' digits
@@ -74,6 +74,8 @@ def check_common(config) -> None:
         raise FeatoptError(f"--batch_size must be 0 (automatic) or more, got {config.batch_size}.")
     if config.dtype not in DTYPES:
         raise FeatoptError(f"--dtype {config.dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", config.device):
+        raise FeatoptError(f"--device {config.device!r} is not known: allowed are auto, cpu, cuda, cuda:N, mps.")
 
 
 def device_for(config, adapter: ModelAdapter | None) -> str:
@@ -89,7 +91,8 @@ def load(config, adapter: ModelAdapter | None) -> ModelAdapter:
     """The config's model (or `adapter`) on the config's device; rank r of a group uses cuda:r."""
     device = device_for(config, adapter)
     if adapter is None:
-        adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, dtype=DTYPES[config.dtype])
+        adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, dtype=DTYPES[config.dtype],
+                             **model_options(config))
     if device.startswith("cuda") and dist.is_available() and dist.is_initialized():
         device = f"cuda:{dist.get_rank() % torch.cuda.device_count()}"
     adapter = adapter.to(device)
@@ -128,6 +131,9 @@ def write_plain_results(out: str | Path, results: list[FeatureResult], run: dict
     document = {"run": {**run, "versions": versions()},
                 "results": [{name: getattr(r, name) for name in names} for r in results]}
     text = dumps_indented(document)
+    if "NaN" in text or "Infinity" in text:  # rare (a diverged run, or a token spelled so): as write_results does
+        document["results"] = flag_nonfinite(results)
+        text = dumps_indented(document)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / "results.json"
 

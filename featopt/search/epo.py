@@ -151,7 +151,7 @@ def run(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
             objective=f"maximize({site}, {'last position' if config.variant == 'last' else 'sum over positions'}) "
                       f"- lambda * xent, lambda in {config.lambdas}",
             token_ids=answer["token_ids"], tokens=[adapter.decode([t]) for t in answer["token_ids"]], text=answer["text"],
-            activation=answer["activation"], model=adapter.name, seed=config.seed,
+            activation=answer["activation"], model=adapter.name, bos=adapter.bos, seed=config.seed,
             feature_map=adapter.describe_features(site), dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"prefix_length": len(prefix), "xent": answer["xent"], "front": points, "members": members,
                    "forward_evaluations": int(state.evaluations[p]), "steps": state.steps_run,

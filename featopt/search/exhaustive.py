@@ -23,6 +23,7 @@ from featopt.search.common import (
 )
 from featopt.search.scoring import Scorer
 from featopt.search.sweep import distributed, sweep
+from featopt.search.tokens import check_length
 
 __all__ = ["ExhaustiveConfig", "run", "format_table"]
 
@@ -32,6 +33,8 @@ class ExhaustiveConfig:
     """Settings of one exhaustive sweep (the flags of `featopt search exhaustive`)."""
 
     model: str = "tiny-gpt2"
+    bos: bool = False  # start the model input with its BOS token (off: as the source documents encode)
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int | str = 0  # one layer, or several read in the same forward: "0,3,7" or "0-3"
     site: str = "resid_post"  # or several kinds, "resid_post,mlp_out", each at every layer
     features: str = "[:, :, 0-4]"
@@ -73,9 +76,10 @@ def run(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) -> Search
         return spawn(run, config, adapter)
     adapter = load(config, adapter)
     sites = sites_for(adapter, config)
-    prefix = adapter.encode(config.prefix) if config.prefix else torch.zeros(0, dtype=torch.long)
+    prefix = adapter.encode(config.prefix)  # [BOS] alone when --bos and no prefix
+    check_length(adapter, len(prefix), 1)
     if config.isolated and len(prefix):
-        raise FeatoptError("--isolated cannot be combined with --prefix: a block alone cannot continue a cached prefix.")
+        raise FeatoptError("--isolated cannot be combined with --prefix or --bos: a block alone cannot continue a cached prefix.")
     if config.isolated and len({site.layer for site in sites}) > 1:
         raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
     n_tokens = len(prefix) + 1
@@ -122,7 +126,7 @@ def run(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) -> Search
             results.append(FeatureResult(
                 spec=problem.spec, site=str(site), method="exhaustive", objective=objective,
                 token_ids=row, tokens=[name(t) for t in row], text=text(row),
-                activation=measured[p], model=adapter.name, seed=config.seed,
+                activation=measured[p], model=adapter.name, bos=adapter.bos, seed=config.seed,
                 feature_map=None if feature_map is None else dict(feature_map), dtype=dtype, versions=stamp,
                 extra={"prefix_length": len(prefix), "sweep_activation": best_values[0], "top_k": {
                     "token_ids": best_ids, "tokens": [name(t) for t in best_ids], "activations": best_values,

@@ -38,6 +38,8 @@ class GCGConfig:
     """Settings of one GCG search (the flags of `featopt search gcg`)."""
 
     model: str = "tiny-gpt2"
+    bos: bool = False  # start the model input with its BOS token (off: as the source documents encode)
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int | str = 0  # one layer, or several: "0,3,7" or "0-3"
     site: str = "resid_post"  # or several kinds, each at every layer
     features: str = "[:, :, 0-3]"  # the position field must be ":" (the variant decides)
@@ -139,13 +141,13 @@ def plan(config, adapter: ModelAdapter) -> list[tuple[Site, list[Problem]]]:
 def start(config, adapter: ModelAdapter, allowed: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     """The prefix ids `[L]` and each row's first sequence `[rows, N]` (random allowed tokens under
     the seed, or the --init text's tokens)."""
-    prefix = adapter.encode(config.prefix) if config.prefix else torch.zeros(0, dtype=torch.long)
+    prefix = adapter.encode(config.prefix)  # [BOS] alone when --bos and no prefix
     if config.init == "random":
         n = config.tokens or 8
         gen = torch.Generator().manual_seed(config.seed)
         init = allowed[torch.randint(0, len(allowed), (rows, n), generator=gen)]
     else:
-        ids = _init_ids(config.init, adapter) if config.init.startswith("ids:") else adapter.encode(config.init)
+        ids = _init_ids(config.init, adapter) if config.init.startswith("ids:") else adapter.encode(config.init, bos=False)
         if len(ids) == 0:
             raise FeatoptError(f"--init {config.init!r} encodes to no token: give text or 'random'.")
         if config.tokens is not None and config.tokens != len(ids):
@@ -244,7 +246,7 @@ def run(config: GCGConfig, adapter: ModelAdapter | None = None) -> SearchRun:
         results.append(FeatureResult(
             spec=problem.spec, site=str(site), method="gcg", objective=objective.format(site=site),
             token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
-            activation=float(measured[r]), model=adapter.name, seed=config.seed,
+            activation=float(measured[r]), model=adapter.name, bos=adapter.bos, seed=config.seed,
             feature_map=adapter.describe_features(site), dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"prefix_length": len(prefix), "per_position": per_pos[r].tolist(),
                    "search_activation": -float(state.loss[r]), "xent": float(xent[r]),

@@ -19,13 +19,15 @@ from featopt.errors import FeatoptError
 from featopt.features import parse_features
 from featopt.models import ModelAdapter
 from featopt.results import FeatureResult, versions, write_results
+from featopt.search import common
 from featopt.search.common import (
-    SearchRun, check_common, format_table, load, out_dir, parse_candidates, per_position, sites_for, spawn,
+    SearchRun, check_common, load, out_dir, parse_candidates, per_position, sites_for, spawn,
 )
 from featopt.search.scoring import Scorer
 from featopt.search.sweep import distributed, sweep
+from featopt.search.tokens import check_length
 
-__all__ = ["GreedyConfig", "run", "format_table", "VARIANTS"]
+__all__ = ["GreedyConfig", "run", "format_table", "agreement", "VARIANTS"]
 
 VARIANTS = ("last", "sum", "both")
 
@@ -35,6 +37,8 @@ class GreedyConfig:
     """Settings of one greedy search (the flags of `featopt search greedy`)."""
 
     model: str = "tiny-gpt2"
+    bos: bool = False  # start the model input with its BOS token (off: as the source documents encode)
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int | str = 0  # one layer, or several: "0,3,7" or "0-3"
     site: str = "resid_post"  # or several kinds, "resid_post,mlp_out", each at every layer
     features: str = "[:, :, 0-3]"  # the position field must be ":" (the variant decides)
@@ -83,7 +87,8 @@ def run(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchRun:
         plans += [(site, variant, problems) for variant in variants]
     candidates = parse_candidates(config.candidates, adapter.vocab_size)
     k = min(config.top_k, adapter.vocab_size if candidates is None else len(candidates))
-    start = adapter.encode(config.prefix) if config.prefix else torch.zeros(0, dtype=torch.long)
+    start = adapter.encode(config.prefix)  # [BOS] alone when --bos and no prefix
+    check_length(adapter, len(start), config.tokens)
     seqs = start.expand(sum(len(problems) for *_, problems in plans), -1).clone()  # [C, L]: one input per problem
     steps: list[list[dict]] = [[] for _ in range(len(seqs))]
     for step in range(config.tokens):
@@ -108,7 +113,7 @@ def run(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchRun:
                 spec=problem.spec, site=str(site), method=f"greedy-{variant}",
                 objective=f"maximize({site}, {'last position' if variant == 'last' else 'sum over positions'})",
                 token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
-                activation=float(measured[p]), model=adapter.name, seed=config.seed,
+                activation=float(measured[p]), model=adapter.name, bos=adapter.bos, seed=config.seed,
                 feature_map=adapter.describe_features(site),
                 dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
                 extra={"prefix_length": len(start), "per_position": acts[p].tolist(),
@@ -119,5 +124,30 @@ def run(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     if distributed()[0] == 0:
         meta = {"method": "greedy", "config": asdict(config), "model": adapter.name, "world_size": distributed()[1],
                 "sites": list(dict.fromkeys(str(site) for site, *_ in plans)), "prefix_ids": start.tolist()}
-        write_results(out, results, meta)
+        write_results(out, results, {**meta, "variant_agreement": agreement(results)})
     return SearchRun(results, out)
+
+
+def agreement(results: list[FeatureResult]) -> dict[str, dict[str, int]]:
+    """Per site, with both variants: how many problems got the same tokens from `last` and `sum`,
+    and how many of their positions agree (the document says all do); `{}` with one variant."""
+    last = {(r.site, r.spec): r.token_ids for r in results if r.method == "greedy-last"}
+    counts: dict[str, dict[str, int]] = {}
+    for r in results:
+        if r.method == "greedy-sum" and (r.site, r.spec) in last:
+            a, c = last[(r.site, r.spec)], counts.setdefault(r.site, dict.fromkeys(
+                ("problems", "same_tokens", "positions", "same_positions"), 0))
+            c["problems"] += 1
+            c["same_tokens"] += a == r.token_ids
+            c["positions"] += len(a)
+            c["same_positions"] += sum(x == y for x, y in zip(a, r.token_ids))
+    return counts
+
+
+def format_table(results: list[FeatureResult], **kw) -> str:
+    """The documents' table, then (with both variants) how often they agree at each site."""
+    lines = [common.format_table(results, **kw)]
+    for site, c in agreement(results).items():
+        lines.append(f"{site}: last and sum give the same tokens for {c['same_tokens']}/{c['problems']} problems, "
+                     f"{c['same_positions']}/{c['positions']} positions")
+    return "\n".join(lines)

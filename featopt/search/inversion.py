@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from featopt.errors import FeatoptError
 from featopt.metrics import token_matches
-from featopt.models import ModelAdapter, load_model
+from featopt.models import ModelAdapter, load_model, model_options
 from featopt.objectives.inversion import InversionConfig, InversionRun, encode_texts, texts_of
 from featopt.objectives.matching import match
 from featopt.objectives.objective import Context
@@ -64,7 +64,7 @@ def causal_pass(adapter: ModelAdapter, site, kind: str, target: Tensor, batch, c
         onehot = F.one_hot(ids[rows, k].to(E.device), E.shape[0]).to(E.dtype).requires_grad_(True)
         with torch.enable_grad():
             cache = kv.broadcast(torch.arange(len(rows))) if kv is not None else None
-            acts = adapter.run([site], inputs_embeds=(onehot @ E)[:, None], past_key_values=cache)[site][:, -1]
+            acts = adapter.run([site], inputs_embeds=(onehot @ E)[:, None], cache=cache)[site][:, -1]
             (grad,) = torch.autograd.grad(_position_distance(kind, acts.float(), goal).sum(), onehot)
         top = top_candidates(grad[:, None], allowed, k_top)[:, 0].cpu()  # [rows, k_top]
         flat_row = torch.arange(len(rows)).repeat_interleave(k_top)
@@ -74,7 +74,7 @@ def causal_pass(adapter: ModelAdapter, site, kind: str, target: Tensor, batch, c
             for s in range(0, len(flat_tok), batch_size):
                 r, t = flat_row[s:s + batch_size], flat_tok[s:s + batch_size]
                 cache = kv.broadcast(r.to(adapter.device)) if kv is not None else None
-                out = adapter.run([site], input_ids=t[:, None], past_key_values=cache)[site][:, -1]
+                out = adapter.run([site], input_ids=t[:, None], cache=cache)[site][:, -1]
                 distance[s:s + len(t)] = _position_distance(kind, out.float(), goal[r.to(goal.device)]).double().cpu()
         # argmin takes the first minimum: among equals, the token the gradient ranked higher.
         pick = top.gather(1, distance.view(len(rows), k_top).argmin(dim=1, keepdim=True))[:, 0]
@@ -90,7 +90,8 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
         raise FeatoptError("--method gcg inverts in one process: drop --devices (featopt search gcg shards over devices).")
     if config.isolated:
         raise FeatoptError("--method gcg searches whole-model inputs: drop --isolated.")
-    adapter = adapter if adapter is not None else load_model(config.model, untrained=config.untrained, seed=config.seed)
+    adapter = adapter if adapter is not None else load_model(config.model, untrained=config.untrained, seed=config.seed,
+                                                                  **model_options(config))
     site = adapter.site(config.site, config.layer)
     batch = encode_texts(adapter, texts)
     allowed = allowed_ids(adapter, config.allow)
@@ -141,7 +142,7 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
         results.append(FeatureResult(
             spec=text, site=str(site), method="gcg-inversion", objective=objective.description,
             token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
-            activation=-float(distance[p]), model=adapter.name, seed=config.seed,
+            activation=-float(distance[p]), model=adapter.name, bos=adapter.bos, seed=config.seed,
             dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"original_token_ids": batch.ids[p, :n].tolist(), "token_recovery": int(correct[p]) / n,
                    "tokens_recovered": int(correct[p]), "exact_match": bool(correct[p] == n),

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 from featopt.search.scoring import Scorer, TopK, merge_topk
@@ -158,7 +159,7 @@ def sweep(
             rows = torch.arange(lo, hi, device=device)
             group, tokens = rows // len(candidates), candidates[rows % len(candidates)]
             cache = kv.broadcast(group)
-        acts = adapter.run(sites, input_ids=tokens[:, None], past_key_values=cache, isolated=isolated)
+        acts = adapter.run(sites, input_ids=tokens[:, None], cache=cache, isolated=isolated)
         if n_groups > 1:
             scores = torch.cat([scorer(acts[site], group) for site, scorer in scorers], dim=1)
             # A candidate only counts for the problems whose prefix it continues; a batch of
@@ -176,6 +177,9 @@ def sweep(
         return merges, found, tokens
 
     size = batch_size or AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
+    # Sized before allocating: on a CPU the OOM killer strikes before an out-of-memory error can be caught.
+    size = memory.fit_batch(size, memory.forward_row_bytes(adapter.model.config, 1), device, flag="--batch_size",
+                            what="the sweep")
     bar = tqdm(total=stop - start, desc=desc, unit="tok", disable=not progress or rank != 0, leave=False)
     at = start
     while at < stop:

@@ -21,6 +21,7 @@ class CompareConfig:
     """Settings of `featopt neurons compare`."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     model_b: str | None = None  # default: the same name (then say --untrained_b to compare with a re-init)
     layers: str = "all"
     which: str = "up"

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.weights import native
 
@@ -175,6 +176,9 @@ def decode_directions(
     # precision: the factor goes into the directions before the matmul; half: after it, in float32.
     pre = 1.0 if half else LOG2E
     b2 = None if b is None else b * pre
+    # A logits row of the buffer, plus float32 working copies as large (candidates, exp2 sums).
+    row_chunk = memory.fit_batch(row_chunk, min(vocab_chunk, V) * (W.element_size() + 12), W.device,
+                                 flag="--row_chunk", what="decoding directions through the LM head")
     buffer = torch.empty(row_chunk * min(vocab_chunk, V), dtype=W.dtype, device=W.device)
     # On a CPU with float32 logits, one fused C pass per chunk replaces _merge and the exp2 sum.
     fused = native.kernel() if W.device.type == "cpu" and acc == torch.float32 else None

@@ -30,6 +30,7 @@ class FindConfig:
     """Settings of `featopt neurons find`."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     token: str | None = " the"  # a word or token, as the model would see it (mind the leading space)
     token_id: int | None = None  # or a token id
     multi: str = "first"  # a word of several tokens: first (its first token) or all (their summed probability)
@@ -84,7 +85,7 @@ def resolve_tokens(adapter: ModelAdapter, token: str | None, token_id: int | Non
         return [token_id], ""
     if not token:
         raise FeatoptError("give a word or token (--token \" dog\") or a token id (--token_id 123).")
-    ids = adapter.encode(token).tolist()
+    ids = adapter.encode(token, bos=False).tolist()
     if not ids:
         raise FeatoptError(f"{token!r} encodes to no token: give a non-empty word.")
     if len(ids) == 1:

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from featopt import cache
 from featopt.cache import cache_dir
+from featopt.results import atomic_write
 
 SOURCE = Path(__file__).with_name("tile_reduce.c")
+LIBRARY = "tile_reduce.so"
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -56,24 +58,29 @@ def build(flags: tuple[str, ...]) -> Path | None:
     if compiler is None:
         return None
     tag = " ".join([compiler, *flags, _cpu_fingerprint()]).encode()
-    target = cache_dir() / "native" / f"tile_reduce-{hashlib.sha256(SOURCE.read_bytes() + tag).hexdigest()[:16]}.so"
-    failed = target.with_suffix(".failed")
-    if target.exists():
-        return target
-    if failed.exists():
+    folder = cache_dir() / "native" / f"tile_reduce-{hashlib.sha256(SOURCE.read_bytes() + tag).hexdigest()[:16]}"
+    failed = folder.with_name(folder.name + ".failed")
+    if failed.exists() and not cache.is_valid(folder):
         _state["error"] = failed.read_text()
         return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([compiler, "-O3", *flags, "-fPIC", "-shared", str(SOURCE), "-o", str(built), "-lm"],
-                                capture_output=True, text=True)
+
+    def compile_into(tmp: Path) -> None:
+        result = subprocess.run([compiler, "-O3", *flags, "-fPIC", "-shared", str(SOURCE), "-o", str(tmp / LIBRARY),
+                                 "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
-            _state["error"] = result.stderr.strip()[:300]
-            failed.write_text(_state["error"])
-            return None
-        os.replace(built, target)  # atomic: a concurrent process sees all of it or none
-    return target
+            raise _Refused(result.stderr.strip()[:300])
+
+    try:  # an entry folder (see featopt.cache.entry): atomic, checked on read, rebuilt when corrupt
+        cache.entry(folder, compile_into)
+    except _Refused as refusal:
+        _state["error"] = str(refusal)
+        atomic_write(failed, lambda tmp: Path(tmp).write_text(_state["error"]))
+        return None
+    return folder / LIBRARY
+
+
+class _Refused(Exception):
+    """The compiler refused these flags (its message)."""
 
 
 def load(path: Path):

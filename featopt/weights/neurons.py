@@ -56,6 +56,7 @@ class DecodeConfig:
     """Settings of `featopt neurons decode`."""
 
     model: str = "tiny-llama"
+    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layers: str = "all"  # "all", "3", "0,3,7" or "0-3"
     which: str = "up"  # up (the paper) or gate (gated MLPs)
     norm: str = "none"  # none (the paper: LM head only), weight (final norm's gain), apply (the norm module)

@@ -16,9 +16,11 @@ from featopt.models.families import get_module
 from featopt.models.tiny import build_tiny
 
 DOWN = {"gpt2": "mlp.c_proj", "gpt_neo": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", "gpt_neox_serial": "mlp.dense_4h_to_h",
-        "llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwen2": "mlp.down_proj"}
+        "llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwen2": "mlp.down_proj",
+        "gemma2": "mlp.down_proj", "gemma3": "mlp.down_proj"}
 BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gpt_neox": "gpt_neox.layers",
-          "gpt_neox_serial": "gpt_neox.layers", "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers"}
+          "gpt_neox_serial": "gpt_neox.layers", "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
+          "gemma2": "model.layers", "gemma3": "model.layers"}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ PATHS = {
     "llama": ("model.layers", "self_attn", "mlp", "mlp.down_proj"),
     "mistral": ("model.layers", "self_attn", "mlp", "mlp.down_proj"),
     "qwen2": ("model.layers", "self_attn", "mlp", "mlp.down_proj"),
+    # Gemma 2/3 normalize the attention and MLP outputs before adding them to the residual.
+    "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "mlp.down_proj"),
+    "gemma3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "mlp.down_proj"),
 }
 
 
@@ -110,6 +113,8 @@ def test_isolated_block_equals_a_one_block_model(family_model):
     kept = get_module(single, blocks_path)[layer]
     setattr(get_module(single, parent), attr, torch.nn.ModuleList([kept]))
     single.config.num_hidden_layers = 1
+    if getattr(single.config, "layer_types", None):  # the kept block keeps its own attention kind
+        single.config.layer_types = [model.config.layer_types[layer]]
     seen = {}
     kept.register_forward_hook(lambda m, a, out: seen.setdefault("out", out[0] if isinstance(out, tuple) else out))
     single(input_ids=ids, use_cache=False)
@@ -174,3 +179,96 @@ def test_bad_sites_say_what_is_allowed():
     assert adapter.site("blocks.1.hook_mlp_out") == Site(1, "mlp_out")
     assert adapter.site("blocks.0.mlp.hook_post") == Site(0, "mlp_hidden")
     assert adapter.width("blocks.0.mlp_hidden") == 128
+
+
+_KINDS = ("resid_pre", "attn_out", "mlp_hidden", "mlp_out", "resid_post")
+
+
+def test_embedding_rows_are_what_the_model_embeds(family_model):
+    """`inputs_embeds=adapter.embedding[ids]` is the same forward as `input_ids=ids`, at every
+    site, in the adapter and in a plain HF forward (Gemma scales rows inside the module)."""
+    family, model = family_model
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, adapter.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    module = model.get_input_embeddings()
+    by_hand = torch.stack([module(torch.tensor([i]))[0] for i in range(adapter.vocab_size)])
+    assert torch.equal(adapter.embedding, by_hand) and adapter.embedding.dtype == model.dtype
+    if family.startswith("gemma"):  # the raw weight is not the input: sqrt(d_model) apart
+        torch.testing.assert_close(adapter.embedding, adapter.embedding_weight * 32 ** 0.5)
+    sites = [f"blocks.{layer}.{kind}" for layer in range(adapter.n_layers) for kind in _KINDS]
+    from_ids = adapter.run(sites, input_ids=ids)
+    from_rows = adapter.run(sites, inputs_embeds=adapter.embedding[ids])
+    for site in from_ids:
+        torch.testing.assert_close(from_rows[site], from_ids[site], rtol=0, atol=1e-6)
+    hf_ids = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hf_rows = model(inputs_embeds=adapter.embedding[ids], output_hidden_states=True).hidden_states
+    for a, b in zip(hf_rows, hf_ids):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_unembed_gives_the_models_logits(family_model):
+    """Final norm, head and (Gemma 2) the final logit soft-cap, as the CausalLM forward applies them."""
+    _, model = family_model
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, adapter.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    last = adapter.run([f"blocks.{adapter.n_layers - 1}.resid_post"], input_ids=ids)
+    torch.testing.assert_close(adapter.unembed(next(iter(last.values()))), model(input_ids=ids).logits)
+
+
+def test_cached_continuation_equals_the_full_forward_without_deprecations(family_model):
+    """A prefix run once, continued per row with `cache=`: the activations of one full forward,
+    and no FutureWarning (transformers 5.24 deprecates `past_key_values=`)."""
+    import warnings
+
+    from featopt.interventions.generate import generate
+
+    _, model = family_model
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, adapter.vocab_size, (3, 7), generator=torch.Generator().manual_seed(6))
+    sites = [f"blocks.{layer}.{kind}" for layer in range(adapter.n_layers) for kind in _KINDS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kv = adapter.prefix(sites, ids[:1, :4])  # one shared prefix, broadcast to every row
+        ids[:, :4] = ids[0, :4]
+        full = adapter.run(sites, input_ids=ids)
+        cont = adapter.run(sites, input_ids=ids[:, 4:], cache=kv.broadcast(torch.zeros(3, dtype=torch.long)))
+        new = generate(adapter, ids[0], 3, stop_at_eos=False)
+    for site in full:
+        torch.testing.assert_close(kv.acts[site], full[site][:1, :4], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cont[site], full[site][:, 4:], rtol=0, atol=1e-5)
+    # greedy decoding by full forwards, no cache
+    seq = ids[0]
+    for _ in range(3):
+        seq = torch.cat([seq, model(input_ids=seq[None]).logits[0, -1].argmax()[None]])
+    assert new == seq[7:].tolist()
+
+
+def test_encode_starts_with_bos_only_when_asked():
+    from featopt.models import load_model
+
+    plain, with_bos = load_model("tiny-llama"), load_model("tiny-llama", bos=True)
+    tok, text = plain.tokenizer, "Once upon a time"
+    expected = tok(text, add_special_tokens=False).input_ids
+    assert plain.encode(text).tolist() == expected and not plain.bos
+    assert with_bos.encode(text).tolist() == [tok.bos_token_id, *expected]
+    assert with_bos.encode("").tolist() == [tok.bos_token_id] and plain.encode("").tolist() == []
+    assert with_bos.encode(text, bos=False).tolist() == expected  # a piece, not an input's start
+    # the measured activation of [BOS] + ids is the plain HF forward's
+    ids = with_bos.encode(text)[None]
+    got = with_bos.run(["blocks.1.resid_post"], input_ids=ids)[Site(1, "resid_post")]
+    torch.testing.assert_close(got, with_bos.model(input_ids=ids, output_hidden_states=True).hidden_states[2])
+    # run(bos=True): the BOS runs first and its own position is dropped, from ids or from rows
+    site = Site(1, "resid_post")
+    for given in ({"input_ids": ids[:, 1:]}, {"inputs_embeds": with_bos.embedding[ids[:, 1:]]}):
+        torch.testing.assert_close(with_bos.run([site], bos=True, **given)[site], got[:, 1:], rtol=0, atol=1e-6)
+
+
+def test_bos_without_a_bos_token_is_one_clear_error(family_model):
+    from featopt.models.tiny import tiny_tokenizer
+
+    _, model = family_model
+    tok = tiny_tokenizer()
+    tok.bos_token = None
+    with pytest.raises(FeatoptError, match=r"has no BOS token: drop --bos") as info:
+        ModelAdapter(model, tok, bos=True)
+    assert "\n" not in str(info.value)

@@ -1,5 +1,6 @@
 """load_model: built-ins, local folders, FEATOPT_MODEL_PATH, GGUF caching, untrained re-init, errors."""
 
+import functools
 import importlib.util
 import os
 import time
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from featopt import cache
 from featopt.errors import FeatoptError
 from featopt.models import loading
 from featopt.models.loading import LoadedModel, gguf_cache_folder, load_model
@@ -171,7 +173,7 @@ def fake_gguf(tmp_path, monkeypatch):
             return real_model(where, *args, **kw)
         state.calls.append(Path(where) / gguf_file)
         if state.race:  # another process finishes its conversion while this one runs
-            _save_tiny(gguf_cache_folder(state.path), seed=9)
+            cache.entry(gguf_cache_folder(state.path), functools.partial(_save_tiny, seed=9))
         return build_tiny("tiny-llama")[0]
 
     def tok_from_pretrained(where, *args, gguf_file=None, **kw):
@@ -251,3 +253,22 @@ def test_real_gguf_smollm2(monkeypatch):
     assert time.perf_counter() - start < 10
     assert (gguf_cache_folder(Path(again.source)) / "config.json").is_file()
     assert again.source == lm.source and _same_weights(again.model, lm.model)
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_the_flag(tmp_path):
+    """A folder whose config names Python files to run: one sentence naming --trust_remote_code,
+    and the folder's code never runs (it would exit the test process)."""
+    import json
+
+    _save_tiny(tmp_path / "custom")
+    config = json.loads((tmp_path / "custom" / "config.json").read_text())
+    config.update(model_type="featopt_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                         "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_custom.py", "modeling_custom.py"):
+        (tmp_path / "custom" / name).write_text("raise SystemExit('the model folder ran its own code')\n")
+    for untrained in (False, True):
+        with pytest.raises(FeatoptError) as info:
+            load_model(str(tmp_path / "custom"), untrained=untrained)
+        msg = str(info.value)
+        assert "--trust_remote_code" in msg and "\n" not in msg and msg.endswith(".")

@@ -131,3 +131,25 @@ def test_simplex_prior_reports_its_argmax_and_the_pinv_decoding(tiny, tmp_path):
         pinv = torch.tensor([r.extra["pinv_token_ids"]])
         assert r.extra["pinv_activation"] == pytest.approx(_hf_resid_post(tiny, 1, ids=pinv)[0, :, p].mean().item(), abs=1e-4)
     assert list(result.module.state_dict()) == ["parametrization.logits"]
+
+
+def test_bos_is_a_fixed_first_input_and_is_recorded(tmp_path):
+    """With --bos the optimized tokens follow the BOS token: the loss is the plain HF forward of
+    [BOS row, embeds], and the recorded activation that of [BOS] + the decoded ids."""
+    model, tok = build_tiny("tiny-llama")
+    adapter = ModelAdapter(model, tok, name="tiny-llama", bos=True)
+    bos = tok.bos_token_id
+    config = _config(tmp_path, bos=True, steps=5)
+    module = build(config, adapter)
+    module.trainer = None
+    losses, _ = module.step_losses(torch.arange(3))
+    embeds = module.parametrization.embeds.detach()
+    row = model.get_input_embeddings()(torch.tensor([[bos]])).expand(3, 1, -1)
+    hidden = _hf_resid_post(adapter, 1, embeds=torch.cat([row, embeds], 1))[:, 1:]
+    torch.testing.assert_close(losses.sum(), sum((100.0 - hidden[p, :, p]).abs().sum() for p in range(3)))
+    result = run(config, adapter)
+    for p, r in enumerate(result.results):
+        assert r.bos and len(r.token_ids) == 4  # the BOS is not one of the optimized tokens
+        ids = torch.tensor([[bos, *r.token_ids]])
+        assert r.activation == pytest.approx(_hf_resid_post(adapter, 1, ids=ids)[0, 1:, p].mean().item(), abs=1e-4)
+    assert json.loads((result.out / "results.json").read_text())["run"]["config"]["bos"] is True

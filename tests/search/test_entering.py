@@ -7,6 +7,7 @@ sites, any batch size and any merge cadence."""
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,11 +31,13 @@ class TableAdapter:
 
     def __init__(self, tables, prefix_acts=None):
         self.tables, self.prefix_acts = tables, prefix_acts or {}
-        self.vocab_size = next(iter(tables.values())).shape[0]
+        self.vocab_size, width = next(iter(tables.values())).shape
         self.device = torch.device("cpu")
+        # what the sweep sizes its batch by (`featopt.memory.forward_row_bytes`)
+        self.model = SimpleNamespace(config=SimpleNamespace(hidden_size=width, num_attention_heads=1))
         self.calls = 0
 
-    def run(self, sites, *, input_ids, past_key_values=None, isolated=False):
+    def run(self, sites, *, input_ids, cache=None, isolated=False):
         self.calls += 1
         return {s: self.tables[s][input_ids] for s in sites}  # [B, 1, width]
 

@@ -183,3 +183,26 @@ def test_results_are_written_in_the_common_format(tiny64, tmp_path):
 def test_bad_settings_say_what_is_allowed(tiny64, tmp_path, kw, match):
     with pytest.raises(FeatoptError, match=match):
         run(_config(tmp_path, **kw), tiny64)
+
+
+def test_bos_is_a_fixed_first_token_and_is_recorded(tiny64, tmp_path):
+    """With --bos every candidate follows the BOS token: scores are HF forwards of [BOS, t]."""
+    import json
+
+    adapter = copy.copy(tiny64)
+    adapter.bos = True
+    bos = adapter.tokenizer.bos_token_id
+    results = run(_config(tmp_path, layer="1", features="[:, 1, 0-3]", bos=True), adapter).results
+    with torch.no_grad():
+        tokens = torch.arange(adapter.vocab_size)[:, None]
+        acts = resid_post(adapter.model, torch.cat([torch.full_like(tokens, bos), tokens], 1), 1)  # [vocab, 2, d]
+    _check(results, {("blocks.1.resid_post", f"[:, 1, {f}]"): acts[:, 1, f] for f in range(4)})
+    assert all(r.token_ids[0] == bos and len(r.token_ids) == 2 and r.extra["prefix_length"] == 1 for r in results)
+    run_meta, back = read_results(tmp_path / "run")
+    assert run_meta["config"]["bos"] is True and all(r.bos for r in back)
+    # a results file written before the field existed reads back as "no BOS"
+    document = json.loads((tmp_path / "run" / "results.json").read_text())
+    for r in document["results"]:
+        del r["bos"]
+    (tmp_path / "old.json").write_text(json.dumps(document))
+    assert not any(r.bos for r in read_results(tmp_path / "old.json")[1])

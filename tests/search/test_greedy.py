@@ -130,9 +130,27 @@ def test_results_and_table(tiny64, tmp_path):
     assert all(len(r.extra["steps"]) == 3 and len(r.extra["per_position"]) == 3 for r in back)
     lines = format_table(results).splitlines()
     assert lines[0].split() == ["[:,", ":,", "0]", "[:,", ":,", "1]"]
-    assert [line.split()[:2] for line in lines[1:]] == [
+    assert [line.split()[:2] for line in lines[1:5]] == [
         ["blocks.0.resid_post", "greedy-last"], ["blocks.0.resid_post", "greedy-sum"],
         ["blocks.1.resid_post", "greedy-last"], ["blocks.1.resid_post", "greedy-sum"]]
+    assert lines[5:] == [f"blocks.{layer}.resid_post: last and sum give the same tokens for 2/2 problems, 6/6 positions"
+                         for layer in (0, 1)]  # the tiny model's variants agree (see the cached-search test)
+    assert meta["variant_agreement"]["blocks.1.resid_post"] == {
+        "problems": 2, "same_tokens": 2, "positions": 6, "same_positions": 6}
+
+
+def test_agreement_counts_tokens_and_positions():
+    from featopt.results import FeatureResult
+    from featopt.search.greedy import agreement
+
+    def result(method, spec, ids):
+        return FeatureResult(spec=spec, site="blocks.0.resid_post", method=method, objective="", token_ids=ids,
+                             tokens=[], text="", activation=0.0)
+
+    rows = [result("greedy-last", "a", [1, 2, 3]), result("greedy-last", "b", [4, 5, 6]),
+            result("greedy-sum", "a", [1, 2, 3]), result("greedy-sum", "b", [4, 9, 6])]
+    assert agreement(rows) == {"blocks.0.resid_post": {"problems": 2, "same_tokens": 1, "positions": 6, "same_positions": 5}}
+    assert agreement(rows[:2]) == {}
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -18,9 +18,12 @@ from featopt.weights.store import load_decoded
 # Written out by hand, independent of the adapter's family table: the module computing the neurons'
 # pre-activations (and, for gated MLPs, the gate).
 UP = {"gpt2": "mlp.c_fc", "gpt_neo": "mlp.c_fc", "gpt_neox": "mlp.dense_h_to_4h", "gpt_neox_serial": "mlp.dense_h_to_4h",
-      "llama": "mlp.up_proj", "mistral": "mlp.up_proj", "qwen2": "mlp.up_proj"}
+      "llama": "mlp.up_proj", "mistral": "mlp.up_proj", "qwen2": "mlp.up_proj", "gemma2": "mlp.up_proj",
+      "gemma3": "mlp.up_proj"}
 BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gpt_neox": "gpt_neox.layers",
-          "gpt_neox_serial": "gpt_neox.layers", "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers"}
+          "gpt_neox_serial": "gpt_neox.layers", "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
+          "gemma2": "model.layers", "gemma3": "model.layers"}
+GATED = ("llama", "mistral", "qwen2", "gemma2", "gemma3")
 
 
 def test_neuron_weights_are_what_each_neuron_reads(family_model):
@@ -31,13 +34,13 @@ def test_neuron_weights_are_what_each_neuron_reads(family_model):
     x = torch.randn(5, adapter.d_model, generator=torch.Generator().manual_seed(0))
     for layer in range(adapter.n_layers):
         block = get_module(model, BLOCKS[family])[layer]
-        paths = [("up", UP[family])] + ([("gate", "mlp.gate_proj")] if family in ("llama", "mistral", "qwen2") else [])
+        paths = [("up", UP[family])] + ([("gate", "mlp.gate_proj")] if family in GATED else [])
         for which, path in paths:
             module = get_module(block, path)
             with torch.no_grad():
                 expected = module(x) - module(torch.zeros_like(x))
             torch.testing.assert_close(x @ neuron_weights(adapter, layer, which).T, expected, atol=1e-5, rtol=1e-5)
-    if family not in ("llama", "mistral", "qwen2"):
+    if family not in GATED:
         with pytest.raises(FeatoptError, match="no gated MLP"):
             neuron_weights(adapter, 0, "gate")
 
