@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 
 import pytest
 import torch
@@ -10,6 +12,34 @@ import torch
 # Never reach for a model hub from a test: a missing file must fail fast, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class NetworkUsed(RuntimeError):
+    """A test opened a connection beyond this machine."""
+
+
+def _loopback(host) -> bool:
+    if host in ("localhost", "", None):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: resolving and reaching it is network use
+
+
+def _guard(connect):
+    def guarded(self, address):
+        # Loopback stays open: torch.distributed's store (ddp_spawn tests) listens on 127.0.0.1.
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
+            raise NetworkUsed(f"a test tried to connect to {address!r}: tests run offline, with local files only.")
+        return connect(self, address)
+    return guarded
+
+
+# The socket guard: any connection from the test process to another machine fails the test
+# (subprocesses are covered by HF_HUB_OFFLINE above, not by this guard).
+socket.socket.connect = _guard(socket.socket.connect)
+socket.socket.connect_ex = _guard(socket.socket.connect_ex)
 
 
 def _family_models():
