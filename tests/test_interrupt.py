@@ -80,7 +80,13 @@ def test_signal_becomes_interrupted_once_and_handlers_come_back():
         signal.raise_signal(signal.SIGTERM)
     assert (caught.value.name, caught.value.exit_status) == ("SIGTERM", 143)
     assert signal.getsignal(signal.SIGTERM) is before
-    with raising_on_signals():  # a second signal while cleaning up is ignored
-        with pytest.raises(Interrupted):
+    # A test run started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, which
+    # raising_on_signals rightly leaves alone: give this check Python's own SIGINT handler.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with raising_on_signals():  # a second signal while cleaning up is ignored
+            with pytest.raises(Interrupted):
+                signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
