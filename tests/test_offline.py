@@ -7,20 +7,22 @@ import socket
 import threading
 
 import pytest
-from conftest import NetworkUsed
+
+# The guard's error, by its message: `conftest` is not importable by name (tests/search has one too).
+GUARD = dict(expected_exception=RuntimeError, match="tests run offline")
 
 
 @pytest.mark.parametrize("address", [("93.184.216.34", 80), ("2606:2800:220:1::", 443), ("huggingface.co", 443)])
 def test_a_connection_to_another_machine_fails(address):
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s, pytest.raises(NetworkUsed, match="offline"):
+    with socket.socket(family, socket.SOCK_STREAM) as s, pytest.raises(**GUARD):
         s.connect(address)
-    with socket.socket(family, socket.SOCK_STREAM) as s, pytest.raises(NetworkUsed):
+    with socket.socket(family, socket.SOCK_STREAM) as s, pytest.raises(**GUARD):
         s.connect_ex(address)
 
 
 def test_create_connection_is_guarded_too():
-    with pytest.raises(NetworkUsed):
+    with pytest.raises(**GUARD):
         socket.create_connection(("93.184.216.34", 80), timeout=1)
 
 
