@@ -5,7 +5,8 @@
 
 Layers 0 and 8, the 20 features of `FEATURES` (fixed), block outputs (`resid_post`):
 
-1. N = 1: GCG's token against the exhaustive sweep's optimum over the whole vocabulary (share equal);
+1. N = 1: GCG's token against the exhaustive sweep's optimum over the whole vocabulary (share equal),
+   pooled (featopt's default: each forward scores a candidate for all 20 features) and per feature;
 2. N = 8, last position: GCG against greedy (featopt's, the document's last-position variant) over
    the same allowed tokens (`ALLOWED`: 256 word tokens), GCG capped at greedy's forward
    evaluations (8 x 256 per feature): share of features where GCG >= greedy, mean ratio;
@@ -83,17 +84,24 @@ def timed(fn):
 
 
 def one_token(adapter, layer: int, out: Path) -> dict:
+    """GCG pooled (featopt's default: one forward scores a token for all 20 features) and per
+    feature (`pool=False`, as nanoGCG searches), against the exhaustive optimum."""
     ex, t_ex = timed(lambda: exhaustive(ExhaustiveConfig(model=MODEL, layer=layer, features=SPEC, out=str(out / f"n1-exh-{layer}"),
                                                          progress=False), adapter).results)
-    gc, t_gc = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=1, steps=N1_STEPS, search_width=512,
-                                           topk=4096, allow="all", out=str(out / f"n1-gcg-{layer}"), progress=False),
-                                 adapter).results)
-    equal = [g.token_ids == e.token_ids for g, e in zip(gc, ex)]
-    return {"layer": layer, "share_optimal": sum(equal) / len(equal), "exhaustive_s": t_ex, "gcg_s": t_gc,
-            "gcg_evaluations_mean": statistics.fmean(g.extra["forward_evaluations"] for g in gc),
-            "fraction_of_optimum_mean": statistics.fmean(g.activation / e.activation for g, e in zip(gc, ex) if e.activation > 0),
-            "features": [{"feature": f, "gcg": g.token_ids, "gcg_activation": g.activation, "optimum": e.token_ids,
-                          "optimum_activation": e.activation} for f, g, e in zip(FEATURES, gc, ex)]}
+    row = {"layer": layer, "exhaustive_s": t_ex, "vocabulary": adapter.vocab_size}
+    for name, pool in (("", True), ("_unpooled", False)):
+        gc, t_gc = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=1, steps=N1_STEPS,
+                                               search_width=512, topk=4096, allow="all", pool=pool,
+                                               out=str(out / f"n1-gcg{name}-{layer}"), progress=False), adapter).results)
+        equal = [g.token_ids == e.token_ids for g, e in zip(gc, ex)]
+        row.update({f"share_optimal{name}": sum(equal) / len(equal), f"gcg_s{name}": t_gc,
+                    f"forwards_total{name}": sum(g.extra["forward_evaluations"] for g in gc),
+                    f"fraction_of_optimum_mean{name}": statistics.fmean(g.activation / e.activation for g, e in zip(gc, ex)
+                                                                        if e.activation > 0),
+                    f"features{name}": [{"feature": f, "gcg": g.token_ids, "gcg_activation": g.activation,
+                                         "optimum": e.token_ids, "optimum_activation": e.activation}
+                                        for f, g, e in zip(FEATURES, gc, ex)]})
+    return row
 
 
 def greedy_answers(adapter, layer: int, allowed: list[int], out: Path):
@@ -106,16 +114,20 @@ def greedy_answers(adapter, layer: int, allowed: list[int], out: Path):
 
 def eight_tokens(adapter, layer: int, allowed: list[int], greedy_runs, out: Path) -> dict:
     budget = TOKENS * len(allowed)
-    gc, t = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=10_000,
-                                        search_width=64, topk=64, max_evaluations=budget, allow="all",
-                                        candidates=",".join(map(str, allowed)), out=str(out / f"n8-gcg-{layer}"),
-                                        progress=False), adapter).results)
-    ratios = [g.activation / r.activation for g, r in zip(gc, greedy_runs) if r.activation > 0]
-    return {"layer": layer, "budget": budget, "share_at_least_greedy": sum(g.activation >= r.activation for g, r in zip(gc, greedy_runs)) / len(gc),
-            "mean_ratio": statistics.fmean(ratios), "gcg_s": t,
-            "evaluations_max": max(g.extra["forward_evaluations"] for g in gc),
-            "features": [{"feature": f, "gcg": g.activation, "greedy": r.activation, "gcg_text": g.text, "greedy_text": r.text,
-                          "evaluations": g.extra["forward_evaluations"]} for f, g, r in zip(FEATURES, gc, greedy_runs)]}
+    row = {"layer": layer, "budget": budget}
+    for name, pool in (("", True), ("_unpooled", False)):
+        gc, t = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=10_000,
+                                            search_width=64, topk=64, max_evaluations=budget, allow="all", pool=pool,
+                                            candidates=",".join(map(str, allowed)), out=str(out / f"n8-gcg{name}-{layer}"),
+                                            progress=False), adapter).results)
+        ratios = [g.activation / r.activation for g, r in zip(gc, greedy_runs) if r.activation > 0]
+        row.update({f"share_at_least_greedy{name}": sum(g.activation >= r.activation for g, r in zip(gc, greedy_runs)) / len(gc),
+                    f"mean_ratio{name}": statistics.fmean(ratios), f"gcg_s{name}": t,
+                    f"evaluations_max{name}": max(g.extra["forward_evaluations"] for g in gc),
+                    f"features{name}": [{"feature": f, "gcg": g.activation, "greedy": r.activation, "gcg_text": g.text,
+                                         "greedy_text": r.text, "evaluations": g.extra["forward_evaluations"]}
+                                        for f, g, r in zip(FEATURES, gc, greedy_runs)]})
+    return row
 
 
 def peer_init(allowed: list[int]) -> list[int]:
@@ -141,24 +153,33 @@ def versus_peer(adapter, layer: int, allowed: list[int], out: Path, peer: subpro
                 init: list[int]) -> dict:
     # The same start and the same number of scored candidates (featopt never scores a sequence
     # twice, so it takes an extra step where nanoGCG's repeats would have spent the budget).
-    gc, t = timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=2 * PEER_STEPS,
-                                        max_evaluations=PEER_STEPS * PEER_WIDTH, init="ids:" + ",".join(map(str, init)),
-                                        search_width=PEER_WIDTH, topk=min(PEER_TOPK, N_ALLOWED), allow="all",
-                                        candidates=",".join(map(str, allowed)), out=str(out / f"peer-gcg-{layer}"),
-                                        progress=False), adapter).results)
+    # Pooled (featopt's default) runs beside the peer and is timed; per feature runs after it.
+    def search(pool: bool, name: str):
+        return timed(lambda: gcg(GCGConfig(model=MODEL, layer=layer, features=SPEC, tokens=TOKENS, steps=2 * PEER_STEPS,
+                                           max_evaluations=PEER_STEPS * PEER_WIDTH, init="ids:" + ",".join(map(str, init)),
+                                           search_width=PEER_WIDTH, topk=min(PEER_TOPK, N_ALLOWED), allow="all", pool=pool,
+                                           candidates=",".join(map(str, allowed)), out=str(out / f"peer-gcg{name}-{layer}"),
+                                           progress=False), adapter).results)
+
+    gc, t = search(True, "")
     steps = max(g.extra["steps"] for g in gc)
     row = {"layer": layer, "featopt_s": t, "featopt_steps": steps, "featopt_s_per_step_per_feature": t / steps / len(FEATURES),
            "featopt_evaluations": [g.extra["forward_evaluations"] for g in gc], "featopt": [g.activation for g in gc]}
+    if peer is not None:
+        peer.wait()
+    alone, _ = search(False, "_unpooled")
+    row.update({"featopt_unpooled": [g.activation for g in alone],
+                "featopt_unpooled_evaluations": [g.extra["forward_evaluations"] for g in alone]})
     if peer is None:
         return row
-    peer.wait()
     data = json.loads((out / f"nanogcg-{layer}.json").read_text())
     theirs = [f["activation"] for f in data["features"]]
     row.update({"nanogcg": theirs, "nanogcg_s_per_step_per_feature": statistics.fmean(f["seconds_per_step"] for f in data["features"]),
-                "share_at_least_nanogcg": sum(a >= b for a, b in zip(row["featopt"], theirs)) / len(theirs),
-                "mean_ratio": statistics.fmean(a / b for a, b in zip(row["featopt"], theirs) if b > 0),
                 "nanogcg_evaluations": data["features"][0]["candidate_evaluations"],
                 "nanogcg_version": data["nanogcg_version"]})
+    for name, ours in (("", row["featopt"]), ("_unpooled", row["featopt_unpooled"])):
+        row[f"share_at_least_nanogcg{name}"] = sum(a >= b for a, b in zip(ours, theirs)) / len(theirs)
+        row[f"mean_ratio{name}"] = statistics.fmean(a / b for a, b in zip(ours, theirs) if b > 0)
     row["speedup_per_step"] = row["nanogcg_s_per_step_per_feature"] / row["featopt_s_per_step_per_feature"]
     return row
 

@@ -17,6 +17,8 @@ the order), so `fraction` is None; `gap = optimum - activation` (>= 0 up to roun
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 import statistics
@@ -49,6 +51,7 @@ class CompareConfig:
     """Settings of one comparison (the flags of `featopt compare`)."""
 
     model: str = "tiny-gpt2"
+    bos: bool = False  # every one-token input follows the model's BOS token (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int | str = 0  # one layer or several ("0,4,8"): one sweep, one gradient run per layer
     site: str = "resid_post"  # one kind
@@ -148,7 +151,7 @@ def _simplex(config: CompareConfig, adapter: ModelAdapter, settings: ascent.Asce
 def _gradient(config: CompareConfig, adapter: ModelAdapter, site: Site, out: Path) -> dict[str, list[tuple]]:
     """Per method, `(token id, re-measured activation)` per problem of `site`, in spec order."""
     settings = ascent.AscentConfig(
-        model=config.model, layer=site.layer, site=site.kind, features=config.features, tokens=1, steps=config.steps,
+        model=config.model, bos=config.bos, layer=site.layer, site=site.kind, features=config.features, tokens=1, steps=config.steps,
         lr=config.lr, target=config.target, isolated=config.isolated, untrained=config.untrained, seed=config.seed,
         accelerator=DEVICES[config.device], decode_every=config.steps, progress=config.progress,
         out=str(out / "embedding-ascent" / site.name))
@@ -164,23 +167,23 @@ def _gradient(config: CompareConfig, adapter: ModelAdapter, site: Site, out: Pat
         from featopt.search import gcg
 
         found = gcg.run(gcg.GCGConfig(
-            model=config.model, layer=site.layer, site=site.kind, features=_one_position(config.features), tokens=1,
+            model=config.model, bos=config.bos, layer=site.layer, site=site.kind, features=_one_position(config.features), tokens=1,
             steps=config.gcg_steps, search_width=config.gcg_width, topk=config.gcg_topk, allow="all",
             isolated=config.isolated, untrained=config.untrained, seed=config.seed,
             device="cpu" if config.device == "cpu" else "auto", out=str(out / "gcg" / site.name),
             progress=config.progress, sae=None), adapter).results
-        picks["gcg"] = [(r.token_ids[0], r.activation) for r in found]
+        picks["gcg"] = [(r.token_ids[-1], r.activation) for r in found]  # after a --bos prefix
     return picks
 
 
-def _one_position(spec: str) -> str:
-    """The spec's problems with the position field ":" (one-token inputs: position 0 is the only
-    one, and GCG takes the position from its variant), in the same order."""
+def _one_position(spec: str, position: str = ":") -> str:
+    """The spec's problems with the position field `position` (default ":": one-token inputs have
+    position 0 only, and GCG takes the position from its variant), in the same order."""
     items = []
     for problem in parse_features(spec):
         f = problem.features
         items.append(":" if f is None else str(f[0]) if len(f) == 1 else f"{f[0]}:{f[-1] + 1}")
-    return "[:, :, [" + ", ".join(items) + "]]"
+    return f"[:, {position}, [" + ", ".join(items) + "]]"
 
 
 def _outcome(method: str, token: int, activation: float, best: FeatureResult, adapter: ModelAdapter) -> MethodResult:
@@ -188,7 +191,7 @@ def _outcome(method: str, token: int, activation: float, best: FeatureResult, ad
     gap = optimum - activation
     return MethodResult(method, int(token), adapter.decode([token]), float(activation),
                         fraction_of(activation, optimum), gap,
-                        optimal=token == best.token_ids[0] or gap <= TIE * max(1.0, abs(optimum)),
+                        optimal=token == best.token_ids[-1] or gap <= TIE * max(1.0, abs(optimum)),
                         rank=top.index(token) + 1 if token in top else None)
 
 
@@ -217,6 +220,9 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
     _check(config)
     if adapter is None:
         adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, **model_options(config))
+    elif adapter.bos != config.bos:  # every method below reads the run's --bos from the adapter
+        adapter = copy.copy(adapter)
+        adapter.bos = config.bos
     if config.sae:
         adapter, sae_site = attach_path(adapter, config.sae)
         sites = [sae_site]
@@ -231,7 +237,9 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
     for group in sweeps:
         optima += exhaustive.run(exhaustive.ExhaustiveConfig(
             model=config.model, layer=",".join(str(s.layer) for s in group), site=sites[0].kind,
-            features=config.features, top_k=config.top_k, isolated=config.isolated, untrained=config.untrained,
+            # The sweep's positions count its [BOS] prefix: the searched token is position 1 after it.
+            features=_one_position(config.features, "1") if config.bos else config.features, bos=config.bos,
+            top_k=config.top_k, isolated=config.isolated, untrained=config.untrained,
             seed=config.seed, device=config.device,
             out=str(out / "exhaustive" / (group[0].name if config.isolated else "")), progress=config.progress,
         ), adapter).results
@@ -239,8 +247,9 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
     for site in sites:
         best = [r for r in optima if r.site == str(site)]
         picks = _gradient(config, adapter, site, out)
-        for p, b in enumerate(best):
-            features.append(FeatureComparison(str(site), b.spec, b.token_ids[0], b.tokens[0], b.activation, {
+        specs = [q.spec for q in parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))]
+        for p, b in enumerate(best):  # the searched token is the last (a --bos sweep's ids are [BOS, t])
+            features.append(FeatureComparison(str(site), specs[p], b.token_ids[-1], b.tokens[-1], b.activation, {
                 m: _outcome(m, *picks[m][p], b, adapter) for m in config.methods}))
     summary = summarize(features, config.methods)
     document = {"run": {"method": "compare", "config": asdict(config), "model": adapter.name,

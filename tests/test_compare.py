@@ -159,3 +159,24 @@ def test_bad_input_raises_before_any_search(tiny64, tmp_path, monkeypatch, bad):
     monkeypatch.setattr(exhaustive, "run", lambda *a, **k: pytest.fail("searched despite bad input"))
     with pytest.raises(FeatoptError):
         run(CompareConfig(**{**dict(model="tiny-llama", out=str(tmp_path), progress=False), **bad}), tiny64)
+
+
+def test_with_bos_every_method_scores_its_token_after_the_bos_as_a_plain_forward(tiny64, tmp_path):
+    """--bos: the optimum is the brute-force best token t of [BOS, t] at t's position, and every
+    method's activation is the plain forward of [BOS, its token]."""
+    bos = tiny64.tokenizer.bos_token_id
+    block = tiny64.model.model.layers[1]
+    tokens = torch.arange(tiny64.vocab_size)[:, None]
+    acts = torch.cat([_hooked(tiny64.model, torch.cat([torch.full_like(ids, bos), ids], 1), block)[:, 1]
+                      for ids in tokens.split(128)])
+    brute = {spec: acts[:, feats].double().mean(1) for spec, feats in SPECS.items()}
+    result = run(CompareConfig(model="tiny-llama", layer="1", features=FEATURES, steps=10, lr=0.2, top_k=5, bos=True,
+                               gcg_steps=4, gcg_width=64, gcg_topk=64, out=str(tmp_path), progress=False), tiny64)
+    assert not tiny64.bos  # the caller's adapter is left as it was
+    assert [f.spec for f in result.features] == list(SPECS)
+    for f in result.features:
+        scores = brute[f.spec]
+        assert f.optimum_token_id == int(scores.argmax())
+        assert f.optimum_activation == pytest.approx(float(scores.max()), rel=1e-9)
+        for m, o in f.methods.items():
+            assert o.activation == pytest.approx(float(scores[o.token_id]), rel=1e-5, abs=1e-7), m

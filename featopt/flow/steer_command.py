@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.search.tokens import context_limit
 from featopt.flow.commands import (
     check_at_least, corpus_for, load_flow, load_model_for, meta, out_dir, parse_floats, parse_layers, parse_nodes,
     parse_threshold, write_json,
@@ -99,11 +98,9 @@ def run_steer(config: SteerConfig) -> SteerRun:
     targets = parse_nodes(config.targets, flow, "--targets") if config.targets else single
     multi, graph = _multi_nodes(config, flow, single)
     adapter = load_model_for(config, flow)
-    limit = context_limit(adapter)
     longest = max(len(adapter.encode(p)) for p in prompts)
-    if limit is not None and longest + config.tokens > limit:
-        raise FeatoptError(f"--tokens {config.tokens} after a {longest}-token prompt needs {longest + config.tokens} "
-                           f"positions, but {adapter.name!r} takes at most {limit}: use at most {max(0, limit - longest)}.")
+    adapter.check_positions(longest + config.tokens, f"--tokens {config.tokens} after a {longest}-token prompt",
+                            f"use at most {max(0, (adapter.context_limit or 0) - longest)}")
     reference = None
     if config.mode == "add" and config.corpus:
         contexts = corpus_for(adapter, config.corpus, tokens=config.corpus_tokens, context_length=config.context_length)

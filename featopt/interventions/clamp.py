@@ -156,7 +156,6 @@ class ClampRun:
 def run_clamp(config: ClampConfig, adapter: ModelAdapter | None = None) -> ClampRun:
     from featopt.results import atomic_write
     from featopt.search.common import load, out_dir
-    from featopt.search.tokens import context_limit
     from featopt.weights.neurons import check_config
 
     check_config(config)
@@ -171,10 +170,8 @@ def run_clamp(config: ClampConfig, adapter: ModelAdapter | None = None) -> Clamp
     prompt = adapter.encode(config.prompt)
     if not len(prompt):
         raise FeatoptError("--prompt encodes to no token: give a non-empty prompt.")
-    limit = context_limit(adapter)
-    if limit is not None and len(prompt) + config.generate > limit:
-        raise FeatoptError(f"--prompt is {len(prompt)} tokens (and --generate {config.generate} more) but {adapter.name!r} "
-                           f"takes at most {limit}: shorten it.")
+    adapter.check_positions(len(prompt) + config.generate, f"--prompt of {len(prompt)} tokens and --generate {config.generate}",
+                            "shorten the prompt or generate fewer tokens")
     site = check_neuron(adapter, config.layer, config.neuron)
     with torch.no_grad():
         natural = float(adapter.run([site], input_ids=prompt[None])[site][0, -1, config.neuron])

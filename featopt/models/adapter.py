@@ -148,6 +148,24 @@ class ModelAdapter:
                                f"drop --bos for this model.")
         return bos
 
+    @property
+    def context_limit(self) -> int | None:
+        """The most positions the model takes (None when its config does not say)."""
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(self.model.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def check_positions(self, positions: int, what: str, fix: str) -> None:
+        """One check for every command: `positions` (everything the model will run, the BOS token
+        of `--bos` included) must fit the context; else one sentence naming `what` needs them and
+        how to `fix` it."""
+        limit = self.context_limit
+        if limit is not None and positions > limit:
+            bos = " (the BOS token of --bos included)" if self.bos else ""
+            raise FeatoptError(f"{what} needs {positions} positions{bos}, but {self.name} takes at most {limit}: {fix}.")
+
     def __getstate__(self) -> dict:
         # Spawned workers rebuild the (vocab x d_model) scaled rows themselves: don't pickle them.
         return {**self.__dict__, "_embedding_cache": None}

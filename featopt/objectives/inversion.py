@@ -45,6 +45,7 @@ class InversionConfig:
     """Settings of one inversion run (the flags of `featopt invert`)."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # run the model's BOS token before every text (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     layer: int = 0
     site: str = "resid_post"
@@ -129,15 +130,15 @@ def _check(config: InversionConfig) -> None:
 
 
 def encode_texts(adapter: ModelAdapter, texts: list[str]) -> Batch:
-    """Tokenize (no special tokens) and right-pad to the longest text."""
-    rows = [adapter.encode(t) for t in texts]
+    """Tokenize (no special tokens) and right-pad to the longest text. With the run's `--bos` the
+    BOS token is not part of the rows: it is run before them (`adapter.run(..., bos=True)`), a
+    fixed token never recovered, but it takes a position, so the length check counts it."""
+    rows = [adapter.encode(t, bos=False) for t in texts]
     for i, row in enumerate(rows):
         if len(row) == 0:
             raise FeatoptError(f"text {i + 1} ({texts[i]!r}) encodes to no token: give text with at least one token.")
-    limit = getattr(adapter.model.config, "max_position_embeddings", None) or getattr(adapter.model.config, "n_positions", None)
     longest = max(len(r) for r in rows)
-    if limit and longest > limit:
-        raise FeatoptError(f"a text is {longest} tokens but {adapter.name} takes at most {limit}: shorten it.")
+    adapter.check_positions(longest + int(adapter.bos), f"a text of {longest} tokens", "shorten it")
     tok = adapter.tokenizer
     pad = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)) if t is not None), 0)
     ids = torch.full((len(rows), longest), pad, dtype=torch.long)
@@ -162,7 +163,7 @@ def build(config: InversionConfig, adapter: ModelAdapter | None = None) -> tuple
     site = adapter.site(config.site, config.layer)
     batch = encode_texts(adapter, texts)
     with torch.no_grad():  # the target O(e): the real tokens' outputs, computed once
-        target = adapter.run([site], input_ids=batch.ids, isolated=config.isolated)[site].float()
+        target = adapter.run([site], input_ids=batch.ids, isolated=config.isolated, bos=adapter.bos)[site].float()
     objective = match(config.objective, site, target, batch.mask)
     # FeatureOptimization logs each row's mean activation over a selection: here all features at
     # the row's real positions, so the padding is left out of the logs too.
@@ -213,8 +214,8 @@ def evaluate(module: FeatureOptimization, batch: Batch, config: InversionConfig)
     ids = torch.where(batch.mask, direct.cpu() if direct is not None else decoded[config.decoder], batch.ids)
     cosine = token_cosine(embedding, embeds, ids).cpu()
     with torch.autocast(adapter.device.type, enabled=False):  # full precision, whatever the training ran in
-        acts = adapter.run([site], input_ids=ids, isolated=module.isolated)[site].float()
-        cont = adapter.run([site], inputs_embeds=embeds, isolated=module.isolated)[site].float()
+        acts = adapter.run([site], input_ids=ids, isolated=module.isolated, bos=adapter.bos)[site].float()
+        cont = adapter.run([site], inputs_embeds=embeds, isolated=module.isolated, bos=adapter.bos)[site].float()
     rows = torch.arange(len(batch.texts))
     distance = objective.loss(Context({site: acts}, embeds, rows, adapter)).cpu()
     cont_distance = objective.loss(Context({site: cont}, embeds, rows, adapter)).cpu()

@@ -20,7 +20,6 @@ from featopt.models import ModelAdapter, load_model, model_options
 from featopt.results import atomic_write, versions
 from featopt.sae.commands import _check_context, _check_positive, _out
 from featopt.search.common import DTYPES
-from featopt.search.tokens import context_limit
 
 
 # ----------------------------------------------------------------------------- shared
@@ -233,9 +232,7 @@ def run_ablate(config: AblateConfig, adapter: ModelAdapter | None = None) -> Abl
     ids = adapter.encode(config.text)
     if len(ids) < 2:
         raise FeatoptError(f"--text {config.text!r} is {len(ids)} token: give at least two tokens.")
-    limit = context_limit(adapter)
-    if limit is not None and len(ids) > limit:
-        raise FeatoptError(f"--text is {len(ids)} tokens but {adapter.name!r} takes at most {limit}: shorten it.")
+    adapter.check_positions(len(ids), f"--text of {len(ids)} tokens", "shorten it")
     site = adapter.site(site_of(sae))
     with torch.inference_mode():
         z = sae.encode(adapter.run([site], input_ids=ids[None])[site])[0, :, config.latent].float()

@@ -37,11 +37,7 @@ def _sites(adapter: ModelAdapter, site: str) -> list[Site]:
 
 
 def _check_context(adapter: ModelAdapter, length: int) -> None:
-    cfg = adapter.model.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if limit and length > limit:
-        raise FeatoptError(f"--context_length {length} is longer than the {limit} positions model {adapter.name!r} "
-                           f"takes: give at most {limit}.")
+    adapter.check_positions(length, f"--context_length {length}", f"give at most {adapter.context_limit}")
 
 
 def _out(out: str | None) -> Path:

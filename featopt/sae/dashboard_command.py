@@ -25,7 +25,6 @@ from featopt.models import ModelAdapter, model_options
 from featopt.results import atomic_write, versions
 from featopt.sae.analysis import MODES, load_model_and_sae, parse_latents
 from featopt.sae.commands import _check_context, _check_positive, _out
-from featopt.search.tokens import context_limit
 
 
 @dataclass
@@ -104,10 +103,9 @@ def run_dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) 
     _check(config, out)
     adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
     latents = parse_latents(config.features, sae.d_sae)
-    limit = context_limit(adapter)
-    if config.ascent_steps and limit is not None and config.ascent_tokens > limit:
-        raise FeatoptError(f"--ascent_tokens {config.ascent_tokens} is more than the {limit} positions {adapter.name!r} "
-                           f"takes: give at most {limit}.")
+    if config.ascent_steps:
+        adapter.check_positions(config.ascent_tokens + int(adapter.bos), f"--ascent_tokens {config.ascent_tokens}",
+                                f"give at most {(adapter.context_limit or 0) - int(adapter.bos)}")
     settings = config
     if config.stats:
         stats = FeatureStats.load(config.stats)

@@ -145,10 +145,22 @@ class CandidateModel:
             grad[rows] = g.float().cpu()
         return grad
 
+    @property
+    def scores_all(self) -> bool:
+        """Whether one forward can score a candidate for every problem (`evaluate_all`)."""
+        return hasattr(self.loss, "all") and not self.xent
+
+    def evaluate_all(self, ids: Tensor) -> Tensor:
+        """Every problem's exact loss of candidates `ids [C, N]` -> `[C, P]` (float64, CPU)."""
+        if not self.scores_all:
+            raise TypeError("this loss scores one problem per candidate: use evaluate")
+        return self.evaluate(ids, None)[0]
+
     @torch.inference_mode()
-    def evaluate(self, ids: Tensor, problems: Tensor) -> tuple[Tensor, Tensor | None]:
+    def evaluate(self, ids: Tensor, problems: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Exact `(loss [C], xent [C] or None)` of candidates `ids [C, N]` for `problems [C]`
-        (float64, on the CPU), in batches; a batch that does not fit is halved and retried."""
+        (float64, on the CPU), in batches; a batch that does not fit is halved and retried.
+        `problems` None: every problem's loss, `[C, P]` (see `evaluate_all`)."""
         losses, xents = [], []
         size, at = self.batch_size, 0
         # Sized before allocating: on a CPU the OOM killer strikes before an out-of-memory error can be caught.
@@ -156,10 +168,13 @@ class CandidateModel:
                                                                logits=self.xent), self.adapter.device,
                                 flag="--batch_size", what="scoring candidates")
         while at < len(ids):
-            batch, probs = ids[at:at + size], problems[at:at + size]
+            batch = ids[at:at + size]
             try:
                 acts, hidden = self._forward(ids=batch, cache=self._cache(len(batch)))
-                loss = self.loss(self._with_prefix(acts), probs.to(self.adapter.device))
+                if problems is None:
+                    loss = self.loss.all(self._with_prefix(acts))
+                else:
+                    loss = self.loss(self._with_prefix(acts), problems[at:at + size].to(self.adapter.device))
                 xent = self.cross_entropy(hidden, batch) if hidden is not None else None
             except RuntimeError as error:
                 if not is_oom(error) or size == 1:

@@ -32,7 +32,7 @@ __all__ = ["EPOConfig", "Front", "run", "format_table"]
 
 
 @dataclass
-class EPOConfig(gcg.GCGConfig):
+class EPOConfig(gcg.SwapConfig):
     """Settings of one EPO search (the flags of `featopt search epo`): GCG's, plus the lambdas."""
 
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])

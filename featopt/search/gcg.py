@@ -28,14 +28,14 @@ from featopt.search.swap_search import SwapSettings, SwapState, swap_search
 from featopt.search.sweep import distributed
 from featopt.search.tokens import ALLOW, allowed_ids, check_length
 
-__all__ = ["GCGConfig", "FeatureLoss", "position_weights", "run", "format_table"]
+__all__ = ["GCGConfig", "SwapConfig", "FeatureLoss", "position_weights", "run", "format_table"]
 
 VARIANTS = ("last", "sum")
 
 
 @dataclass
-class GCGConfig:
-    """Settings of one GCG search (the flags of `featopt search gcg`)."""
+class SwapConfig:
+    """Settings GCG and EPO share (the flags of `featopt search gcg|epo`)."""
 
     model: str = "tiny-gpt2"
     bos: bool = False  # start the model input with its BOS token (off: as the source documents encode)
@@ -65,6 +65,13 @@ class GCGConfig:
     progress: bool = True
     sae: str | None = None  # an SAE folder: its latents are the features, at its own site
     isolated: bool = False  # the site's block alone (one layer, no prefix)
+
+
+@dataclass
+class GCGConfig(SwapConfig):
+    """Settings of one GCG search (the flags of `featopt search gcg`)."""
+
+    pool: bool = True  # score each candidate for every feature (one forward serves all); each keeps the best of all
 
 
 class FeatureLoss:
@@ -108,6 +115,18 @@ class FeatureLoss:
 
     def __call__(self, acts: dict[Site, Tensor], problems: Tensor) -> Tensor:
         return -self.score(acts, problems)
+
+    def all(self, acts: dict[Site, Tensor]) -> Tensor:
+        """Minus every problem's score of every sequence: `acts {site: [B, T, W]}` -> `[B, P]`
+        (one matmul per site: the readout of a forward is cheap beside the forward)."""
+        out = []
+        for i, site in enumerate(self.sites):
+            a = acts[site]
+            mine = self.site_of == i
+            f = self.features[i].to(a.device, a.dtype)  # [P_site, W]
+            w = self.weights[mine].to(a.device, a.dtype)  # [P_site, T]
+            out.append(-torch.einsum("btw,pw,pt->bp", a, f, w))
+        return torch.cat(out, dim=1)
 
 
 def check(config) -> None:
@@ -232,7 +251,7 @@ def run(config: GCGConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     log = Trajectory(out, [f"gcg/{site}/{p.spec}/activation" for site, p in problems])
     try:
         state = swap_search(model, init, torch.arange(len(problems)), allowed.to(adapter.device),
-                            settings_of(config, "gcg"), on_step=log)
+                            settings_of(config, "gcg"), pool=config.pool and len(problems) > 1, on_step=log)
     finally:
         log.close()
     ids = torch.cat([prefix.cpu().expand(len(problems), -1), state.ids], dim=1)

@@ -41,15 +41,17 @@ def _position_distance(kind: str, acts: Tensor, target: Tensor) -> Tensor:
 
 
 def causal_pass(adapter: ModelAdapter, site, kind: str, target: Tensor, batch, current: Tensor, allowed: Tensor,
-                topk: int, batch_size: int = 512, progress: bool = True) -> tuple[Tensor, int]:
+                topk: int, batch_size: int = 512, progress: bool = True, start: Tensor | None = None) -> tuple[Tensor, int]:
     """Left to right, place at each position the token whose output there is closest to the
     target's, given the tokens already placed (a causal model's output at position k depends on
     tokens 0..k only, so the true token scores 0 once the prefix is right). Candidates at k are
     the `topk` allowed tokens with the most negative gradient of that distance w.r.t. a one-hot
     input at k, each scored exactly by a one-token forward after the cached prefix.
 
-    `current [P, T]` -> `(new ids [P, T], candidate sequences scored)`."""
+    `current [P, T]` -> `(new ids [P, T], candidate sequences scored)`; `start [L]`: fixed tokens
+    before every text (the BOS token of `--bos`), never searched."""
     P, T = current.shape
+    start = torch.zeros(0, dtype=torch.long) if start is None else start.cpu()
     ids, scored = current.clone(), 0
     E = adapter.embedding
     k_top = min(topk, len(allowed))
@@ -57,9 +59,9 @@ def causal_pass(adapter: ModelAdapter, site, kind: str, target: Tensor, batch, c
         rows = batch.mask[:, k].nonzero()[:, 0]
         if not len(rows):
             continue
-        prefix = ids[rows, :k]
+        prefix = torch.cat([start.expand(len(rows), -1), ids[rows, :k]], dim=1)
         with torch.no_grad():
-            kv = adapter.prefix([site], prefix.to(adapter.device)) if k else None
+            kv = adapter.prefix([site], prefix.to(adapter.device)) if prefix.shape[1] else None
         goal = target[rows, k].to(adapter.device)
         onehot = F.one_hot(ids[rows, k].to(E.device), E.shape[0]).to(E.dtype).requires_grad_(True)
         with torch.enable_grad():
@@ -96,23 +98,25 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
     batch = encode_texts(adapter, texts)
     allowed = allowed_ids(adapter, config.allow)
     with torch.inference_mode():
-        target = adapter.run([site], input_ids=batch.ids)[site].float().clone()
+        target = adapter.run([site], input_ids=batch.ids, bos=adapter.bos)[site].float().clone()
     objective = match(config.objective, site, target, batch.mask)
+    head = adapter.encode("")  # [BOS] with --bos (a fixed first token, never searched), else nothing
 
-    def loss(acts, problems):
-        return objective.loss(Context(acts, None, problems, adapter))
+    def loss(acts, problems):  # the texts' positions only: the BOS is no part of the target
+        return objective.loss(Context({site: acts[site][:, len(head):]}, None, problems, adapter))
 
     def squared(acts, problems):  # L1's smooth surrogate for proposing swaps: its gradient points at the target
-        a, t, m = acts[site], target.to(acts[site].device)[problems], batch.mask.to(acts[site].device)[problems]
+        a = acts[site][:, len(head):]
+        t, m = target.to(a.device)[problems], batch.mask.to(a.device)[problems]
         return (torch.where(m[..., None], a - t, 0.0) ** 2).sum(dim=(1, 2))
 
     P, T = batch.ids.shape
     gen = torch.Generator().manual_seed(config.seed)
     init = torch.where(batch.mask, allowed[torch.randint(0, len(allowed), (P, T), generator=gen)], batch.ids)
     start, causal_scored = causal_pass(adapter, site, config.objective, target, batch, init, allowed.to(adapter.device),
-                                       config.causal_topk, progress=config.progress) if config.causal_topk else (init, 0)
+                                       config.causal_topk, progress=config.progress, start=head) if config.causal_topk else (init, 0)
     scale = target.abs().sum(dim=(1, 2)).double() if config.objective == "l1" else torch.ones(P, dtype=torch.float64)
-    model = CandidateModel(adapter, [site], loss, torch.zeros(0, dtype=torch.long), batch_size=config.batch_size,
+    model = CandidateModel(adapter, [site], loss, head, batch_size=config.batch_size,
                            proposal=squared if config.objective == "l1" else None)
     settings = SwapSettings(steps=config.steps, search_width=config.search_width, topk=config.topk,
                             n_replace=config.n_replace, buffer_size=4, seed=config.seed, progress=config.progress,
@@ -127,7 +131,7 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
     ids = torch.where(batch.mask, state.ids, batch.ids)
     correct, valid = token_matches(ids, batch.ids, batch.mask)
     with torch.inference_mode():
-        acts = adapter.run([site], input_ids=ids)[site].float()
+        acts = adapter.run([site], input_ids=ids, bos=adapter.bos)[site].float()
     distance = objective.loss(Context({site: acts}, None, torch.arange(P), adapter)).cpu()
     metrics = {"token_recovery": float(correct.sum()) / float(valid.sum()),
                "exact_match": int((correct == valid).sum()) / P, "distance": float(distance.mean()),

@@ -7,6 +7,12 @@ of a problem picks from the candidates of all rows of that problem (EPO's popula
 per lambda, selection per lambda), otherwise from its own. A row's current sequence is the best of
 its buffer (the `buffer_size` best distinct sequences it has seen), so its loss never rises.
 
+With `pool` (GCG over many features: every problem reads the same forward, only its readout
+differs), every candidate is scored for every problem, so each problem's buffer takes the best of
+all problems' candidates, and a sequence proposed by several problems is forwarded once (counted
+against the first that proposed it). Features that share an optimum (at deep layers of a model
+without BOS, a few tokens that escape the first position's attention-sink state) find it together.
+
 Multi-process: every rank proposes the same candidates (rank 0's are broadcast), scores a
 contiguous shard, and the shards' scores are gathered, so K processes follow the same path as one.
 """
@@ -102,6 +108,13 @@ def _score(model: CandidateModel, ids: Tensor, problems: Tensor) -> tuple[Tensor
     return loss, (_gather(xent, len(ids)) if xent is not None else None)
 
 
+def _score_all(model: CandidateModel, ids: Tensor) -> Tensor:
+    """Every problem's loss of every candidate `[C, P]` (each rank scoring its shard)."""
+    rank, world = distributed()
+    start, stop = shard(len(ids), rank, world)
+    return _gather(model.evaluate_all(ids[start:stop]).clone(), len(ids))
+
+
 def _keep(buffer: tuple[Tensor, Tensor], ids: Tensor, total: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """The `size` lowest-total sequences of the buffer and the new ones (buffer first on ties)."""
     all_ids, all_total = torch.cat([buffer[0], ids]), torch.cat([buffer[1], total])
@@ -111,14 +124,18 @@ def _keep(buffer: tuple[Tensor, Tensor], ids: Tensor, total: Tensor, size: int) 
 
 def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: Tensor, settings: SwapSettings, *,
                 lam: Tensor | None = None, share: bool = False, editable: Tensor | None = None,
-                stop_below: Tensor | None = None, on_step: Callable[[int, SwapState, Evaluated], None] | None = None) -> SwapState:
+                stop_below: Tensor | None = None, pool: bool = False,
+                on_step: Callable[[int, SwapState, Evaluated], None] | None = None) -> SwapState:
     """Run the search from `init [R, N]` (row r solving problem `problems[r]`, fluency weight
     `lam[r]`, default 0), swapping only `editable [R, N]` positions among `allowed [K]` ids.
 
     A row whose total falls to `stop_below[r]` or under (an exact inversion) stops searching; the
-    search ends when every row has. `on_step(step, state, evaluated)` is called after every step
-    (step 0: the initial sequences).
+    search ends when every row has. `pool` scores every candidate for every problem (see the
+    module docstring; needs `model.evaluate_all`, and no `lam`, `share` or `editable`).
+    `on_step(step, state, evaluated)` is called after every step (step 0: the initial sequences).
     """
+    if pool and (share or editable is not None or (lam is not None and bool((lam != 0).any()))):
+        raise ValueError("pool scores whole sequences for every problem: not with share, editable or lam")
     R, N = init.shape
     n_problems = int(problems.max()) + 1
     lam = torch.zeros(R, dtype=torch.float64) if lam is None else lam.double()
@@ -126,13 +143,24 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
     gen = torch.Generator().manual_seed(settings.seed)
     seen = Seen(N, settings.seed)
     init = init.cpu()
-    loss, xent = _score(model, init, problems)
+    if pool:  # the starts too: each distinct one forwarded once, each problem starting from the best for it
+        starts, owners = distinct(init, problems, across=True)
+        start_all = _score_all(model, starts)  # [S, P]
+        buffers = [_keep((starts[:0], start_all[:0, 0]), starts, start_all[:, problems[r]], settings.buffer_size) for r in range(R)]
+        init = torch.stack([b[0][0] for b in buffers])
+        loss = torch.stack([b[1][0] for b in buffers]).double()
+        xent, evaluated = None, Evaluated(starts, owners, start_all[torch.arange(len(starts)), owners], None)
+    else:
+        loss, xent = _score(model, init, problems)
+        starts, owners = init, problems
+        buffers = None
+        evaluated = Evaluated(init, problems, loss, xent)
     total = loss + (lam * xent if xent is not None else 0)
-    seen.add(init, problems)
-    state = SwapState(init.clone(), loss, xent, total, [(init[r:r + 1], total[r:r + 1]) for r in range(R)],
-                      torch.bincount(problems, minlength=n_problems), trajectory=[[-float(v)] for v in loss])
+    seen.add(starts, torch.zeros_like(owners) if pool else owners)
+    state = SwapState(init.clone(), loss, xent, total, buffers or [(init[r:r + 1], total[r:r + 1]) for r in range(R)],
+                      torch.bincount(owners, minlength=n_problems), trajectory=[[-float(v)] for v in loss])
     if on_step:
-        on_step(0, state, Evaluated(init, problems, loss, xent))
+        on_step(0, state, evaluated)
     # A row whose proposals were all scored before is stuck at this top-k: widen it (doubling, up
     # to every allowed token) until it finds new sequences; back to `topk` once it improves.
     row_k = torch.full((R,), min(settings.topk, len(allowed)), dtype=torch.long)
@@ -155,16 +183,26 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
                                 row_k[live])  # [R', W, N]
         origin = live.repeat_interleave(width)
         keys = problems[origin] if share else origin
-        cands, keys = distinct(proposed.reshape(-1, N), keys)
+        # Pooled: one sequence is one forward whoever proposed it, so repeats are dropped across rows.
+        cands, keys = distinct(proposed.reshape(-1, N), keys, across=pool)
         cand_problems = keys if share else problems[keys]
-        fresh = seen.new(cands, cand_problems)
+        seen_keys = torch.zeros_like(cand_problems) if pool else cand_problems
+        fresh = seen.new(cands, seen_keys)
         cands, keys, cand_problems = _broadcast(cands[fresh]), _broadcast(keys[fresh]), _broadcast(cand_problems[fresh])
         before = state.total.clone()
+        c_all = None  # [C, P] when pooled
         if len(cands):
-            c_loss, c_xent = _score(model, cands, cand_problems)
-            seen.add(cands, cand_problems)
+            if pool:
+                c_all = _score_all(model, cands)
+                c_loss, c_xent = c_all[torch.arange(len(cands)), cand_problems], None
+            else:
+                c_loss, c_xent = _score(model, cands, cand_problems)
+            seen.add(cands, torch.zeros_like(cand_problems) if pool else cand_problems)
             state.evaluations += torch.bincount(cand_problems, minlength=n_problems)
             for r in range(R):
+                if pool:
+                    state.buffers[r] = _keep(state.buffers[r], cands, c_all[:, problems[r]], settings.buffer_size)
+                    continue
                 mine = (cand_problems == problems[r]) if share else (keys == r)
                 if not mine.any():
                     continue
@@ -172,7 +210,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
                 state.buffers[r] = _keep(state.buffers[r], cands[mine], c_total, settings.buffer_size)
         else:
             c_loss, c_xent = torch.zeros(0, dtype=torch.float64), None
-        _adopt_best(state, model, problems, cands, cand_problems, c_loss, c_xent)
+        _adopt_best(state, model, problems, cands, cand_problems, c_loss, c_xent, c_all)
         for r in live.tolist():
             found = (keys == (problems[r] if share else r)).any()
             if state.total[r] < before[r]:
@@ -190,18 +228,23 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
 
 
 def _adopt_best(state: SwapState, model: CandidateModel, problems: Tensor, cands: Tensor, cand_problems: Tensor,
-                c_loss: Tensor, c_xent: Tensor | None) -> None:
+                c_loss: Tensor, c_xent: Tensor | None, c_all: Tensor | None = None) -> None:
     """Each row moves to its buffer's best; its loss and xent are looked up among this step's
-    candidates (or kept, when the best is the row's own current sequence)."""
+    candidates (`c_all [C, P]`: every problem's loss, when pooled), or kept when the best is the
+    row's own current sequence."""
     for r, (ids, total) in enumerate(state.buffers):
         best = ids[0]
         if torch.equal(best, state.ids[r]):
             continue
-        hit = (cands == best).all(dim=1) & (cand_problems == problems[r])
+        hit = (cands == best).all(dim=1)
+        if c_all is None:
+            hit &= cand_problems == problems[r]
         at = int(hit.nonzero()[0]) if len(cands) and hit.any() else None
         if at is None:  # a buffer entry from an earlier step: score it again (rare, cheap)
             loss, xent = _score(model, best[None], problems[r:r + 1])
             state.loss[r], xent_r = loss[0], (xent[0] if xent is not None else None)
+        elif c_all is not None:
+            state.loss[r], xent_r = c_all[at, problems[r]], None
         else:
             state.loss[r], xent_r = c_loss[at], (c_xent[at] if c_xent is not None else None)
         if state.xent is not None and xent_r is not None:

@@ -70,15 +70,16 @@ def sample_swaps(current: Tensor, top: Tensor, width: int, n_replace: int, gener
     return out
 
 
-def distinct(candidates: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+def distinct(candidates: Tensor, keys: Tensor, across: bool = False) -> tuple[Tensor, Tensor]:
     """Drop repeats: `candidates [C, N]` with `keys [C]` (a row or a problem) -> the distinct
-    `(candidates [C', N], keys [C'])` per key, in the order of first appearance (deterministic)."""
-    keyed = torch.cat([keys[:, None], candidates], dim=1)
+    `(candidates [C', N], keys [C'])` per key, in the order of first appearance (deterministic).
+    With `across`, a sequence is kept once whatever its key (with the key of its first appearance)."""
+    keyed = torch.cat([keys[:, None] * int(not across), candidates], dim=1)
     unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
     first = torch.full((len(unique),), len(keyed), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(keyed)), reduce="amin")
-    kept = keyed[first.sort().values]
-    return kept[:, 1:], kept[:, 0]
+    order = first.sort().values
+    return candidates[order], keys[order]
 
 
 class Seen:

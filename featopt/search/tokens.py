@@ -52,19 +52,9 @@ def allowed_ids(adapter: ModelAdapter, allow: str = "no-special", candidates: Te
     return ids
 
 
-def context_limit(adapter: ModelAdapter) -> int | None:
-    """The most positions the model takes (None when its config does not say)."""
-    config = adapter.model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_length(adapter: ModelAdapter, prefix_len: int, tokens: int) -> None:
-    limit = context_limit(adapter)
-    if limit is not None and prefix_len + tokens > limit:
-        after = f" after a {prefix_len}-token prefix" if prefix_len else ""
-        raise FeatoptError(f"--tokens {tokens}{after} needs {prefix_len + tokens} positions, but {adapter.name} "
-                           f"takes at most {limit}: use at most {max(0, limit - prefix_len)} tokens.")
+    """`prefix_len` (the BOS token of `--bos` included) plus `tokens` searched must fit the context."""
+    after = f" after a {prefix_len}-token prefix" if prefix_len else ""
+    limit = adapter.context_limit or 0
+    adapter.check_positions(prefix_len + tokens, f"--tokens {tokens}{after}",
+                            f"use at most {max(0, limit - prefix_len)} tokens")

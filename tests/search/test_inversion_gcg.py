@@ -124,3 +124,39 @@ def test_causal_pass_with_every_token_recovers_the_texts_and_leaves_padding(tiny
         assert ids[p, :n].tolist() == tiny64.tokenizer.encode(text, add_special_tokens=False)
         assert ids[p, n:].tolist() == [7] * (T - n)
     assert scored == int(batch.mask.sum()) * tiny64.vocab_size
+
+
+def test_with_bos_the_texts_are_recovered_after_a_fixed_bos_and_the_distance_is_a_plain_forwards(tiny64, tmp_path):
+    """--bos: the target is the plain forward of [BOS] + text (the BOS position dropped), the
+    BOS is never part of the answer, and the distance is the plain L1 of [BOS] + answer."""
+    import copy
+
+    adapter = copy.copy(tiny64)
+    adapter.bos = True
+    bos = adapter.tokenizer.bos_token_id
+    run = invert(_config(tmp_path, steps=20, search_width=64, topk=32, bos=True), adapter)
+    expected = [adapter.tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
+    assert [r.token_ids for r in run.results] == expected and run.metrics["exact_match"] == 1.0
+    assert all(r.bos for r in run.results)
+    for r, ids in zip(run.results, expected):
+        with torch.no_grad():
+            a = resid_post(adapter.model, torch.tensor([[bos, *r.token_ids]]), 1)[:, 1:]
+            b = resid_post(adapter.model, torch.tensor([[bos, *ids]]), 1)[:, 1:]
+        assert r.extra["distance"] == pytest.approx(float((a - b).abs().sum()), abs=1e-9)
+
+
+def test_gradient_inversion_with_bos_scores_answers_by_plain_forwards_after_the_bos(tiny64, tmp_path):
+    import copy
+
+    adapter = copy.copy(tiny64)
+    adapter.bos = True
+    bos = adapter.tokenizer.bos_token_id
+    run = invert(InversionConfig(model="tiny-llama", layer=0, texts=TEXTS[:2], steps=5, bos=True, out=str(tmp_path),
+                                 progress=False), adapter)
+    for r, text in zip(run.results, TEXTS[:2]):
+        original = adapter.tokenizer.encode(text, add_special_tokens=False)
+        assert r.extra["original_token_ids"] == original and r.bos  # the BOS is not a token to recover
+        with torch.no_grad():
+            a = resid_post(adapter.model, torch.tensor([[bos, *r.token_ids]]), 0)[:, 1:]
+            b = resid_post(adapter.model, torch.tensor([[bos, *original]]), 0)[:, 1:]
+        assert r.extra["distance"] == pytest.approx(float((a - b).abs().sum()), rel=1e-6, abs=1e-6)

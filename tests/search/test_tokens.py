@@ -11,7 +11,7 @@ import torch
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
-from featopt.search.tokens import allowed_ids, check_length, context_limit
+from featopt.search.tokens import allowed_ids, check_length
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_an_unknown_allow_raises_naming_allow(gpt2):
 
 def test_check_length_against_the_config_limit(gpt2):
     limit = gpt2.model.config.n_positions
-    assert context_limit(gpt2) == limit == 64
+    assert gpt2.context_limit == limit == 64
     check_length(gpt2, 0, limit)
     check_length(gpt2, 5, limit - 5)
     for prefix, tokens in ((0, limit + 1), (5, limit - 4), (0, 100000)):
@@ -103,7 +103,14 @@ def test_check_length_against_the_config_limit(gpt2):
         assert f"use at most {limit - prefix} tokens" in message
 
 
-def test_check_length_of_a_model_without_a_limit_passes():
-    adapter = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace()), name="nolimit")
-    assert context_limit(adapter) is None
-    check_length(adapter, 10, 10**6)
+def test_check_length_of_a_model_without_a_limit_passes(gpt2, monkeypatch):
+    monkeypatch.setattr(gpt2.model, "config", SimpleNamespace())  # a config that names no limit
+    assert gpt2.context_limit is None
+    check_length(gpt2, 10, 10**6)
+
+
+def test_the_bos_token_counts_against_the_context(gpt2, monkeypatch):
+    monkeypatch.setattr(gpt2, "_bos", True)
+    gpt2.check_positions(64, "--tokens 63 after the BOS", "x")
+    with pytest.raises(FeatoptError, match=r"needs 65 positions \(the BOS token of --bos included\), but .* at most 64"):
+        gpt2.check_positions(65, "--tokens 64 after the BOS", "x")
