@@ -220,7 +220,9 @@ _SAE_TASK_HELP = {
              "norm": "none (raw LM head), weight (the final norm's gain) or apply (the final norm module)",
              "drop_z": "drop tokens whose unembedding-row norm has a z-score above this", "drop_top": "or drop the n largest-norm tokens",
              "sae": "the SAE folder"},
-    "ablate": {"latent": "the latent", "text": "the context", "position": "the target token (default: where the latent is largest)",
+    "ablate": {"latent": "the latent", "text": "the context",
+               "position": "the target token, 0-based in the model input (with --bos, 0 is its BOS token; "
+                           "default: where the latent is largest)",
                "mode": "contribution (x - z_i W_dec[i]) or projection (remove the direction)",
                "top": "tokens whose log-prob changed most", "sae": "the SAE folder"},
     "mcs": {"sae": "two or more SAE folders at one site, comma-separated", "threshold": "count latents with MCS at least this",
@@ -232,7 +234,8 @@ _SAE_TASK_HELP = {
                   "ascent_steps": "gradient-ascent steps for the optimized input (0: none)",
                   "ascent_prior": "simplex (softmax over the vocabulary) or embedding (free embeddings)",
                   "ascent_lr": "learning rate of the optimized input",
-                  "prefix": "text before the exhaustive sweep's token (default: the end-of-text token)",
+                  "prefix": "text before the exhaustive sweep's token (default: the end-of-text token; none with "
+                            "--bos, whose BOS token comes first)",
                   "out": "the dashboard folder (new, or an old dashboard to replace)"},
 }
 

@@ -4,7 +4,9 @@ A corpus is a folder of UTF-8 `.txt` files (searched recursively, one document p
 single `.txt` file. Each document is tokenized without special tokens; the last `eval_fraction`
 of every document's tokens is held out, so `split="train"` and `split="eval"` never share text.
 Each split's documents are joined with the tokenizer's end-of-text token between them and cut
-into contexts of `context_length` tokens (a short remainder is dropped).
+into contexts of `context_length` tokens (a short remainder is dropped). With a BOS id (`--bos`)
+every context is that BOS token followed by `context_length - 1` corpus tokens, still
+`context_length` long, as SAELens counts the BOS it prepends.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class ContextSources:
     `documents[d]` is the name (path relative to the corpus root) of document index `d`;
     `doc [n, L]` (int32) is each token's document index and `pos [n, L]` (int32) its index in
     that document's whole token list (so eval-split tokens start past the train part); both
-    are -1 on the end-of-text separators between documents.
+    are -1 on the end-of-text separators between documents and on the BOS column of `--bos`.
     """
 
     documents: list[str]
@@ -70,11 +72,13 @@ class ContextSources:
 
 def corpus_contexts(
     tokenizer, path: str | Path, context_length: int, *, split: str = "train", eval_fraction: float = 0.05,
-    max_tokens: int | None = None, with_sources: bool = False,
+    max_tokens: int | None = None, with_sources: bool = False, bos: int | None = None,
 ) -> Tensor | tuple[Tensor, ContextSources]:
     """Token contexts `[contexts, context_length]` (long) of one split of a corpus.
 
-    `max_tokens` stops reading once that many tokens are gathered (whole contexts only).
+    `max_tokens` stops reading once that many tokens are gathered (whole contexts only, each
+    counted at its full `context_length`). `bos`, a token id (the model's BOS under `--bos`),
+    starts every context: `[bos]` and the next `context_length - 1` tokens of the same stream.
     `with_sources=True` returns `(contexts, sources)`, sources a :class:`ContextSources` that
     says which document and position each token comes from (the contexts are the same).
     """
@@ -104,14 +108,20 @@ def corpus_contexts(
                 names.append(doc.name)
         if max_tokens is not None and len(stream) >= max_tokens + context_length:
             break
-    n = len(stream) // context_length
+    body = context_length - (bos is not None)  # corpus tokens per context
+    n = len(stream) // body
     if max_tokens is not None:
         n = min(n, -(-max_tokens // context_length))
     if n == 0:
         raise FeatoptError(f"the {split} split of corpus {str(path)!r} has {len(stream)} tokens, fewer than one "
-                           f"context of {context_length}: give more text or a shorter context.")
-    contexts = torch.tensor(stream[: n * context_length], dtype=torch.long).view(n, context_length)
+                           f"context of {body}{' after the BOS token' if bos is not None else ''}: give more text "
+                           f"or a shorter context.")
+    contexts = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    if bos is not None:
+        contexts = torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), contexts], dim=1)
     if not with_sources:
         return contexts
-    doc, pos = (torch.cat(parts)[: n * context_length].view(n, context_length) for parts in zip(*where))
+    doc, pos = (torch.cat(parts)[: n * body].view(n, body) for parts in zip(*where))
+    if bos is not None:
+        doc, pos = (torch.cat([torch.full((n, 1), -1, dtype=torch.int32), t], dim=1) for t in (doc, pos))
     return contexts, ContextSources(names, doc, pos)

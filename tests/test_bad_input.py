@@ -174,6 +174,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + ["--corpus", "{corpus}", "--eval_fraction", "-0.5"], "--eval_fraction"),
         (LLAMA + CTX + ["--corpus", "{corpus}", "--split", "x"], "--split"),
         (LLAMA + CTX + ["--corpus", "{corpus}", "--max_tokens", "0"], "--max_tokens"),
+        (LLAMA + ["--bos", "--corpus", "{corpus}", "--context_length", "65"], "BOS token of --bos"),
         (LLAMA + CTX + ["--corpus", "{missing}"], "does not exist"),
     ],
     "sae eval": [
@@ -200,6 +201,8 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (["--model", "tiny-llama", "--sae", "{sae}", "--text", "The cat", "--latent", "-1"], "--latent"),
         (["--model", "tiny-llama", "--sae", "{sae}", "--text", "The cat", "--position", "-1"], "--position"),
         (["--model", "tiny-llama", "--sae", "{sae}", "--text", "The cat", "--top", "0"], "--top"),
+        (["--model", "tiny-llama", "--bos", "--sae", "{sae}", "--text", "The", "--position", "1"], "1 token"),
+        (["--model", "tiny-llama", "--bos", "--sae", "{sae}", "--text", "The cat", "--position", "1"], "--position"),
     ],
     "sae mcs": [
         (["--sae", "{text},{text}"], "{text}"),
@@ -211,6 +214,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--ascent_lr", "0"], "--ascent_lr"),
         (LLAMA + CTX + ["--sae", "{sae}", "--corpus", "{corpus}", "--features", "[:, :, -1]"], "-1"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--ascent_tokens", "100"], "--ascent_tokens"),
+        (LLAMA + CTX + FEW + ["--bos", "--sae", "{sae}", "--corpus", "{corpus}", "--ascent_tokens", "64"], "--bos"),
     ],
     "flow match": [
         (["--saes", "{text}"], "{text}"),
@@ -238,6 +242,8 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + ["--saes", "{saes}", "--feature", "1/res/3", "--tokens", "100000"], "--tokens"),
         (LLAMA + ["--saes", "{saes}", "--feature", "1/res/3", "--graph", "{text}"], "{text}"),
         (LLAMA + ["--saes", "{saes}", "--feature", "1/res/3", "--temperature", "-1"], "--temperature"),
+        # 1 + 63 positions fit the 64 of tiny-llama; the BOS token makes 65
+        (LLAMA + ["--bos", "--saes", "{saes}", "--feature", "1/res/3", "--prompts", '["The"]', "--tokens", "63"], "--bos"),
     ],
     "flow transition": [
         (LLAMA + CTX + ["--saes", "{res0}", "--corpus", "{corpus}"], "two"),

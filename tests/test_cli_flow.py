@@ -113,6 +113,64 @@ def test_steer_with_r_one_generates_the_baseline(files, tmp_path):
     assert (tmp_path / "steering.png").is_file() and (tmp_path / "graph" / "graph.json").is_file()
 
 
+def _block_out(model, ids, layer):
+    """The output of HF block `layer` for `ids [N, T]`, from a plain forward with a hook."""
+    seen = []
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_groups_with_bos_count_the_events_of_a_plain_forward_after_the_bos(files, tmp_path):
+    """--bos: the contexts are [BOS] + 15 corpus tokens (the tokenizer's stream, cut here); the
+    events are the 2/res latents (topk written out) firing after position 0 of a plain forward."""
+    from featopt.sae.formats import load_sae
+
+    assert main(["flow", "groups", "--model", "tiny-llama", "--bos", "--saes", str(files["saes"]), "--corpus",
+                 str(files["corpus"]), *SMALL, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "groups.json").read_text())
+    assert record["run"]["config"]["bos"] is True
+    adapter = load_model("tiny-llama")
+    tok = adapter.tokenizer
+    stream = tok.encode(TEXT, add_special_tokens=False) + [tok.eos_token_id]
+    n = min(len(stream) // 15, 512 // 16)
+    ids = torch.tensor([[tok.bos_token_id] + stream[i * 15:(i + 1) * 15] for i in range(n)])
+    x = _block_out(adapter.model, ids, 2)[:, 1:]  # skip_first 1: the BOS position
+    sae = load_sae(files["saes"] / "2-res")
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    active = int((pre.topk(sae.cfg.k, dim=-1).values > 0).sum())
+    assert sum(record["layers"]["2"]["counts"]) == record["layers"]["2"]["events"] == active > 0
+
+
+def test_steer_with_bos_starts_every_prompt_with_it(files, tmp_path):
+    """--bos: each prompt is [BOS] + its tokens, the unsteered generation is a plain greedy loop
+    from there, and the theme words' ids are the words' own first tokens (never the BOS)."""
+    assert main(["flow", "steer", "--model", "tiny-llama", "--bos", "--saes", str(files["saes"]), "--feature", "2/res/3",
+                 "--threshold", "0.2", "--mode", "scale", "--rs", "1", "--tokens", "5", "--theme_words", "dog",
+                 "--prompts", '["The cat", "A dog"]', "--no_progress", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "steering.json").read_text())
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["bos"] is True
+    adapter = load_model("tiny-llama")
+    tok = adapter.tokenizer
+    prompts = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in ("The cat", "A dog")]
+    assert record["prompts"] == prompts
+    assert record["theme_ids"] == list(dict.fromkeys([tok.encode(" dog")[0], tok.encode("dog")[0]]))
+    unsteered = next(s for s in record["settings"] if s["name"] == "unsteered")
+    for prompt, generation in zip(prompts, unsteered["generations"], strict=True):
+        ids = list(prompt)
+        for _ in range(5):
+            with torch.no_grad():
+                ids.append(int(adapter.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == tok.eos_token_id:
+                break
+        assert generation["ids"] == ids[len(prompt):]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["match", "--saes", "{res0},{narrow}"], "different widths"),
     (["match", "--saes", "{saes},{narrow}"], "two SAEs for 1/res"),

@@ -76,6 +76,36 @@ def test_eval_writes_metrics_and_methods_take_the_sae(tmp_path, corpus, capsys):
     assert json.loads((tmp_path / "o" / "results.json").read_text())["run"]["feature_map"]["d_sae"] == 256
 
 
+def test_train_with_bos_reads_bos_contexts_and_eval_with_bos_agrees(tmp_path, corpus):
+    """`sae train --bos` trains on [BOS] + 15 tokens of each document's train part (cut here from
+    the tokenizer's stream) and evaluates on such held-out contexts: `sae eval --bos` finds the
+    same numbers there, and the SAE records the setting."""
+    from featopt.models import load_model
+    from featopt.sae.commands import TrainConfig, run_train
+
+    out = tmp_path / "sae"
+    config = TrainConfig(model="tiny-llama", bos=True, site="blocks.1.resid_post", corpus=str(corpus), context_length=16,
+                         batch_size=128, tokens=1280, buffer_batches=2, k=4, eval_contexts=4, progress=False, out=str(out))
+    run = run_train(config)
+    tok = load_model("tiny-llama").tokenizer
+    stream = []
+    for name in ("a.txt", "b.txt"):
+        ids = tok.encode((corpus / name).read_text(), add_special_tokens=False, verbose=False)
+        stream += ids[: len(ids) - round(len(ids) * 0.05)] + [tok.eos_token_id]
+    expected = torch.tensor([[tok.bos_token_id] + stream[i * 15:(i + 1) * 15] for i in range(len(stream) // 15)])
+    assert torch.equal(run.module.make_source.keywords["contexts"], expected)
+    assert load_sae(out).cfg.metadata["bos"] is True
+    trained = json.loads((out / "training.json").read_text())["saes"][0]["metrics"]
+    common = ["sae", "eval", "--model", "tiny-llama", "--sae", str(out), "--corpus", str(corpus), "--context_length", "16",
+              "--contexts", "4", "--no_progress"]
+    assert main([*common, "--bos", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["saes"][0]["metrics"]
+    assert metrics["fvu"] == pytest.approx(trained["fvu"], rel=1e-5)  # the same held-out contexts, BOS first
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())["saes"][0]["metrics"]
+    assert plain["fvu"] != pytest.approx(trained["fvu"], rel=1e-5)
+
+
 def _bad_sae(tmp_path):
     folder = tmp_path / "bad-sae"
     folder.mkdir()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,64 @@ def test_lens_ablate_and_mcs_write_their_records(files, tmp_path, capsys):
     assert {(r["a"], r["b"]) for r in rows} == {("sae-32", "sae-64"), ("sae-64", "sae-32")}
     assert (tmp_path / "mcs" / "mcs.png").stat().st_size > 0
     assert "sae-32" in capsys.readouterr().out
+
+
+def _latent(adapter, sae, ids, latent):
+    """The latent at every position of `ids`, from a plain HF forward (resid_post of block 1)."""
+    with torch.no_grad():
+        hidden = adapter.model(input_ids=torch.as_tensor(ids)[None], output_hidden_states=True).hidden_states[2]
+        return sae.encode(hidden)[0, :, latent]
+
+
+def test_with_bos_ablate_and_dashboard_run_every_input_after_the_bos(files, tmp_path, capsys):
+    adapter, sae = load_model("tiny-llama"), load_sae(files["small"])
+    bos, text = adapter.tokenizer.bos_token_id, "The cat sat on the mat."
+    ids = [bos] + adapter.tokenizer.encode(text, add_special_tokens=False)
+    latent = int(_latent(adapter, sae, ids[:5], slice(None))[4].argmax())  # one that fires at position 4
+    assert main(["sae", "ablate", "--model", "tiny-llama", "--bos", "--sae", str(files["small"]), "--latent", str(latent),
+                 "--text", text, "--position", "4", "--out", str(tmp_path / "ablate")]) == 0
+    ablate = json.loads((tmp_path / "ablate" / "ablate.json").read_text())
+    assert ablate["run"]["config"]["bos"] is True and ablate["position"] == 4
+    np.testing.assert_allclose(ablate["activations"], _latent(adapter, sae, ids, latent).numpy(), atol=1e-5)
+    ablated = ablate["ablated_text"]  # the BOS token (position 0) is kept: tokens 1-3 are removed in turn
+    assert ablated["first"] == 1 and ablated["tokens"] == [adapter.decode([t]) for t in ids[:5]]
+    assert ablated["base"] > 0
+    for j, change in zip(range(1, 4), ablated["change"], strict=True):
+        shorter = ids[:j] + ids[j + 1:5]
+        assert change == pytest.approx(float(_latent(adapter, sae, shorter, latent)[-1]) - ablated["base"], abs=1e-4)
+    assert "(the BOS token at position 0 kept)" in capsys.readouterr().out
+
+    dash = tmp_path / "dash"
+    assert main(["sae", "dashboard", "--model", "tiny-llama", "--bos", "--sae", str(files["small"]), "--corpus",
+                 str(files["corpus"]), *CTX, "--features", "[:, :, 0-2]", "--ascent_steps", "3", "--search_top", "5",
+                 "--ablate_examples", "1", "--out", str(dash), "--no_progress"]) == 0
+    document = json.loads((dash / "records.json").read_text())
+    assert document["run"]["config"]["bos"] is True
+    checked = 0
+    for record in document["latents"]:
+        latent, found = record["latent"], record["max_inputs"]
+        assert found["prefix"] == ""  # the BOS token is the input's start: the sweep's token is at position 1
+        token, value = found["exhaustive"][0]
+        optimized = found["optimized"]
+        cases = (([bos] + adapter.tokenizer.encode(token), value, 2),
+                 ([bos] + adapter.tokenizer.encode(optimized["text"]), optimized["activation"], 1 + len(optimized["tokens"])))
+        for run_ids, want, length in cases:
+            if len(run_ids) == length:  # else byte-level pieces that do not re-encode to the same tokens
+                assert want == pytest.approx(float(_latent(adapter, sae, run_ids, latent)[-1]), abs=1e-4)
+                checked += 1
+        for example in record["ablated_text"]:  # every window runs after the BOS token, which is kept
+            assert example["first"] == 1 and example["tokens"][0] == adapter.decode([bos])
+        for ex in record["top_examples"]:
+            assert ex["acts"][ex["target"]] == pytest.approx(ex["activation"])
+    assert checked > 0 and any(record["ablated_text"] for record in document["latents"])
+    # statistics taken without --bos index other contexts: refused
+    assert main(["sae", "features", "--model", "tiny-llama", "--sae", str(files["small"]), "--corpus", str(files["corpus"]),
+                 *CTX, "--top_k", "2", "--out", str(tmp_path / "features"), "--no_progress"]) == 0
+    capsys.readouterr()
+    assert main(["sae", "dashboard", "--model", "tiny-llama", "--bos", "--sae", str(files["small"]), "--stats",
+                 str(tmp_path / "features"), "--features", "0", "--out", str(tmp_path / "dash2"), "--no_progress"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "without --bos" in errors[0] and not (tmp_path / "dash2").exists()
 
 
 @pytest.mark.parametrize("argv, words", [

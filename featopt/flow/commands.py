@@ -107,16 +107,18 @@ def load_model_for(config, flow: FlowSet):
 
 
 def corpus_for(adapter, corpus: str | None, *, tokens: int, context_length: int, split: str = "all") -> torch.Tensor:
-    """`[N, context_length]` token contexts of `corpus`, at most `tokens` tokens."""
+    """`[N, context_length]` token contexts of `corpus`, at most `tokens` tokens; with the run's
+    `--bos` each starts with the BOS token (counted in `context_length`)."""
     from featopt.data import corpus_contexts
-    from featopt.sae.commands import _check_context
+    from featopt.sae.commands import _check_context, bos_id
 
     if not str(corpus or "").strip():
         raise FeatoptError("--corpus is required: give a folder of .txt files or one .txt file.")
     if not Path(corpus).exists():
         raise FeatoptError(f"--corpus {corpus!r} does not exist: give a folder of .txt files or one .txt file.")
     _check_context(adapter, context_length)
-    return corpus_contexts(adapter.tokenizer, corpus, context_length, split=split, eval_fraction=0.05, max_tokens=tokens)
+    return corpus_contexts(adapter.tokenizer, corpus, context_length, split=split, eval_fraction=0.05, max_tokens=tokens,
+                           bos=bos_id(adapter))
 
 
 def meta(command: str, config, flow: FlowSet, adapter=None) -> dict:

@@ -38,6 +38,7 @@ class CorpusSettings:
     """The settings every corpus command shares (its own follow, after these)."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     saes: str = ""
     corpus: str = ""

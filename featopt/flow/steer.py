@@ -194,11 +194,14 @@ class SteeringResult:
 
 
 def _prompt_ids(adapter: ModelAdapter, prompt) -> list[int]:
-    """A text with the tokenizer's own special tokens (BOS where the model uses one), or ids."""
+    """A text with the tokenizer's own special tokens (BOS where the model uses one), after the
+    BOS token with `--bos` (`adapter.bos`; once, where the tokenizer writes none), or ids as given."""
     if isinstance(prompt, str):
         if adapter.tokenizer is None:
             raise FeatoptError(f"model {adapter.name!r} has no tokenizer: give prompts as token ids.")
         ids = adapter.tokenizer.encode(prompt, add_special_tokens=True)
+        if adapter.bos and ids[:1] != [adapter.bos_token_id()]:
+            ids = [adapter.bos_token_id(), *ids]
     else:
         ids = [int(i) for i in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
     if not ids:
@@ -211,7 +214,7 @@ def _prompt_ids(adapter: ModelAdapter, prompt) -> list[int]:
 def _theme_ids(adapter: ModelAdapter, words: Sequence[str]) -> list[int]:
     ids = []
     for word in words:
-        forms = [adapter.encode(" " + word.strip()), adapter.encode(word.strip())]
+        forms = [adapter.encode(" " + word.strip(), bos=False), adapter.encode(word.strip(), bos=False)]
         if not word.strip() or any(len(f) == 0 for f in forms):
             raise FeatoptError(f"theme word {word!r} has no tokens: give non-empty words.")
         ids += [int(f[0]) for f in forms]

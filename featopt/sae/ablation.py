@@ -48,8 +48,9 @@ def _one_latent(latent, sae) -> int:
 @dataclass
 class AblatedText:
     """The latent at token `target` of `tokens` (`ids[:target+1]`), clean and with each earlier
-    token removed. `ablated, change, relative [target]`: entry j is with token j removed;
-    `change = ablated - base` (negative: token j feeds the latent), `relative = change / base`
+    token from `first` on removed (the tokens before `first`, the BOS token of `--bos`, are kept).
+    `ablated, change, relative [target - first]`: entry j is with token `first + j` removed;
+    `change = ablated - base` (negative: that token feeds the latent), `relative = change / base`
     (nan when `base == 0`)."""
 
     tokens: list[int]
@@ -58,32 +59,40 @@ class AblatedText:
     ablated: Tensor
     change: Tensor
     relative: Tensor
+    first: int = 0
 
     def record(self, decode: Callable[[list[int]], str]) -> dict:
-        """JSON-able: token strings, the changes, relative changes with None for nan."""
+        """JSON-able: token strings, the changes, relative changes with None for nan; with a kept
+        first token (`first` 1) `tokens` and `target` still count it, and `change[j]` is token
+        `first + j`'s."""
         return {"tokens": [decode([t]) for t in self.tokens], "target": self.target, "base": self.base,
                 "change": [float(c) for c in self.change.tolist()],
-                "relative": [None if math.isnan(r) else float(r) for r in self.relative.tolist()]}
+                "relative": [None if math.isnan(r) else float(r) for r in self.relative.tolist()],
+                **({"first": self.first} if self.first else {})}
 
 
 @torch.inference_mode()
-def ablated_text(adapter, sae, latent: int, ids: Tensor, target: int) -> AblatedText:
+def ablated_text(adapter, sae, latent: int, ids: Tensor, target: int, *, first: int = 0) -> AblatedText:
     """Document 002's "Ablated Text" for the latent at position `target` of `ids [L]`.
 
     The context is `ids[:target+1]`; deleting token `j < target` gives a sequence of `target`
-    tokens whose last one is the target. All `target` deletions run as ONE batch (equal lengths,
-    no padding), plus the clean context; both forwards stop at the SAE's site.
+    tokens whose last one is the target. All deletions run as ONE batch (equal lengths, no
+    padding), plus the clean context; both forwards stop at the SAE's site. Tokens before `first`
+    (the BOS token of `--bos`: `first=1`) are never deleted.
     """
     site = _site(adapter, sae)
     latent = _one_latent(latent, sae)
     ids = torch.as_tensor(ids).cpu()
     if ids.ndim != 1 or ids.dtype.is_floating_point or len(ids) < 2:
         raise FeatoptError(f"ids must be one context of at least 2 token ids [L], got shape {tuple(ids.shape)}.")
-    if not 1 <= target <= len(ids) - 1:
-        raise FeatoptError(f"target must be between 1 and {len(ids) - 1} (a token with one before it), got {target}.")
+    if first < 0:
+        raise FeatoptError(f"first (the leading tokens kept) must be 0 or more, got {first}.")
+    if not first + 1 <= target <= len(ids) - 1:
+        raise FeatoptError(f"target must be between {first + 1} and {len(ids) - 1} (a token with one before it to "
+                           f"remove), got {target}.")
     ctx = ids[:target + 1].long()
-    keep = ~torch.eye(target + 1, dtype=torch.bool)[:target]  # row j: every token but j
-    deleted = ctx.expand(target, -1)[keep].view(target, target)
+    keep = ~torch.eye(target + 1, dtype=torch.bool)[first:target]  # row j: every token but first + j
+    deleted = ctx.expand(target - first, -1)[keep].view(target - first, target)
 
     def at_last(batch: Tensor) -> Tensor:  # the latent at each row's last token: [rows]
         x = adapter.run([site], input_ids=batch)[site][:, -1]  # [rows, d_in]: only the target is encoded
@@ -93,7 +102,7 @@ def ablated_text(adapter, sae, latent: int, ids: Tensor, target: int) -> Ablated
     ablated = at_last(deleted)
     change = ablated - base
     relative = change / base if base != 0 else torch.full_like(change, float("nan"))
-    return AblatedText(ctx.tolist(), target, base, ablated, change, relative)
+    return AblatedText(ctx.tolist(), target, base, ablated, change, relative, first)
 
 
 @dataclass

@@ -18,14 +18,15 @@ from featopt.errors import FeatoptError
 from featopt.features import parse_features
 from featopt.models import ModelAdapter, load_model, model_options
 from featopt.results import atomic_write, versions
-from featopt.sae.commands import _check_context, _check_positive, _out
+from featopt.sae.commands import _check_context, _check_positive, _out, bos_id, with_bos
 from featopt.search.common import DTYPES
 
 
 # ----------------------------------------------------------------------------- shared
 def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdapter | None = None, **options):
     """`(adapter, sae)`: the model and the SAE at `sae_path`, checked to fit each other; `options`
-    are :func:`~featopt.models.model_options` of the command's config."""
+    are :func:`~featopt.models.model_options` of the command's config (a given `adapter` is
+    seen with their `bos`)."""
     from featopt.sae.attach import attach
     from featopt.sae.formats import load_sae
 
@@ -34,7 +35,10 @@ def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdap
     if dtype not in DTYPES:
         raise FeatoptError(f"--dtype {dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
     sae = load_sae(sae_path)
-    adapter = adapter or load_model(model, dtype=DTYPES[dtype], **options)
+    if adapter is None:
+        adapter = load_model(model, dtype=DTYPES[dtype], **options)
+    else:
+        adapter = with_bos(adapter, options.get("bos", adapter.bos))
     attach(adapter, sae, sae_path)  # validates the site and its width
     return adapter, sae
 
@@ -73,6 +77,7 @@ class FeaturesConfig:
     """Settings of `featopt sae features`: statistics of every latent over a corpus, one pass."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     corpus: str = ""
@@ -120,7 +125,8 @@ def run_features(config: FeaturesConfig, adapter: ModelAdapter | None = None) ->
     adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
     _check_context(adapter, config.context_length)
     contexts, sources = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
-                                        eval_fraction=config.eval_fraction, max_tokens=config.tokens, with_sources=True)
+                                        eval_fraction=config.eval_fraction, max_tokens=config.tokens, with_sources=True,
+                                        bos=bos_id(adapter))
     out = _out(config.out)
     stats = corpus_stats(adapter, sae, contexts, sources=sources, batch_contexts=config.batch_contexts,
                          top_k=config.top_k, n_bins=config.n_bins, window=(config.window_before, config.window_after),
@@ -197,11 +203,12 @@ class AblateConfig:
     and what removing its direction does to the next-token log-probs (direction ablation)."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # run the model's BOS token first, at position 0, never removed (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     latent: int = 0
     text: str = ""
-    position: int | None = None  # the target token (default: where the latent is largest)
+    position: int | None = None  # the target token, 0-based in the model input (default: where the latent is largest)
     mode: str = "contribution"  # contribution (x - z_i W_dec[i]) or projection (remove the direction)
     top: int = 10  # tokens whose log-prob changed most
     dtype: str = "float32"
@@ -229,19 +236,22 @@ def run_ablate(config: AblateConfig, adapter: ModelAdapter | None = None) -> Abl
         raise FeatoptError(f"--latent {config.latent} is out of range: this SAE has {sae.d_sae} latents (0-{sae.d_sae - 1}).")
     if not config.text.strip():
         raise FeatoptError("--text is empty: give a text of at least two tokens.")
-    ids = adapter.encode(config.text)
-    if len(ids) < 2:
-        raise FeatoptError(f"--text {config.text!r} is {len(ids)} token: give at least two tokens.")
-    adapter.check_positions(len(ids), f"--text of {len(ids)} tokens", "shorten it")
+    ids = adapter.encode(config.text)  # [BOS, text...] with --bos: positions count the model input
+    kept = int(adapter.bos)  # the BOS token at position 0 is never removed
+    if len(ids) - kept < 2:
+        raise FeatoptError(f"--text {config.text!r} is {len(ids) - kept} token: give at least two tokens.")
+    adapter.check_positions(len(ids), f"--text of {len(ids) - kept} tokens", "shorten it")
     site = adapter.site(site_of(sae))
     with torch.inference_mode():
         z = sae.encode(adapter.run([site], input_ids=ids[None])[site])[0, :, config.latent].float()
-    position = int(z[1:].argmax()) + 1 if config.position is None else config.position
-    if not 1 <= position < len(ids):
-        raise FeatoptError(f"--position {position} is out of range: the text has {len(ids)} tokens, so give 1 to "
-                           f"{len(ids) - 1} (a token with earlier tokens to remove).")
+    first = kept + 1  # the first token with an earlier (removable) token
+    position = int(z[first:].argmax()) + first if config.position is None else config.position
+    if not first <= position < len(ids):
+        after = " after the BOS token at position 0" if kept else ""
+        raise FeatoptError(f"--position {position} is out of range: the text has {len(ids) - kept} tokens{after}, so "
+                           f"give {first} to {len(ids) - 1} (a token with earlier tokens to remove).")
     decode = adapter.decode  # ids -> text
-    ablated = ablated_text(adapter, sae, config.latent, ids, position)
+    ablated = ablated_text(adapter, sae, config.latent, ids, position, first=kept)
     direction = direction_ablation(adapter, sae, config.latent, ids[None], mode=config.mode, top=config.top)
     record = {"latent": config.latent, "position": position, "activations": z.tolist(),
               "ablated_text": ablated.record(decode), "direction_ablation": direction.record(decode)}
@@ -252,12 +262,14 @@ def run_ablate(config: AblateConfig, adapter: ModelAdapter | None = None) -> Abl
 
 def format_ablate(run: AblateRun) -> str:
     text = run.record["ablated_text"]
+    first = text.get("first", 0)  # 1 with --bos: the BOS token at position 0 is kept
+    kept = " (the BOS token at position 0 kept)" if first else ""
     lines = [f"latent {run.record['latent']} at position {text['target']} ({text['tokens'][text['target']]!r}): "
-             f"{text['base']:.4g}; removing each earlier token changes it by"]
-    if max(run.record["activations"]) <= 0:
+             f"{text['base']:.4g}; removing each earlier token{kept} changes it by"]
+    if max(run.record["activations"][first:]) <= 0:
         lines[0] = f"latent {run.record['latent']} is 0 at every position of this text; nothing to ablate."
         return lines[0]
-    for token, change, rel in zip(text["tokens"], text["change"], text["relative"]):
+    for token, change, rel in zip(text["tokens"][first:], text["change"], text["relative"]):
         lines.append(f"  {token!r:<20} {change:+.4g}" + (f"  ({rel:+.1%})" if rel is not None else ""))
     direction = run.record["direction_ablation"]
     lines.append(f"direction ablation ({direction['mode']}), next-token log-prob changes: "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,8 +37,30 @@ def _sites(adapter: ModelAdapter, site: str) -> list[Site]:
     return list(dict.fromkeys(adapter.site(s.strip()) for s in str(site).split(",") if s.strip()))
 
 
+def with_bos(adapter: ModelAdapter, bos: bool) -> ModelAdapter:
+    """`adapter`, or a view of it (same model) whose `bos` is the run's `--bos`: a caller's
+    adapter is left as it was."""
+    if adapter.bos == bool(bos):
+        return adapter
+    view = copy.copy(adapter)
+    view.bos = bool(bos)
+    return view
+
+
+def bos_id(adapter: ModelAdapter) -> int | None:
+    """The id that starts every corpus context under the run's `--bos` (None without it)."""
+    return adapter.bos_token_id() if adapter.bos else None
+
+
 def _check_context(adapter: ModelAdapter, length: int) -> None:
     adapter.check_positions(length, f"--context_length {length}", f"give at most {adapter.context_limit}")
+
+
+def _load(config, adapter: ModelAdapter | None) -> ModelAdapter:
+    """The config's model, or `adapter` seen with the config's `--bos`."""
+    if adapter is None:
+        return load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
+    return with_bos(adapter, config.bos)
 
 
 def _out(out: str | None) -> Path:
@@ -57,6 +80,7 @@ class TrainConfig:
     """Settings of `featopt sae train`."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     site: str = "blocks.1.resid_post"  # several: "blocks.3.resid_post,blocks.6.resid_post"
     corpus: str | None = None  # a folder of .txt files (or one .txt file)
@@ -171,8 +195,7 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     _check_train(config)
     loader = functools.partial(load_model, config.model, dtype=DTYPES[config.dtype], seed=config.seed,
                                **model_options(config))
-    if adapter is None:
-        adapter = loader()
+    adapter = loader() if adapter is None else with_bos(adapter, config.bos)
     sites = _sites(adapter, config.site)
     if not sites:
         raise FeatoptError("--site names no site: give one like blocks.6.resid_post.")
@@ -184,12 +207,17 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
         if missing:
             raise FeatoptError(f"the activation cache holds {', '.join(s.name for s in cache.sites)}, not {', '.join(missing)}: "
                                "train at a cached site or cache this one.")
+        if bool(cache.meta.get("bos", False)) != config.bos:  # caches written before the field: no BOS
+            cached = "start with the BOS token" if cache.meta.get("bos") else "have no BOS token"
+            raise FeatoptError(f"the contexts of the activation cache {config.activations!r} {cached}, but this run "
+                               f"{'has' if config.bos else 'has no'} --bos: give the --bos setting the cache was "
+                               f"written with, or cache again.")
         n_contexts, context_length = cache.meta["contexts_shape"]
         make_source = functools.partial(cached_source, config.activations)
         corpus = cache.meta.get("corpus")
     else:
         contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split="train",
-                                   eval_fraction=config.eval_fraction)
+                                   eval_fraction=config.eval_fraction, bos=bos_id(adapter))
         n_contexts, context_length = contexts.shape
         make_source = functools.partial(model_source, contexts=contexts, sites=sites)
         corpus = config.corpus
@@ -211,7 +239,7 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     held_out = None
     if config.eval_contexts and corpus is not None:
         held_out = corpus_contexts(adapter.tokenizer, corpus, context_length, split="eval",
-                                   eval_fraction=config.eval_fraction)[: config.eval_contexts]
+                                   eval_fraction=config.eval_fraction, bos=bos_id(adapter))[: config.eval_contexts]
         if config.eval_every:
             callbacks.append(HeldOutEval(held_out, config.eval_every, skip_first=config.skip_first))
     callbacks.extend(checkpoints.callbacks("sae train", out, config.checkpoint_every))
@@ -240,7 +268,7 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     for i, sae in enumerate(saes):
         sae.cfg.metadata = {
             "trained_by": "featopt", "model": adapter.name, "corpus": str(corpus), "tokens": steps * config.batch_size,
-            "seed": config.seed, "precision": config.precision, "model_dtype": config.dtype,
+            "seed": config.seed, "bos": config.bos, "precision": config.precision, "model_dtype": config.dtype,
             "input_scale_folded": float(module.scales[module.site_list.index(module.sites[i])]),
             "train_config": asdict(config), "versions": stamp,
             **({"held_out_metrics": metrics[i]} if metrics else {}),
@@ -287,6 +315,7 @@ class CacheConfig:
     """Settings of `featopt sae cache`: activations of a corpus' contexts, saved for training."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     site: str = "blocks.1.resid_post"
     corpus: str = ""
@@ -320,13 +349,13 @@ def run_cache(config: CacheConfig, adapter: ModelAdapter | None = None) -> Cache
     out = _out(config.out)
     if out.exists():
         raise FeatoptError(f"the cache folder {str(out)!r} already exists: give a new folder.")
-    adapter = adapter or load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
+    adapter = _load(config, adapter)
     sites = _sites(adapter, config.site)
     _check_context(adapter, config.context_length)
     contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
-                               eval_fraction=config.eval_fraction, max_tokens=config.max_tokens)
+                               eval_fraction=config.eval_fraction, max_tokens=config.max_tokens, bos=bos_id(adapter))
     meta = {"model": adapter.name, "corpus": config.corpus, "split": config.split, "eval_fraction": config.eval_fraction,
-            "context_length": config.context_length, "versions": versions()}
+            "context_length": config.context_length, "bos": adapter.bos, "versions": versions()}
     write_cache(ModelSource(adapter, contexts, sites, config.batch_contexts), out, meta, progress=config.progress)
     return CacheRun(out, int(contexts.numel()))
 
@@ -341,6 +370,7 @@ class EvalConfig:
     """Settings of `featopt sae eval`."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""  # an SAE folder (SAELens, sparsify, Gemma Scope); several comma-separated
     corpus: str = ""
@@ -378,12 +408,12 @@ def run_eval(config: EvalConfig, adapter: ModelAdapter | None = None) -> EvalRun
         raise FeatoptError(f"--dtype {config.dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
     paths = [p.strip() for p in config.sae.split(",") if p.strip()]
     saes = [load_sae(p) for p in paths]
-    adapter = adapter or load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
+    adapter = _load(config, adapter)
     for path, sae in zip(paths, saes):
         attach(adapter, sae, path)  # validates the site and its width
     _check_context(adapter, config.context_length)
     contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
-                               eval_fraction=config.eval_fraction)[: config.contexts]
+                               eval_fraction=config.eval_fraction, bos=bos_id(adapter))[: config.contexts]
     metrics = evaluate(adapter, saes, contexts, batch_size=config.batch_contexts, skip_first=config.skip_first,
                        progress=config.progress)
     out = _out(config.out)

@@ -141,11 +141,14 @@ def _ablated_text(items: list | None) -> str | None:
     out = ['<p class="note">red: removing the token lowers the latent at the outlined token; blue: raises it.</p>']
     for it in items:
         tokens, target, change, rel = it.get("tokens") or [], it.get("target"), it.get("change") or [], it.get("relative") or []
+        first = it.get("first") if isinstance(it.get("first"), int) else 0  # 1 with --bos: the BOS token, never removed; change[j] is token first + j's
         scale = max((abs(c) for c in change if _finite(c)), default=0.0)
         spans = []
         for j, t in enumerate(tokens):
-            if j < len(change):
-                c, r = change[j], rel[j] if j < len(rel) else None
+            if j < first:
+                spans.append(_span(t, "", 0, f"{t!r}: the BOS token, kept"))
+            elif j - first < len(change):
+                c, r = change[j - first], rel[j - first] if j - first < len(rel) else None
                 alpha = min(1.0, abs(r)) if _finite(r) else _strength(c, scale)
                 note = f" ({r:+.1%})" if _finite(r) else ""
                 spans.append(_span(t, RED if _finite(c) and c < 0 else BLUE, alpha, f"{t!r}: removing it changes the latent by {_num(c)}{note}"))

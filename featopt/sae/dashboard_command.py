@@ -24,7 +24,7 @@ from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, model_options
 from featopt.results import atomic_write, versions
 from featopt.sae.analysis import MODES, load_model_and_sae, parse_latents
-from featopt.sae.commands import _check_context, _check_positive, _out
+from featopt.sae.commands import _check_context, _check_positive, _out, bos_id
 
 
 @dataclass
@@ -32,6 +32,7 @@ class DashboardConfig:
     """Settings of `featopt sae dashboard`."""
 
     model: str = "tiny-llama"
+    bos: bool = False  # start every context, ablated window and maximizing input with the model's BOS token (off: as the source documents encode)
     trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
     corpus: str = ""
@@ -113,10 +114,13 @@ def run_dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) 
             raise FeatoptError(f"--stats {config.stats!r} was computed for another SAE (hash "
                                f"{stats.meta['sae']['sha256']}), not {config.sae!r}: recompute it or drop --stats.")
         settings = _StatsSettings(stats.meta.get("config", {}), config)
+        if bool(stats.meta.get("config", {}).get("bos", False)) != adapter.bos:
+            raise FeatoptError(f"--stats {config.stats!r} was computed {'with' if not adapter.bos else 'without'} "
+                               f"--bos, so its examples index other contexts: give the same --bos or drop --stats.")
     _check_context(adapter, settings.context_length)
     contexts, sources = corpus_contexts(adapter.tokenizer, settings.corpus, settings.context_length, split=settings.split,
                                         eval_fraction=settings.eval_fraction, max_tokens=settings.tokens,
-                                        with_sources=True)
+                                        with_sources=True, bos=bos_id(adapter))
     if not config.stats:
         stats = corpus_stats(adapter, sae, contexts, sources=sources, batch_contexts=config.batch_contexts,
                              top_k=config.top_k, n_bins=config.n_bins, window=(config.window_before, config.window_after),
@@ -147,20 +151,22 @@ class _StatsSettings:
 
 
 def _ablations(adapter, sae, contexts, latents, records, config) -> None:
-    """Ablated text and direction ablation on each latent's first `ablate_examples` top examples."""
+    """Ablated text and direction ablation on each latent's first `ablate_examples` top examples.
+    With `--bos` every window runs after the context's BOS token (column 0), which is kept."""
     from featopt.sae.ablation import ablated_text, direction_ablation
 
     from tqdm.auto import tqdm
 
-    L, decode = contexts.shape[1], adapter.decode
+    L, decode, kept = contexts.shape[1], adapter.decode, int(adapter.bos)
     for latent, record in tqdm(list(zip(latents, records)), desc="ablations", unit="latent", disable=not config.progress):
         examples = record["top_examples"][: config.ablate_examples]
         texts, effects, rows, spans = [], [], [], []
         for j, ex in enumerate(examples):
             c, p = ex["context"], ex["index"]
-            start = max(0, p - config.window_before)
+            start = max(kept, p - config.window_before)
             if p - start >= 1:
-                ablated = ablated_text(adapter, sae, latent, contexts[c, start:p + 1], p - start)
+                window = torch.cat([contexts[c, :kept], contexts[c, start:p + 1]])
+                ablated = ablated_text(adapter, sae, latent, window, kept + p - start, first=kept)
                 texts.append({"example": j, **ablated.record(decode)})
             rows.append(contexts[c])
             spans.append((j, c, start, min(L, p + config.window_after + 1)))
@@ -179,9 +185,12 @@ def _ablations(adapter, sae, contexts, latents, records, config) -> None:
 def _prefix(adapter, config: DashboardConfig) -> str:
     """The text before a maximizing input: by default the end-of-text token that separates the
     corpus' documents, so the input sits where a document's first token does (position 1), not
-    at position 0, an attention sink the SAE never saw in training (`--skip_first`)."""
+    at position 0, an attention sink the SAE never saw in training (`--skip_first`). With `--bos`
+    the BOS token is already there (the prefix follows it), so the default is no text."""
     if config.prefix is not None:
         return config.prefix
+    if adapter.bos:
+        return ""
     token = getattr(adapter.tokenizer, "eos_token", None) or getattr(adapter.tokenizer, "bos_token", None)
     return token or ""
 
@@ -189,7 +198,7 @@ def _prefix(adapter, config: DashboardConfig) -> str:
 @torch.inference_mode()
 def _measure(view, site, ids: torch.Tensor, latents: list[int]) -> list[float]:
     """Latent `latents[p]` at the last token of `ids[p]` (`[P, T]`), by a forward through the SAE."""
-    z = view.run([site], input_ids=ids)[site][:, -1]  # [P, d_sae]
+    z = view.run([site], input_ids=ids, bos=view.bos)[site][:, -1]  # [P, d_sae]; after the BOS of --bos
     return [float(z[p, latent]) for p, latent in enumerate(latents)]
 
 
@@ -205,16 +214,16 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
     from featopt.search.exhaustive import run as exhaustive
 
     prefix = _prefix(adapter, config)
-    prefix_ids = adapter.encode(prefix) if prefix else torch.zeros(0, dtype=torch.long)
+    prefix_ids = adapter.encode(prefix)  # [BOS, prefix...] with --bos
     view, site = attach(adapter, sae)
     listed = ", ".join(map(str, latents))
     found: dict[int, dict] = {latent: {"exhaustive": None, "optimized": None, "prefix": prefix} for latent in latents}
     with tempfile.TemporaryDirectory(prefix="featopt-dashboard-") as work:
         if config.search_top:
             sweep = exhaustive(ExhaustiveConfig(
-                model=config.model, layer=site.layer, site=site.kind, features=f"[:, {len(prefix_ids)}, [{listed}]]",
-                prefix=prefix or None, top_k=config.search_top, dtype=config.dtype, seed=config.seed,
-                out=f"{work}/exhaustive", progress=config.progress), adapter=view)
+                model=config.model, bos=adapter.bos, layer=site.layer, site=site.kind,
+                features=f"[:, {len(prefix_ids)}, [{listed}]]", prefix=prefix or None, top_k=config.search_top,
+                dtype=config.dtype, seed=config.seed, out=f"{work}/exhaustive", progress=config.progress), adapter=view)
             for latent, result in zip(latents, sweep.results):
                 top = result.extra["top_k"]
                 found[latent]["exhaustive"] = [[t, float(a)] for t, a in zip(top["tokens"], top["activations"])]
@@ -222,9 +231,9 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
             pre = adapter.with_features(site, sae.pre_activation_map())
             last = config.ascent_tokens - 1
             run = ascent(AscentConfig(
-                model=config.model, layer=site.layer, site=site.kind, features=f"[:, {last}, [{listed}]]",
-                tokens=config.ascent_tokens, steps=config.ascent_steps, prior=config.ascent_prior, lr=config.ascent_lr,
-                objective="maximize", seed=config.seed, out=f"{work}/ascent",
+                model=config.model, bos=adapter.bos, layer=site.layer, site=site.kind,
+                features=f"[:, {last}, [{listed}]]", tokens=config.ascent_tokens, steps=config.ascent_steps,
+                prior=config.ascent_prior, lr=config.ascent_lr, objective="maximize", seed=config.seed, out=f"{work}/ascent",
                 progress=config.progress, decode_every=max(1, config.ascent_steps)), adapter=pre)
             ids = torch.tensor([r.token_ids for r in run.results], dtype=torch.long)
             measured = _measure(view, site, ids, latents)
@@ -233,7 +242,8 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
                     "text": result.text, "tokens": result.tokens, "activation": value, "method": result.method,
                     "steps": config.ascent_steps, "pre_activation": result.activation,
                     "note": "ascent on the latent's pre-activation at the last of the input's tokens (the "
-                            "first is position 0); activation re-measured on the latent there"}
+                            + ("first follows the BOS token at position 0" if adapter.bos else "first is position 0")
+                            + "); activation re-measured on the latent there"}
     for latent, record in zip(latents, records):
         record["max_inputs"] = found[latent]
 

@@ -90,6 +90,27 @@ def test_ablated_text_matches_one_forward_per_deletion(llama, arch, target):
     assert all(isinstance(r, float) for r in rec["relative"])
 
 
+@pytest.mark.parametrize("target", [2, T - 1])
+def test_ablated_text_keeps_the_bos_and_removes_each_later_token(llama, target):
+    """`first=1` (--bos): the context starts with the BOS token, which is never deleted; entry j is
+    a plain forward of the context without token 1 + j."""
+    sae, bos = make_sae("topk"), llama.tokenizer.bos_token_id
+    ids = torch.cat([torch.tensor([bos]), context(llama)[0][: T - 1]])
+    ctx = ids[:target + 1]
+    clean = ref_encode(sae, hidden_at(llama, ctx[None])[0, -1])
+    latent = int(clean.argmax())
+    expected = [float(ref_encode(sae, hidden_at(llama, torch.cat([ctx[:j], ctx[j + 1:]])[None])[0, -1])[latent])
+                for j in range(1, target)]
+    got = ablated_text(llama, sae, latent, ids, target, first=1)
+    assert got.tokens == ctx.tolist() and got.target == target and got.first == 1
+    assert got.base == pytest.approx(float(clean[latent]), abs=1e-4)
+    np.testing.assert_allclose(got.ablated.numpy(), expected, atol=1e-4)
+    rec = got.record(llama.decode)
+    assert rec["first"] == 1 and rec["tokens"][0] == llama.decode([bos]) and len(rec["change"]) == target - 1
+    with pytest.raises(FeatoptError, match="target must be between 2"):
+        ablated_text(llama, sae, latent, ids, 1, first=1)  # nothing but the BOS before it
+
+
 def test_ablated_text_one_batched_forward_with_early_exit(llama):
     sae, ids, seen = make_sae(), context(llama)[0], []
     first = blocks_of(llama.model)[0].register_forward_hook(lambda m, a, out: seen.append(a[0].shape[:2]))

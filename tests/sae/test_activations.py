@@ -77,3 +77,48 @@ def test_a_cache_gives_the_stream_of_the_model(tmp_path):
     b = ActivationStream(cache, len(contexts), 16, **settings)
     for step in range(5):
         torch.testing.assert_close(a.batch(step)[site], b.batch(step)[site])
+
+
+def test_bos_cache_holds_a_plain_forward_of_bos_then_the_corpus_and_training_checks_it(tmp_path):
+    """`sae cache --bos`: every context is [BOS] + 15 corpus tokens, its activations those of a plain
+    HF forward with a hook on the block; the cache says so, and `sae train` refuses a cache whose
+    BOS setting is not the run's."""
+    import json
+
+    import pytest
+
+    from featopt.errors import FeatoptError
+    from featopt.sae.commands import CacheConfig, TrainConfig, run_cache, run_train
+
+    adapter = load_model("tiny-llama")
+    text = tmp_path / "corpus"
+    text.mkdir()
+    (text / "a.txt").write_text("The cat sat on the mat and looked at the dog. " * 40)
+    tok = adapter.tokenizer
+    stream = tok.encode((text / "a.txt").read_text(), add_special_tokens=False, verbose=False) + [tok.eos_token_id]
+    n = len(stream) // 15
+    ids = torch.tensor([[tok.bos_token_id] + stream[i * 15:(i + 1) * 15] for i in range(n)])
+    seen = []
+    hook = adapter.model.model.layers[1].register_forward_hook(
+        lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            adapter.model(input_ids=ids)
+    finally:
+        hook.remove()
+    settings = dict(model="tiny-llama", site="blocks.1.resid_post", corpus=str(text), split="all", context_length=16,
+                    progress=False)
+    run_cache(CacheConfig(**settings, bos=True, batch_contexts=5, out=str(tmp_path / "bos")), adapter)
+    assert not adapter.bos  # the caller's adapter is left as it was
+    cache = CacheSource(tmp_path / "bos")
+    assert cache.meta["bos"] is True and cache.meta["contexts_shape"] == [n, 16]
+    assert torch.equal(torch.load(tmp_path / "bos" / "contexts.pt"), ids)
+    torch.testing.assert_close(cache.acts[adapter.site("blocks.1.resid_post")], seen[0])
+    run_cache(CacheConfig(**settings, out=str(tmp_path / "plain")), adapter)
+    assert json.loads((tmp_path / "plain" / "activations.json").read_text())["bos"] is False
+    train = dict(model="tiny-llama", site="blocks.1.resid_post", tokens=64, context_length=16, batch_size=32,
+                 eval_contexts=0, progress=False, out=str(tmp_path / "sae"))
+    for cached, bos in (("bos", False), ("plain", True)):
+        with pytest.raises(FeatoptError, match="--bos"):
+            run_train(TrainConfig(**train, activations=str(tmp_path / cached), bos=bos), adapter)
+    assert not (tmp_path / "sae").exists()

@@ -334,3 +334,34 @@ def test_peer_hook_names_evaluate_like_featopt_names(llama):
     base = evaluate(llama, [topk_sae("blocks.1.resid_post")], ids, ce=False)[0]
     for hook in ("layers.1", "model.layers.1", "blocks.1.hook_resid_post"):
         assert evaluate(llama, [topk_sae(hook)], ids, ce=False)[0] == base
+
+
+def test_eval_command_with_bos_evaluates_bos_then_the_corpus(llama, tmp_path):
+    """`sae eval --bos`: the metrics are those of contexts [BOS] + 11 corpus tokens (the tokenizer's
+    stream, cut here), through a plain HF forward, the SAE in numpy and a hand-rolled splice."""
+    import json
+
+    from featopt.sae.commands import EvalConfig, run_eval
+    from featopt.sae.formats import load_sae, save_sae
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The cat sat on the mat and looked at the dog. " * 6)
+    tok = llama.tokenizer
+    stream = tok.encode((corpus / "a.txt").read_text(), add_special_tokens=False) + [tok.eos_token_id]
+    ids = torch.tensor([[tok.bos_token_id] + stream[i * 11:(i + 1) * 11] for i in range(4)])
+    save_sae(topk_sae(), tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae")
+    run = run_eval(EvalConfig(model="tiny-llama", bos=True, sae=str(tmp_path / "sae"), corpus=str(corpus), split="all",
+                              context_length=12, contexts=4, batch_contexts=3, out=str(tmp_path / "eval"),
+                              progress=False), llama)
+    assert not llama.bos  # the caller's adapter is left as it was
+    (row,) = run.metrics
+    expected, _ = brute_force(sae, hf_resid_post(llama, ids, 1, 1))
+    assert row["tokens"] == expected["tokens"] == 4 * 11
+    for key in ("mse", "fvu"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert row["l0"] == pytest.approx(expected["l0"], abs=1e-12)
+    assert row["ce_clean"] == pytest.approx(hf_ce(llama, ids, 1), abs=1e-5)
+    assert row["ce_sae"] == pytest.approx(hf_ce(llama, ids, 1, 1, sae_replacer(sae)), abs=1e-5)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["run"]["config"]["bos"] is True
