@@ -142,23 +142,31 @@ def measure(adapter: ModelAdapter, layer: int, repeats: int = 3, batch: int = 51
 
 def interleaved(adapter: ModelAdapter, layer: int, tokens: int = 4096, repeats: int = 8, batch: int = 512) -> dict:
     """Bare forward and sweep alternated `repeats` times on the same `tokens` candidates (ids 5000
-    on): on a VM whose speed drifts by tens of percent between minutes, neighbours in time see the
+    on; 0: the whole vocabulary, the real workload): on a VM whose speed drifts by tens of percent between minutes, neighbours in time see the
     same machine. Returns `{"layer", "bare", "sweep"` (seconds per repeat), `"median_ratio"`,
     `"ratio_of_sums"` (bare / sweep)`}`."""
     site = adapter.site("resid_post", layer)
     d = adapter.width(site)
     problems = parse_features(f"[:, :, 0-{d - 1}]", n_tokens=1, width=d)
     scorer = Scorer([p.features for p in problems], d, exhaustive.weights_for(problems, 1))
-    model, ids = truncated(adapter, layer), torch.arange(5000, 5000 + tokens, device=adapter.device)
+    ids = torch.arange(5000, 5000 + tokens) if tokens else torch.arange(adapter.vocab_size)
+    model, ids = truncated(adapter, layer), ids.to(adapter.device)
     k = exhaustive.ExhaustiveConfig.top_k
-    bare, swept = [], []
+    bare, swept, bare_cpu, swept_cpu = [], [], [], []
     for _ in range(repeats):
-        bare.append(_timed(lambda: bare_forward(model, ids, batch))[0])
-        swept.append(_timed(lambda: sweep(adapter, [(site, scorer)], candidates=ids, k=k, batch_size=batch,
-                                          progress=False))[0])
-    return {"layer": layer, "bare": bare, "sweep": swept,
+        for times, cpu, fn in ((bare, bare_cpu, lambda: bare_forward(model, ids, batch)),
+                               (swept, swept_cpu, lambda: sweep(adapter, [(site, scorer)], candidates=ids, k=k,
+                                                                batch_size=batch, progress=False))):
+            c0 = time.process_time()
+            times.append(_timed(fn)[0])
+            cpu.append(time.process_time() - c0)
+    # CPU seconds of this process (all its threads): what the code costs, whatever else the
+    # machine runs at the time (wall time on this VM drifts by tens of percent between minutes).
+    return {"layer": layer, "bare": bare, "sweep": swept, "bare_cpu": bare_cpu, "sweep_cpu": swept_cpu,
             "median_ratio": statistics.median(b / s for b, s in zip(bare, swept)),
-            "ratio_of_sums": sum(bare) / sum(swept)}
+            "ratio_of_sums": sum(bare) / sum(swept),
+            "cpu_median_ratio": statistics.median(b / s for b, s in zip(bare_cpu, swept_cpu)),
+            "cpu_ratio_of_sums": sum(bare_cpu) / sum(swept_cpu)}
 
 
 def _load() -> tuple[float, float, float] | None:
@@ -181,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=512, help="token ids per forward")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--interleaved", type=int, default=0,
-                   help="instead: bare and sweep alternated this many times on 4096 tokens (see `interleaved`)")
+                   help="instead: bare and sweep alternated this many times (see `interleaved`)")
+    p.add_argument("--tokens", type=int, default=4096, help="with --interleaved: token ids per repeat (0: the whole vocabulary)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,10 +202,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.batch}, {args.repeats} repeats; {_load_avg()}", flush=True)
     if args.interleaved:
         for layer in (int(x) for x in args.layers.split(",")):
-            r = interleaved(adapter, layer, repeats=args.interleaved, batch=args.batch)
+            r = interleaved(adapter, layer, tokens=args.tokens, repeats=args.interleaved, batch=args.batch)
             print(f"layer {layer}: bare {', '.join(f'{t:.2f}' for t in r['bare'])}; sweep "
                   f"{', '.join(f'{t:.2f}' for t in r['sweep'])} s; sweep/bare median {r['median_ratio']:.3f}, "
-                  f"ratio of sums {r['ratio_of_sums']:.3f}", flush=True)
+                  f"ratio of sums {r['ratio_of_sums']:.3f}; CPU time: bare {', '.join(f'{t:.2f}' for t in r['bare_cpu'])}; "
+                  f"sweep {', '.join(f'{t:.2f}' for t in r['sweep_cpu'])} s; median {r['cpu_median_ratio']:.3f}, "
+                  f"ratio of sums {r['cpu_ratio_of_sums']:.3f}", flush=True)
         return
     rows = []
     for layer in (int(x) for x in args.layers.split(",")):
