@@ -17,7 +17,8 @@ Layers 0 and 8, the 20 features of `FEATURES` (fixed), block outputs (`resid_pos
 4. EPO over the same allowed tokens: per feature, the best activation among the front's points
    with xent <= greedy's answer's xent, against greedy's activation (share >= 0.8);
 5. discrete inversion (`invert --method gcg`, defaults) of `bench_inversion.TEXTS` at layer 0;
-6. the exhaustive sweep's throughput against a bare forward, layers 0 and 15 (`sweep_throughput`).
+6. the exhaustive sweep's throughput against a bare forward, layers 0 and 15 (`sweep_throughput`:
+   whole runs alternated, `measure`, and each batch's bare forward timed beside it, `paired`).
 
 Everything is re-measured by plain forwards; results go to `out/bench_discrete.json`, tables to stdout.
 """
@@ -258,10 +259,13 @@ def main() -> None:
         report["invert"] = inversion(adapter, out, args.smoke)
         print("invert", json.dumps(report["invert"]), flush=True)
     if "sweep" not in skip:
-        from sweep_throughput import measure
+        from sweep_throughput import measure, paired
 
         report["sweep"] = [measure(adapter, layer) for layer in (0, adapter.n_layers // 2)]
         print("sweep", json.dumps(report["sweep"]), flush=True)
+        # Batch by batch (see `paired`): the VM's drift between whole runs swamps a few percent.
+        report["sweep_paired"] = [paired(adapter, 0, repeats=4), paired(adapter, adapter.n_layers // 2, repeats=2)]
+        print("sweep_paired", json.dumps(report["sweep_paired"]), flush=True)
     (out / "bench_discrete.json").write_text(json.dumps(report, indent=2))
     print(f"written: {out / 'bench_discrete.json'}")
 

@@ -48,7 +48,7 @@ from featopt.search import exhaustive
 from featopt.search.scoring import Scorer
 from featopt.search.sweep import sweep
 
-__all__ = ["measure", "interleaved", "truncated", "bare_forward", "main"]
+__all__ = ["measure", "interleaved", "paired", "truncated", "bare_forward", "main"]
 
 
 def truncated(adapter: ModelAdapter, layer: int) -> nn.Module:
@@ -153,10 +153,11 @@ def interleaved(adapter: ModelAdapter, layer: int, tokens: int = 4096, repeats: 
     model, ids = truncated(adapter, layer), ids.to(adapter.device)
     k = exhaustive.ExhaustiveConfig.top_k
     bare, swept, bare_cpu, swept_cpu = [], [], [], []
-    for _ in range(repeats):
-        for times, cpu, fn in ((bare, bare_cpu, lambda: bare_forward(model, ids, batch)),
-                               (swept, swept_cpu, lambda: sweep(adapter, [(site, scorer)], candidates=ids, k=k,
-                                                                batch_size=batch, progress=False))):
+    pair = ((bare, bare_cpu, lambda: bare_forward(model, ids, batch)),
+            (swept, swept_cpu, lambda: sweep(adapter, [(site, scorer)], candidates=ids, k=k, batch_size=batch,
+                                             progress=False)))
+    for i in range(repeats):  # bare first, then sweep first: neither always follows the other
+        for times, cpu, fn in (pair if i % 2 == 0 else pair[::-1]):
             c0 = time.process_time()
             times.append(_timed(fn)[0])
             cpu.append(time.process_time() - c0)
@@ -167,6 +168,52 @@ def interleaved(adapter: ModelAdapter, layer: int, tokens: int = 4096, repeats: 
             "ratio_of_sums": sum(bare) / sum(swept),
             "cpu_median_ratio": statistics.median(b / s for b, s in zip(bare_cpu, swept_cpu)),
             "cpu_ratio_of_sums": sum(bare_cpu) / sum(swept_cpu)}
+
+
+def paired(adapter: ModelAdapter, layer: int, repeats: int = 4, batch: int = 512) -> dict:
+    """Bare forward and sweep paired batch by batch over the whole vocabulary: inside a sweep, each
+    batch's bare forward runs next to the sweep's own forward of that batch (before it on even
+    batches, after it on odd ones), timed apart. The sweep's time is its wall time less those bare
+    forwards, so both sides of the ratio are summed over the same ~0.1 s windows and the VM's drift
+    from one second to the next falls on both alike. (Whole-run alternation, `interleaved`, pairs
+    3-second runs, and this VM's speed moves by 10-15% between them.)
+
+    Returns `{"layer", "bare", "sweep"` (seconds per repeat), `"ratios"` (bare / sweep per repeat),
+    `"median_ratio"`, `"ratio_of_sums"`}`; each repeat's top-1 tokens are asserted equal to the
+    first's."""
+    site = adapter.site("resid_post", layer)
+    d = adapter.width(site)
+    problems = parse_features(f"[:, :, 0-{d - 1}]", n_tokens=1, width=d)
+    scorer = Scorer([p.features for p in problems], d, exhaustive.weights_for(problems, 1))
+    model, k = truncated(adapter, layer), exhaustive.ExhaustiveConfig.top_k
+    inner = adapter.run
+    bare_s: list[float] = []
+
+    def run_beside(sites, *, input_ids, **kwargs):
+        first = len(bare_s) % 2 == 0
+        if first:
+            bare_s.append(_timed(lambda: bare_forward(model, input_ids[:, 0], len(input_ids)))[0])
+        out = inner(sites, input_ids=input_ids, **kwargs)
+        if not first:
+            bare_s.append(_timed(lambda: bare_forward(model, input_ids[:, 0], len(input_ids)))[0])
+        return out
+
+    bare, swept, tops = [], [], []
+    adapter.run = run_beside  # an instance attribute: the class's method is untouched
+    try:
+        for i in range(repeats + 1):  # the first, untimed: warm-up
+            bare_s.clear()
+            t, topk = _timed(lambda: sweep(adapter, [(site, scorer)], k=k, batch_size=batch, progress=False))
+            if i:
+                bare.append(sum(bare_s))
+                swept.append(t - sum(bare_s))
+                tops.append(topk.ids[0].tolist())
+    finally:
+        del adapter.run
+    assert all(t == tops[0] for t in tops), f"layer {layer}: the sweep's best tokens differ between repeats"
+    ratios = [b / s for b, s in zip(bare, swept)]
+    return {"layer": layer, "bare": bare, "sweep": swept, "ratios": ratios,
+            "median_ratio": statistics.median(ratios), "ratio_of_sums": sum(bare) / sum(swept)}
 
 
 def _load() -> tuple[float, float, float] | None:
@@ -191,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interleaved", type=int, default=0,
                    help="instead: bare and sweep alternated this many times (see `interleaved`)")
     p.add_argument("--tokens", type=int, default=4096, help="with --interleaved: token ids per repeat (0: the whole vocabulary)")
+    p.add_argument("--paired", type=int, default=0,
+                   help="instead: this many sweeps, each batch's bare forward timed beside it (see `paired`)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{adapter.name}: {adapter.n_layers} blocks, d={adapter.d_model}, vocab {adapter.vocab_size}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {adapter.dtype}, {adapter.device}; batch "
           f"{args.batch}, {args.repeats} repeats; {_load_avg()}", flush=True)
+    if args.paired:
+        for layer in (int(x) for x in args.layers.split(",")):
+            r = paired(adapter, layer, repeats=args.paired, batch=args.batch)
+            print(f"layer {layer}: bare {', '.join(f'{t:.2f}' for t in r['bare'])}; sweep "
+                  f"{', '.join(f'{t:.2f}' for t in r['sweep'])} s; sweep/bare {', '.join(f'{x:.3f}' for x in r['ratios'])}"
+                  f"; median {r['median_ratio']:.3f}, ratio of sums {r['ratio_of_sums']:.3f}", flush=True)
+        return
     if args.interleaved:
         for layer in (int(x) for x in args.layers.split(",")):
             r = interleaved(adapter, layer, tokens=args.tokens, repeats=args.interleaved, batch=args.batch)
