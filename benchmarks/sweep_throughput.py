@@ -22,6 +22,10 @@ ratios. The sweep's top-1 token of every feature is asserted equal to the run's.
 
     FEATOPT_MODEL_PATH=../shared/models python benchmarks/sweep_throughput.py --layers 0,15 --threads 2
     FEATOPT_MODEL_PATH=../shared/models python benchmarks/sweep_throughput.py --layers 0,15 --threads 2 --interleaved 8
+    FEATOPT_MODEL_PATH=../shared/models python benchmarks/sweep_throughput.py --layers 0 --threads 2 --paired 8
+
+`--paired` (`paired`) times each batch's bare forward beside the sweep's forward of the same batch,
+inside the sweep: the steadiest of the three on a VM whose speed drifts between whole runs.
 
 `measure(adapter, layer)` is importable (`from sweep_throughput import measure` with benchmarks/ on
 `sys.path`), and used by bench_search.py for its sweep-vs-bare column.
