@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from featopt.models import load_model  # noqa: E402
 from featopt.errors import FeatoptError  # noqa: E402
 from featopt.models.loading import gguf_cache_folder  # noqa: E402
+from featopt.results import versions  # noqa: E402
 from featopt.objectives.inversion import InversionConfig  # noqa: E402
 from featopt.objectives.inversion import run as invert  # noqa: E402
 from featopt.search.candidates import prompt_xent  # noqa: E402
@@ -234,7 +235,7 @@ def main() -> None:
     (out / "allowed.json").write_text(json.dumps(allowed))
     report = {"model": MODEL, "features": FEATURES, "allowed": allowed, "threads": args.threads,
               "threads_after": args.threads_after,
-              "versions": {"torch": torch.__version__}}
+              "versions": versions()}
     if "peer" not in skip:  # nanoGCG and featopt's equal-budget GCG at the same time, one core each
         report["peer"], init = [], peer_init(allowed)
         for layer in LAYERS:
