@@ -168,6 +168,21 @@ def run(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     return SearchRun(results, out)
 
 
+def member_labels(members: list[dict], front: list[dict], near: float = 0.02) -> dict[tuple[float, float], list[float]]:
+    """Members' answers that land on (or within `near` of the axes' span of) the same point, as one
+    point with all their lambdas: several members often converge on one answer, and one label each
+    would print over one another. `{(xent, activation): [lambda, ...]}`, the first member's point."""
+    xs = [q["xent"] for q in front] + [m["search_xent"] for m in members]
+    ys = [q["activation"] for q in front] + [m["search_activation"] for m in members]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: dict[tuple[float, float], list[float]] = {}
+    for m in members:
+        x, y = m["search_xent"], m["search_activation"]
+        at = next((p for p in groups if abs(p[0] - x) <= near * dx and abs(p[1] - y) <= near * dy), (x, y))
+        groups.setdefault(at, []).append(m["lambda"])
+    return groups
+
+
 def plot_fronts(results: list[FeatureResult], path: Path, most: int = 20) -> None:
     """One panel per problem (the first `most`): the front, xent against activation, each point
     re-measured; each member's final answer marked with its lambda."""
@@ -183,8 +198,13 @@ def plot_fronts(results: list[FeatureResult], path: Path, most: int = 20) -> Non
     for ax, r in zip(axes.flat, shown):
         front = sorted(r.extra["front"], key=lambda q: q["xent"])
         ax.plot([q["xent"] for q in front], [q["activation"] for q in front], "o-", ms=3, lw=1, label="front")
-        for m in r.extra["members"]:
-            ax.annotate(f"λ={m['lambda']:g}", (m["search_xent"], m["search_activation"]), fontsize=6, alpha=0.7)
+        labels = member_labels(r.extra["members"], front)
+        middle = (min(q["xent"] for q in front) + max(q["xent"] for q in front)) / 2
+        for (x, y), lambdas in labels.items():
+            ax.plot([x], [y], "x", ms=4, color="tab:orange")
+            right = x > middle  # written leftwards there, so the label stays inside the panel
+            ax.annotate("λ=" + ", ".join(f"{lam:g}" for lam in lambdas), (x, y), xytext=(-3 if right else 3, 3),
+                        textcoords="offset points", ha="right" if right else "left", fontsize=6, alpha=0.8)
         ax.set_title(f"{r.site} {r.spec}", fontsize=8)
         ax.set_xlabel("xent (nats/token)", fontsize=7)
         ax.set_ylabel("activation", fontsize=7)

@@ -180,3 +180,21 @@ def test_the_answer_is_the_most_active_front_point_and_the_files_are_written(epo
     assert [r["token_ids"] for r in results] == [r.token_ids for r in run.results]
     png = (out / "fronts.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_member_labels_merge_members_on_one_point_and_keep_the_others_apart():
+    from featopt.search.epo import member_labels
+
+    front = [{"xent": 8.0, "activation": 1.0}, {"xent": 12.0, "activation": 11.0}]  # spans 4 and 10
+    members = [
+        {"lambda": 0.0, "search_xent": 12.0, "search_activation": 11.0},
+        {"lambda": 0.5, "search_xent": 12.0, "search_activation": 11.0},  # the same answer
+        {"lambda": 1.0, "search_xent": 11.95, "search_activation": 10.9},  # within 2% of both spans
+        {"lambda": 2.0, "search_xent": 8.0, "search_activation": 1.0},
+        {"lambda": 4.0, "search_xent": 8.5, "search_activation": 1.0},  # 12.5% of the xent span away
+    ]
+    assert member_labels(members, front) == {(12.0, 11.0): [0.0, 0.5, 1.0], (8.0, 1.0): [2.0], (8.5, 1.0): [4.0]}
+    # a degenerate front (one point) still groups by exact position
+    one = [{"xent": 3.0, "activation": 2.0}]
+    same = [{"lambda": lam, "search_xent": 3.0, "search_activation": 2.0} for lam in (0.0, 1.0)]
+    assert member_labels(same, one) == {(3.0, 2.0): [0.0, 1.0]}
