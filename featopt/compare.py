@@ -17,7 +17,6 @@ the order), so `fraction` is None; `gap = optimum - activation` (>= 0 up to roun
 
 from __future__ import annotations
 
-import copy
 
 import dataclasses
 import json
@@ -220,9 +219,8 @@ def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRu
     _check(config)
     if adapter is None:
         adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, **model_options(config))
-    elif adapter.bos != config.bos:  # every method below reads the run's --bos from the adapter
-        adapter = copy.copy(adapter)
-        adapter.bos = config.bos
+    else:  # every method below reads the run's --bos from the adapter
+        adapter = adapter.with_bos(config.bos)
     if config.sae:
         adapter, sae_site = attach_path(adapter, config.sae)
         sites = [sae_site]

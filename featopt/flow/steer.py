@@ -193,7 +193,7 @@ class SteeringResult:
                 "versions": versions()}
 
 
-def _prompt_ids(adapter: ModelAdapter, prompt) -> list[int]:
+def prompt_ids(adapter: ModelAdapter, prompt) -> list[int]:
     """A text with the tokenizer's own special tokens (BOS where the model uses one), after the
     BOS token with `--bos` (`adapter.bos`; once, where the tokenizer writes none), or ids as given."""
     if isinstance(prompt, str):
@@ -265,13 +265,13 @@ def steer(flow: FlowSet, adapter: ModelAdapter, prompts: Sequence[str | Sequence
     targets = _nodes(flow, targets, "the theme score (targets)")
     for s in settings:
         _nodes(flow, s.nodes)
-    prompt_ids = [_prompt_ids(adapter, p) for p in prompts]
+    encoded = [prompt_ids(adapter, p) for p in prompts]
     theme_ids = _theme_ids(adapter, theme_words)
     notes = []
     add_nodes = list(dict.fromkeys(n for s in settings if s.mode == "add" for n in s.nodes))
     if add_nodes and reference is None:
         reference = {}
-        for ids in prompt_ids:
+        for ids in encoded:
             if len(ids) > 1:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -280,13 +280,13 @@ def steer(flow: FlowSet, adapter: ModelAdapter, prompts: Sequence[str | Sequence
         reference = {n: reference.get(n, 1.0) for n in add_nodes}
         notes.append("add-mode reference activations are the features' max over the prompts (1.0 where never active).")
 
-    bar = tqdm(total=(len(settings) + 1) * len(prompt_ids), desc="steering", disable=not progress, leave=False)
+    bar = tqdm(total=(len(settings) + 1) * len(encoded), desc="steering", disable=not progress, leave=False)
     outcomes = []
     for setting in [None, *settings]:
         edits = None if setting is None else steering_edits(flow, setting.nodes, setting.r, mode=setting.mode,
                                                             reference=reference)
         generations = []
-        for i, ids in enumerate(prompt_ids):
+        for i, ids in enumerate(encoded):
             steps: list[Tensor] = []
             generator = torch.Generator().manual_seed(seed + i) if temperature > 0 else None
             new = generate(adapter, torch.tensor(ids), max_new_tokens, edits=edits, temperature=temperature,
@@ -296,7 +296,7 @@ def steer(flow: FlowSet, adapter: ModelAdapter, prompts: Sequence[str | Sequence
             bar.update()
         outcomes.append(Outcome(setting, generations))
     bar.close()
-    return SteeringResult(adapter.name, prompt_ids, targets, list(theme_words), theme_ids, outcomes[0], outcomes[1:],
+    return SteeringResult(adapter.name, encoded, targets, list(theme_words), theme_ids, outcomes[0], outcomes[1:],
                           max_new_tokens, float(temperature), seed, reference, notes)
 
 

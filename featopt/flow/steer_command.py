@@ -86,7 +86,7 @@ def _multi_nodes(config: SteerConfig, flow, single: list) -> tuple[list, object]
 
 
 def run_steer(config: SteerConfig) -> SteerRun:
-    from featopt.flow.steer import _prompt_ids, compare_single_multi, plot_steering, reference_activations, save_steering
+    from featopt.flow.steer import prompt_ids, compare_single_multi, plot_steering, reference_activations, save_steering
 
     check_at_least(config, ["tokens", "corpus_tokens", "context_length"])
     rs = parse_floats(config.rs, "--rs")
@@ -99,7 +99,7 @@ def run_steer(config: SteerConfig) -> SteerRun:
     targets = parse_nodes(config.targets, flow, "--targets") if config.targets else single
     multi, graph = _multi_nodes(config, flow, single)
     adapter = load_model_for(config, flow)
-    longest = max(len(_prompt_ids(adapter, p)) for p in prompts)  # the ids generation starts from, BOS included
+    longest = max(len(prompt_ids(adapter, p)) for p in prompts)  # the ids generation starts from, BOS included
     adapter.check_positions(longest + config.tokens, f"--tokens {config.tokens} after a {longest}-token prompt",
                             f"use at most {max(0, (adapter.context_limit or 0) - longest)}")
     reference = None

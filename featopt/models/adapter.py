@@ -249,6 +249,15 @@ class ModelAdapter:
             feature_map.to(self.device).requires_grad_(False)
         return view
 
+    def with_bos(self, bos: bool) -> "ModelAdapter":
+        """This adapter, or a view of it (same model, same feature maps) whose `bos` is `bos`: a
+        command's `--bos` applied to an adapter a caller passed in, which is left as it was."""
+        if self.bos == bool(bos):
+            return self
+        view = copy.copy(self)
+        view.bos = bool(bos)
+        return view
+
     @property
     def feature_sites(self) -> tuple[Site, ...]:
         """The sites that carry a feature map."""

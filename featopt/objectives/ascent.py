@@ -95,8 +95,7 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
     _check(config)
     loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed,
                                **model_options(config))
-    if adapter is None:
-        adapter = loader()
+    adapter = loader() if adapter is None else adapter.with_bos(config.bos)  # a given model, with this run's --bos
     if config.sae:
         adapter, site = attach_path(adapter, config.sae)
         loader = functools.partial(_attached, loader, config.sae)

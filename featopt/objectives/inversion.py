@@ -159,7 +159,7 @@ def build(config: InversionConfig, adapter: ModelAdapter | None = None) -> tuple
     texts = texts_of(config)
     loader = functools.partial(load_model, config.model, untrained=config.untrained, seed=config.seed,
                                **model_options(config))
-    adapter = adapter if adapter is not None else loader()
+    adapter = loader() if adapter is None else adapter.with_bos(config.bos)  # a given model, with this run's --bos
     site = adapter.site(config.site, config.layer)
     batch = encode_texts(adapter, texts)
     with torch.no_grad():  # the target O(e): the real tokens' outputs, computed once

@@ -18,7 +18,7 @@ from featopt.errors import FeatoptError
 from featopt.features import parse_features
 from featopt.models import ModelAdapter, load_model, model_options
 from featopt.results import atomic_write, versions
-from featopt.sae.commands import _check_context, _check_positive, _out, bos_id, with_bos
+from featopt.sae.commands import _check_context, _check_positive, _out, bos_id
 from featopt.search.common import DTYPES
 
 
@@ -38,7 +38,7 @@ def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdap
     if adapter is None:
         adapter = load_model(model, dtype=DTYPES[dtype], **options)
     else:
-        adapter = with_bos(adapter, options.get("bos", adapter.bos))
+        adapter = adapter.with_bos(options.get("bos", adapter.bos))
     attach(adapter, sae, sae_path)  # validates the site and its width
     return adapter, sae
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,16 +36,6 @@ def _sites(adapter: ModelAdapter, site: str) -> list[Site]:
     return list(dict.fromkeys(adapter.site(s.strip()) for s in str(site).split(",") if s.strip()))
 
 
-def with_bos(adapter: ModelAdapter, bos: bool) -> ModelAdapter:
-    """`adapter`, or a view of it (same model) whose `bos` is the run's `--bos`: a caller's
-    adapter is left as it was."""
-    if adapter.bos == bool(bos):
-        return adapter
-    view = copy.copy(adapter)
-    view.bos = bool(bos)
-    return view
-
-
 def bos_id(adapter: ModelAdapter) -> int | None:
     """The id that starts every corpus context under the run's `--bos` (None without it)."""
     return adapter.bos_token_id() if adapter.bos else None
@@ -60,7 +49,7 @@ def _load(config, adapter: ModelAdapter | None) -> ModelAdapter:
     """The config's model, or `adapter` seen with the config's `--bos`."""
     if adapter is None:
         return load_model(config.model, dtype=DTYPES[config.dtype], **model_options(config))
-    return with_bos(adapter, config.bos)
+    return adapter.with_bos(config.bos)
 
 
 def _out(out: str | None) -> Path:
@@ -195,7 +184,7 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
     _check_train(config)
     loader = functools.partial(load_model, config.model, dtype=DTYPES[config.dtype], seed=config.seed,
                                **model_options(config))
-    adapter = loader() if adapter is None else with_bos(adapter, config.bos)
+    adapter = loader() if adapter is None else adapter.with_bos(config.bos)
     sites = _sites(adapter, config.site)
     if not sites:
         raise FeatoptError("--site names no site: give one like blocks.6.resid_post.")

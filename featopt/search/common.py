@@ -88,11 +88,14 @@ def device_for(config, adapter: ModelAdapter | None) -> str:
 
 
 def load(config, adapter: ModelAdapter | None) -> ModelAdapter:
-    """The config's model (or `adapter`) on the config's device; rank r of a group uses cuda:r."""
+    """The config's model (or `adapter`, seen with the config's `--bos`) on the config's device;
+    rank r of a group uses cuda:r."""
     device = device_for(config, adapter)
     if adapter is None:
         adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, dtype=DTYPES[config.dtype],
                              **model_options(config))
+    elif hasattr(config, "bos"):  # as the processes of --devices, which load the model from the config, see it
+        adapter = adapter.with_bos(config.bos)
     if device.startswith("cuda") and dist.is_available() and dist.is_initialized():
         device = f"cuda:{dist.get_rank() % torch.cuda.device_count()}"
     adapter = adapter.to(device)

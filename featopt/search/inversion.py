@@ -92,8 +92,8 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
         raise FeatoptError("--method gcg inverts in one process: drop --devices (featopt search gcg shards over devices).")
     if config.isolated:
         raise FeatoptError("--method gcg searches whole-model inputs: drop --isolated.")
-    adapter = adapter if adapter is not None else load_model(config.model, untrained=config.untrained, seed=config.seed,
-                                                                  **model_options(config))
+    adapter = (load_model(config.model, untrained=config.untrained, seed=config.seed, **model_options(config))
+               if adapter is None else adapter.with_bos(config.bos))  # a given model, with this run's --bos
     site = adapter.site(config.site, config.layer)
     batch = encode_texts(adapter, texts)
     allowed = allowed_ids(adapter, config.allow)

@@ -243,6 +243,17 @@ def test_cached_continuation_equals_the_full_forward_without_deprecations(family
     assert new == seq[7:].tolist()
 
 
+def test_with_bos_is_a_view_sharing_the_model_and_leaving_the_adapter_as_it_was():
+    from featopt.models import load_model
+
+    plain = load_model("tiny-llama")
+    view = plain.with_bos(True)
+    assert view.bos and not plain.bos and view.model is plain.model
+    assert plain.with_bos(False) is plain and view.with_bos(True) is view
+    tok = plain.tokenizer
+    assert view.encode("a b").tolist() == [tok.bos_token_id, *tok("a b", add_special_tokens=False).input_ids]
+
+
 def test_encode_starts_with_bos_only_when_asked():
     from featopt.models import load_model
 

@@ -206,3 +206,17 @@ def test_bos_is_a_fixed_first_token_and_is_recorded(tiny64, tmp_path):
         del r["bos"]
     (tmp_path / "old.json").write_text(json.dumps(document))
     assert not any(r.bos for r in read_results(tmp_path / "old.json")[1])
+
+
+def test_the_configs_bos_applies_to_a_given_adapter_without_changing_it(tiny64, tmp_path):
+    """A caller's adapter without BOS, a config with --bos: the run is after the BOS token (as
+    the processes of --devices, which load from the config, see it), and the caller's adapter
+    keeps its setting."""
+    assert not tiny64.bos
+    bos = tiny64.tokenizer.bos_token_id
+    results = run(_config(tmp_path, layer="1", features="[:, 1, 0-1]", bos=True), tiny64).results
+    with torch.no_grad():
+        tokens = torch.arange(tiny64.vocab_size)[:, None]
+        acts = resid_post(tiny64.model, torch.cat([torch.full_like(tokens, bos), tokens], 1), 1)
+    _check(results, {("blocks.1.resid_post", f"[:, 1, {f}]"): acts[:, 1, f] for f in range(2)})
+    assert all(r.token_ids[0] == bos and r.bos for r in results) and not tiny64.bos
