@@ -1,7 +1,7 @@
 """Corpus statistics of every SAE latent in one pass vs a bare pass over the same tokens.
 
 The bare pass is what any statistic needs at least: the model to the SAE's site (early exit) and
-the SAE's encode, nothing kept. The statistics pass is `featopt.sae.corpus_stats.corpus_stats`:
+the SAE's encode, nothing kept. The statistics pass is `featopt.dictionaries.corpus_stats.corpus_stats`:
 the same forward and encode, plus, for all latents at once, running top-k examples with their
 context windows, frequency, max, sum, the equal-width histogram and one uniform example per bin.
 Both read the same contexts in the same batches; the bare pass runs first and again last (the
@@ -50,9 +50,9 @@ def main() -> None:
     from featopt.data import corpus_contexts
     from featopt.models import load_model
     from featopt.results import versions
-    from featopt.sae.attach import attach
-    from featopt.sae.corpus_stats import corpus_stats
-    from featopt.sae.formats import load_sae
+    from featopt.models.sae.attach import attach
+    from featopt.dictionaries.corpus_stats import corpus_stats
+    from featopt.models.sae.formats import load_sae
 
     adapter = load_model(args.model)
     sae = load_sae(args.sae)

@@ -1,7 +1,7 @@
 """All-feature matching of two SAEs by decoder cosine vs a dense float32 matmul of the same shapes.
 
 Document 003 matches every feature of one SAE against every decoder row of another. featopt's
-`featopt.flow.match.top_matches` normalizes the rows and goes through the target rows `chunk` at a
+`featopt.feature_flow.match.top_matches` normalizes the rows and goes through the target rows `chunk` at a
 time, keeping only each row's top-k, so at most a `[chunk, d_sae]` block exists. The baseline is
 the bare product `A @ B.T` of the same shapes in float32 (no normalization, no top-k), which holds
 the whole `[d_sae, d_sae]` matrix. Target: at most 1.2x the baseline's time, memory bounded by
@@ -29,7 +29,7 @@ def _rss_mb() -> float:
 
 
 def child(kind: str, d_sae: int, d_in: int, k: int, chunk: int, repeats: int) -> dict:
-    from featopt.flow.match import top_matches
+    from featopt.feature_flow.match import top_matches
 
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(d_sae, d_in, generator=g), torch.randn(d_sae, d_in, generator=g)

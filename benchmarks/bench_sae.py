@@ -59,8 +59,8 @@ class FeatoptTimers:
     renormalisation) for the duration of a `with` block."""
 
     def __enter__(self):
-        from featopt.sae.activations import ModelSource
-        from featopt.sae.train import SAETraining
+        from featopt.dictionaries.activations import ModelSource
+        from featopt.dictionaries.train import SAETraining
 
         self.forward_s = self.step_s = 0.0
         self.forward_contexts = 0
@@ -89,8 +89,8 @@ class FeatoptTimers:
         return self
 
     def __exit__(self, *exc):
-        from featopt.sae.activations import ModelSource
-        from featopt.sae.train import SAETraining
+        from featopt.dictionaries.activations import ModelSource
+        from featopt.dictionaries.train import SAETraining
 
         ModelSource.__call__, SAETraining.optimizer_step = self._saved
 
@@ -121,7 +121,7 @@ def memoize_contexts() -> None:
 
 def featopt_train(adapter, args, out: Path, *, architecture: str = "topk", expansion: str = str(EXPANSION),
                   activations: str | None = None) -> dict:
-    from featopt.sae.commands import TrainConfig, run_train
+    from featopt.commands.sae_train import TrainConfig, run_train
 
     shutil.rmtree(out, ignore_errors=True)
     config = TrainConfig(model=args.model, site=SITE, corpus=None if activations else args.corpus, activations=activations,
@@ -166,7 +166,7 @@ def peer_train(name: str, model_dir: Path, contexts: Path, args, out: Path) -> d
 # ----------------------------------------------------------------------------- evaluation
 def load_for_eval(path: str, adapter, out: Path, notes: list[str]):
     """featopt's `load_sae`; where it refuses a peer's file or its hook name, say so and work around."""
-    from featopt.sae.formats import load_sae, site_of
+    from featopt.models.sae.formats import load_sae, site_of
 
     try:
         sae = load_sae(path)
@@ -195,7 +195,7 @@ def load_for_eval(path: str, adapter, out: Path, notes: list[str]):
     except FeatoptError:
         site = site_of(sae.cfg.hook_name)
         notes.append(f"{path}: hook name {sae.cfg.hook_name!r} is not a site `evaluate` accepts; "
-                     f"renamed to {site!r} with featopt.sae.formats.site_of.")
+                     f"renamed to {site!r} with featopt.models.sae.formats.site_of.")
         sae.cfg.hook_name = site
     return sae
 
@@ -291,7 +291,7 @@ def main() -> None:
 
     metrics: dict = {}
     if "eval" not in skip and rows:
-        from featopt.sae.evaluate import evaluate
+        from featopt.dictionaries.evaluate import evaluate
 
         held_out = corpus_contexts(adapter.tokenizer, args.corpus, CONTEXT, split="eval")[: args.eval_contexts]
         saes = [load_for_eval(r["out"], adapter, out, notes) for r in rows]
@@ -312,10 +312,10 @@ def main() -> None:
         featopt_only.append(f"| four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x, same {four['tokens']:,} tokens | "
                             f"{four['wall_s']:.1f} s vs {one['wall_s']:.1f} s | **{ratio:.2f}x** the time | < 1.5x |")
     if "cache" not in skip:
-        from featopt.sae.commands import CacheConfig, run_cache
+        from featopt.commands.sae_train import CacheConfig, run_cache
 
         if args.cache_dir:  # an existing cache of the same split (`featopt sae cache`): not rebuilt, not timed
-            from featopt.sae.activations import CacheSource
+            from featopt.dictionaries.activations import CacheSource
 
             cache_dir, cache_s = Path(args.cache_dir), float("nan")
             cached = argparse.Namespace(tokens=math.prod(CacheSource(cache_dir).meta["contexts_shape"]))
@@ -335,7 +335,7 @@ def main() -> None:
         ratio = from_cache["tokens_per_s"] / base["tokens_per_s"]
         same = None
         if args.cache_tokens is None:  # the same stream: the two SAEs should be the same
-            from featopt.sae.formats import load_sae
+            from featopt.models.sae.formats import load_sae
 
             a, b = load_sae(base["out"]), load_sae(from_cache["out"])
             same = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -26,11 +26,11 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from featopt.errors import FeatoptError
-from featopt.features import parse_features
+from featopt.specs import parse_features
 from featopt.models import ModelAdapter, load_model
-from featopt.search import exhaustive, greedy
-from featopt.search.scoring import Scorer
-from featopt.search.sweep import AUTO_BATCH, sweep
+from featopt.discrete import exhaustive, greedy
+from featopt.discrete.scoring import Scorer
+from featopt.discrete.sweep import AUTO_BATCH, sweep
 
 from sweep_throughput import bare_forward, truncated  # benchmarks/ is on sys.path when run as a script
 

@@ -8,7 +8,7 @@ input, `[batch, 1]` input_ids, the same batches everywhere):
   `torch.inference_mode()`, reading `last_hidden_state`. HF applies the final norm to the last
   hidden state: one RMS/LayerNorm of `[batch, 1, d]`, negligible against a block, and kept so the
   baseline is the unmodified HF module.
-- **sweep**: `featopt.search.sweep.sweep` scoring every feature of `blocks.L.resid_post` (d problems,
+- **sweep**: `featopt.discrete.sweep.sweep` scoring every feature of `blocks.L.resid_post` (d problems,
   `[:, :, 0-(d-1)]`, k=10 as `exhaustive` uses by default): the forward (early exit at the site)
   plus the scoring and the running top-k. Its throughput ratio is `bare / sweep` (1.0: free).
 - **end to end**: `exhaustive.run` for the same features, from the call to `results.json` written
@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 import featopt
-from featopt.features import parse_features
+from featopt.specs import parse_features
 from featopt.models import ModelAdapter, load_model
-from featopt.search import exhaustive
-from featopt.search.scoring import Scorer
-from featopt.search.sweep import sweep
+from featopt.discrete import exhaustive
+from featopt.discrete.scoring import Scorer
+from featopt.discrete.sweep import sweep
 
 __all__ = ["measure", "interleaved", "paired", "truncated", "bare_forward", "main"]
 

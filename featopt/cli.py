@@ -100,7 +100,7 @@ def _field_comments(config_cls) -> dict[str, str]:
 
 
 def build_parser() -> ArgumentParser:
-    from featopt.objectives.ascent import AscentConfig
+    from featopt.gradient.ascent import AscentConfig
 
     parser = _Parser(prog="featopt", description="Find the inputs that make a feature of a language model fire.")
     sub = parser.add_subcommands(dest="command", required=True)
@@ -118,10 +118,10 @@ def build_parser() -> ArgumentParser:
     kinds = search.add_subcommands(dest="kind", required=True)
     for kind, (module, config_name, description) in _SEARCHES.items():
         kinds.add_subcommand(kind, _config_parser(module, config_name, description), help=description)
-    sub.add_subcommand("compare", _config_parser("featopt.compare", "CompareConfig",
+    sub.add_subcommand("compare", _config_parser("featopt.commands.compare", "CompareConfig",
                        "Gradient methods' decoded tokens as a fraction of the exhaustive optimum (one-token inputs)."),
                        help="is gradient feature visualization accurate? (vs exhaustive search)")
-    sub.add_subcommand("align", _config_parser("featopt.search.align", "AlignConfig",
+    sub.add_subcommand("align", _config_parser("featopt.discrete.align", "AlignConfig",
                        "Top-k overlap of each feature index's exhaustive top tokens across layers, against a "
                        "shuffled baseline (JSON, heatmap PNG).", _ALIGN_HELP),
                        help="are the features of one index aligned across layers? (exhaustive top-k overlap)")
@@ -191,21 +191,21 @@ _SAE_HELP = {
 }
 
 _SAE = {
-    "train": ("featopt.sae.commands", "TrainConfig", "run_train", "format_train",
+    "train": ("featopt.commands.sae_train", "TrainConfig", "run_train", "format_train",
               "Train SAEs (relu or topk; several sizes or sites from one pass of the model) in SAELens' format."),
-    "cache": ("featopt.sae.commands", "CacheConfig", "run_cache", "format_cache",
+    "cache": ("featopt.commands.sae_train", "CacheConfig", "run_cache", "format_cache",
               "Save a corpus' activations at a site as safetensors shards, to train from with --activations."),
-    "eval": ("featopt.sae.commands", "EvalConfig", "run_eval", "format_eval",
+    "eval": ("featopt.commands.sae_train", "EvalConfig", "run_eval", "format_eval",
              "FVU, L0, dead fraction and CE loss recovered of SAEs on held-out text; writes metrics.json."),
-    "features": ("featopt.sae.analysis", "FeaturesConfig", "run_features", "format_features",
+    "features": ("featopt.commands.sae_read", "FeaturesConfig", "run_features", "format_features",
                  "Every latent's top and uniform (binned) examples, frequency and histogram over a corpus, in one pass."),
-    "lens": ("featopt.sae.analysis", "LensConfig", "run_lens", "format_lens",
+    "lens": ("featopt.commands.sae_read", "LensConfig", "run_lens", "format_lens",
              "Logit lens: decoder directions through the unembedding, high-norm tokens removed."),
-    "ablate": ("featopt.sae.analysis", "AblateConfig", "run_ablate", "format_ablate",
+    "ablate": ("featopt.commands.sae_read", "AblateConfig", "run_ablate", "format_ablate",
                "Ablated text (drop each earlier token) and direction ablation (next-token log-probs) for one latent."),
-    "mcs": ("featopt.sae.analysis", "MCSConfig", "run_mcs", "format_mcs",
+    "mcs": ("featopt.commands.sae_read", "MCSConfig", "run_mcs", "format_mcs",
             "Max cosine similarity of each latent with the decoder rows of other dictionaries (1x/2x/4x/8x)."),
-    "dashboard": ("featopt.sae.dashboard_command", "DashboardConfig", "run_dashboard", "format_dashboard",
+    "dashboard": ("featopt.commands.sae_dashboard", "DashboardConfig", "run_dashboard", "format_dashboard",
                   "A static site (file://) per latent: examples, histogram, logit lens, ablations, maximizing inputs."),
 }
 
@@ -241,17 +241,17 @@ _SAE_TASK_HELP = {
 
 
 _FLOW = {
-    "match": ("featopt.flow.commands", "MatchConfig", "run_match", "format_match",
+    "match": ("featopt.commands.flow_match", "MatchConfig", "run_match", "format_match",
               "Every feature's top-k matches by decoder cosine in its predecessor SAEs, against a baseline."),
-    "graph": ("featopt.flow.commands", "GraphConfig", "run_graph", "format_graph",
+    "graph": ("featopt.commands.flow_match", "GraphConfig", "run_graph", "format_graph",
               "A feature's flow graph: matches followed backwards and forwards through all SAEs (JSON, GraphML, PNG)."),
-    "groups": ("featopt.flow.corpus_commands", "GroupsConfig", "run_groups", "format_groups",
+    "groups": ("featopt.commands.flow_corpus", "GroupsConfig", "run_groups", "format_groups",
                "Predecessor groups (From RES/MLP/ATT, ..., nowhere) over a corpus: shares per layer, transitions."),
-    "deactivate": ("featopt.flow.corpus_commands", "DeactivateConfig", "run_deactivate", "format_deactivate",
+    "deactivate": ("featopt.commands.flow_corpus", "DeactivateConfig", "run_deactivate", "format_deactivate",
                    "Deactivate top-1 vs random predecessors and measure the feature; sweep r against the loss."),
-    "steer": ("featopt.flow.steer_command", "SteerConfig", "run_steer", "format_steer",
+    "steer": ("featopt.commands.flow_steer", "SteerConfig", "run_steer", "format_steer",
               "Single-layer vs multi-layer (flow graph) steering during generation: theme score against coherence."),
-    "transition": ("featopt.flow.corpus_commands", "TransitionConfig", "run_transition", "format_transition",
+    "transition": ("featopt.commands.flow_corpus", "TransitionConfig", "run_transition", "format_transition",
                    "Explained variance of layer L+1's latents from layer L's via the top-1 cosine transition matrix."),
 }
 
@@ -307,13 +307,13 @@ def _config_parser(module: str, config_name: str, description: str, helps: dict 
 
 
 _SEARCHES = {
-    "exhaustive": ("featopt.search.exhaustive", "ExhaustiveConfig",
+    "exhaustive": ("featopt.discrete.exhaustive", "ExhaustiveConfig",
                    "Every vocabulary token as a one-token input (after an optional prefix); every feature scored in one sweep."),
-    "greedy": ("featopt.search.greedy", "GreedyConfig",
+    "greedy": ("featopt.discrete.greedy", "GreedyConfig",
                "Left-to-right greedy search: each step appends the token that maximizes the feature."),
-    "gcg": ("featopt.search.gcg", "GCGConfig",
+    "gcg": ("featopt.discrete.gcg", "GCGConfig",
             "GCG: token gradients propose swaps, a batch of swaps is scored exactly, the best is kept (N tokens)."),
-    "epo": ("featopt.search.epo", "EPOConfig",
+    "epo": ("featopt.discrete.epo", "EPOConfig",
             "EPO fluent search: one member per lambda, activation - lambda * xent, a Pareto front per feature (JSON, PNG)."),
 }
 
@@ -325,7 +325,7 @@ def _run_config(module_name: str, config_name: str, args) -> None:
     module = importlib.import_module(module_name)
     config_cls = getattr(module, config_name)
     result = module.run(config_cls(**{f.name: args[f.name] for f in fields(config_cls)}))
-    if getattr(result, "results", None) is not None and hasattr(module, "format_table") and module_name != "featopt.compare":
+    if getattr(result, "results", None) is not None and hasattr(module, "format_table") and module_name != "featopt.commands.compare":
         print(module.format_table(result.results))
     else:
         print(module.format_table(result))
@@ -359,7 +359,7 @@ _INVERT_HELP = {
 
 
 def _invert_parser() -> ArgumentParser:
-    from featopt.objectives.inversion import InversionConfig
+    from featopt.gradient.inversion import InversionConfig
 
     # "resolve": --text is redefined below to append, so that it can be repeated.
     invert = _Parser(description="Output-matching inversion: learn inputs whose outputs at a site match "
@@ -373,7 +373,7 @@ def _invert_parser() -> ArgumentParser:
 
 
 def _optimize(args) -> None:
-    from featopt.objectives.ascent import AscentConfig, format_results, run
+    from featopt.gradient.ascent import AscentConfig, format_results, run
 
     config = AscentConfig(**{f.name: args[f.name] for f in fields(AscentConfig)})
     result = run(config)
@@ -383,7 +383,7 @@ def _optimize(args) -> None:
 
 
 def _invert(args) -> None:
-    from featopt.objectives.inversion import InversionConfig, format_results, run
+    from featopt.gradient.inversion import InversionConfig, format_results, run
 
     values = {f.name: args[f.name] for f in fields(InversionConfig)}
     if isinstance(values["text"], list):  # repeated --text (or a YAML list): all go to texts
@@ -416,8 +416,8 @@ def _leaf(args) -> tuple[str, object, type | None]:
     command = args.command
     tables = {"search": (_SEARCHES, "kind"), "neurons": (_NEURONS, "task"), "sae": (_SAE, "task"), "flow": (_FLOW, "task")}
     if command not in tables:
-        configs = {"optimize": ("featopt.objectives.ascent", "AscentConfig"), "compare": ("featopt.compare", "CompareConfig"),
-                   "invert": ("featopt.objectives.inversion", "InversionConfig"), "align": ("featopt.search.align", "AlignConfig")}
+        configs = {"optimize": ("featopt.gradient.ascent", "AscentConfig"), "compare": ("featopt.commands.compare", "CompareConfig"),
+                   "invert": ("featopt.gradient.inversion", "InversionConfig"), "align": ("featopt.discrete.align", "AlignConfig")}
         config = configs.get(command)
         return command, args[command], config and getattr(importlib.import_module(config[0]), config[1])
     table, key = tables[command]
@@ -427,10 +427,10 @@ def _leaf(args) -> tuple[str, object, type | None]:
 
 def _check_flags(namespace, config_cls) -> None:
     """What every command requires of its flags: finite numbers (nan and inf are no setting of any
-    float flag) and an `--out` featopt may write into (`featopt.outdir`)."""
+    float flag) and an `--out` featopt may write into (`featopt.runs.outdir`)."""
     import math
 
-    from featopt.outdir import check_out
+    from featopt.runs.outdir import check_out
 
     for f in fields(config_cls) if config_cls else ():
         value = namespace[f.name]
@@ -461,7 +461,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "optimize":
             _optimize(args.optimize)
         elif args.command == "demo":
-            from featopt.demo import demo
+            from featopt.commands.demo import demo
 
             demo(out=args.demo.out, steps=args.demo.steps)
         elif args.command == "invert":
@@ -476,9 +476,9 @@ def _main(argv: list[str] | None) -> int:
         elif args.command == "flow":
             _run_task(_FLOW, args.flow.task, args.flow[args.flow.task])
         elif args.command == "compare":
-            _run_config("featopt.compare", "CompareConfig", args.compare)
+            _run_config("featopt.commands.compare", "CompareConfig", args.compare)
         elif args.command == "align":
-            _run_config("featopt.search.align", "AlignConfig", args.align)
+            _run_config("featopt.discrete.align", "AlignConfig", args.align)
     except FeatoptError as error:  # one line, however the message was built
         print(f"featopt: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

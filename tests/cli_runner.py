@@ -182,9 +182,9 @@ def serve() -> None:
 
     for module in {m[0] for table in (_FLOW, _NEURONS, _SAE, _SEARCHES) for m in table.values()}:
         importlib.import_module(module)
-    import featopt.demo  # noqa: F401
+    import featopt.commands.demo  # noqa: F401
     import featopt.models.tiny  # noqa: F401
-    import featopt.objectives.inversion  # noqa: F401
+    import featopt.gradient.inversion  # noqa: F401
 
     channel = sys.stdout
     print("ready", file=channel, flush=True)

@@ -326,8 +326,8 @@ def _id(case) -> str:
 
 # ----------------------------------------------------------------------------- files that lie
 def _make_files(root: Path) -> dict[str, Path]:
-    from featopt.sae.formats import save_sae
-    from featopt.sae.model import SAEConfig, SparseAutoencoder
+    from featopt.models.sae.formats import save_sae
+    from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
     files = {name: root / name for name in ("text", "badyaml", "gguf", "badconfig", "badweights", "corpus", "sae",
                                             "truncsae", "saes", "file", "foreign", "missing")}
@@ -431,7 +431,7 @@ def test_generators_cover_every_float_flag_with_nan_and_inf():
     # an independent walk of the config dataclasses: every float field must get nan, inf and -inf rows
     from dataclasses import fields
 
-    from featopt.objectives.ascent import AscentConfig
+    from featopt.gradient.ascent import AscentConfig
 
     hints = typing.get_type_hints(AscentConfig)
     floats = {f.name for f in fields(AscentConfig) if float in kinds(hints[f.name])}

@@ -115,7 +115,7 @@ def test_an_entry_another_process_installed_first_is_used(tmp_path):
 
 WORKER = textwrap.dedent("""
     import sys, torch
-    from featopt import decoding
+    from featopt.gradient import decoding
     from featopt.weights import native
 
     E = torch.randn(3000, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()

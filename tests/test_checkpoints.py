@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from featopt.cli import main
-from featopt.objectives.ascent import AscentConfig, run
+from featopt.gradient.ascent import AscentConfig, run
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """`featopt flow match|graph|groups|transition|deactivate|steer` end to end on tiny-llama with tiny
-SAEs saved to disk. The methods are checked against independent computations in tests/flow; here:
+SAEs saved to disk. The methods are checked against independent computations in tests/feature_flow; here:
 that each command writes what it says, that its records agree with a plain recomputation where
 cheap, and that bad input ends in one sentence and exit 2 with nothing written."""
 
@@ -12,8 +12,8 @@ import torch
 
 from featopt.cli import main
 from featopt.models import load_model
-from featopt.sae.formats import save_sae
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.formats import save_sae
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 KEYS = [(0, "res"), (1, "res"), (2, "res"), (1, "mlp"), (2, "mlp"), (1, "att"), (2, "att")]
 KINDS = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
@@ -41,7 +41,7 @@ def files(tmp_path_factory):
 
 
 def decoder(files, key):
-    from featopt.sae.formats import load_sae
+    from featopt.models.sae.formats import load_sae
 
     return load_sae(files["saes"] / f"{key[0]}-{key[1]}").W_dec.detach().double()
 
@@ -79,7 +79,7 @@ def test_graph_edges_score_their_decoder_cosines(files, tmp_path):
 
 def test_groups_count_every_active_target_event(files, tmp_path):
     from featopt.data import corpus_contexts
-    from featopt.sae.formats import load_sae
+    from featopt.models.sae.formats import load_sae
 
     assert main(["flow", "groups", "--model", "tiny-llama", "--saes", str(files["saes"]), "--corpus",
                  str(files["corpus"]), *SMALL, "--out", str(tmp_path)]) == 0
@@ -129,7 +129,7 @@ def _block_out(model, ids, layer):
 def test_groups_with_bos_count_the_events_of_a_plain_forward_after_the_bos(files, tmp_path):
     """--bos: the contexts are [BOS] + 15 corpus tokens (the tokenizer's stream, cut here); the
     events are the 2/res latents (topk written out) firing after position 0 of a plain forward."""
-    from featopt.sae.formats import load_sae
+    from featopt.models.sae.formats import load_sae
 
     assert main(["flow", "groups", "--model", "tiny-llama", "--bos", "--saes", str(files["saes"]), "--corpus",
                  str(files["corpus"]), *SMALL, "--out", str(tmp_path)]) == 0

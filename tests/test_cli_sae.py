@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featopt.cli import main
-from featopt.sae.formats import load_sae
+from featopt.models.sae.formats import load_sae
 
 TEXT = ("The cat sat on the mat. The dog ran to the park and back again. " * 30)
 TRAIN = ["--model", "tiny-llama", "--site", "blocks.1.resid_post", "--context_length", "16", "--batch_size", "128",
@@ -81,7 +81,7 @@ def test_train_with_bos_reads_bos_contexts_and_eval_with_bos_agrees(tmp_path, co
     the tokenizer's stream) and evaluates on such held-out contexts: `sae eval --bos` finds the
     same numbers there, and the SAE records the setting."""
     from featopt.models import load_model
-    from featopt.sae.commands import TrainConfig, run_train
+    from featopt.commands.sae_train import TrainConfig, run_train
 
     out = tmp_path / "sae"
     config = TrainConfig(model="tiny-llama", bos=True, site="blocks.1.resid_post", corpus=str(corpus), context_length=16,
@@ -115,8 +115,8 @@ def _bad_sae(tmp_path):
 
 
 def _sae(tmp_path, name, d_in):
-    from featopt.sae.formats import save_sae
-    from featopt.sae.model import SAEConfig, SparseAutoencoder
+    from featopt.models.sae.formats import save_sae
+    from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
     cfg = SAEConfig(d_in=d_in, d_sae=8, architecture="relu", hook_name="blocks.1.hook_resid_post")
     return save_sae(SparseAutoencoder(cfg), tmp_path / name)

@@ -13,8 +13,8 @@ import torch
 
 from featopt.cli import main
 from featopt.models import load_model
-from featopt.sae.formats import load_sae, save_sae
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.formats import load_sae, save_sae
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 TEXT = ("The cat sat on the mat. The dog ran to the park and back again. " * 30)
 CTX = ["--context_length", "16"]

@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from featopt.compare import (
+from featopt.commands.compare import (
     METHODS, CompareConfig, CompareRun, FeatureComparison, MethodResult, format_table, fraction_of, run,
 )
 from featopt.errors import FeatoptError
@@ -154,7 +154,7 @@ def test_fraction_is_undefined_without_a_positive_optimum():
     dict(steps=0),
 ])
 def test_bad_input_raises_before_any_search(tiny64, tmp_path, monkeypatch, bad):
-    import featopt.search.exhaustive as exhaustive
+    import featopt.discrete.exhaustive as exhaustive
 
     monkeypatch.setattr(exhaustive, "run", lambda *a, **k: pytest.fail("searched despite bad input"))
     with pytest.raises(FeatoptError):

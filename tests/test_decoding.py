@@ -1,10 +1,10 @@
-"""featopt.decoding against independent computations (torch.linalg.pinv, full cosine matrices)."""
+"""featopt.gradient.decoding against independent computations (torch.linalg.pinv, full cosine matrices)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import featopt.decoding as dec
+import featopt.gradient.decoding as dec
 from featopt.errors import FeatoptError
 
 

@@ -1,4 +1,4 @@
-"""Tests for featopt.features: the feature-spec notation and the masks built from it."""
+"""Tests for featopt.specs: the feature-spec notation and the masks built from it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featopt.errors import FeatoptError
-from featopt.features import Problem, parse_features, selection_masks
+from featopt.specs import Problem, parse_features, selection_masks
 
 SITE = "blocks.0.resid_post"
 N_TOKENS, WIDTH = 16, 576

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featopt.errors import FeatoptError
-from featopt.features import parse_features
+from featopt.specs import parse_features
 
 NUMBER = st.integers(-5, 70).map(str)
 ITEM = st.one_of(

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from featopt.interrupt import Interrupted, raising_on_signals
-from featopt.objectives.ascent import AscentConfig, run
+from featopt.gradient.ascent import AscentConfig, run
 from featopt.results import read_results
 
 FLAGS = {"model": "tiny-gpt2", "features": "[:, :, 0-1]", "tokens": 3, "seed": 3, "lr": 0.05}

@@ -10,7 +10,7 @@ import torch
 from featopt import memory
 from featopt.cli import main
 from featopt.errors import FeatoptError
-from featopt.sae.activations import ActivationStream
+from featopt.dictionaries.activations import ActivationStream
 from featopt.weights import decode as decode_module
 from featopt.weights.decode import Unembed, decode_directions
 

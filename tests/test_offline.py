@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-# The guard's error, by its message: `conftest` is not importable by name (tests/search has one too).
+# The guard's error, by its message: `conftest` is not importable by name (tests/discrete has one too).
 GUARD = dict(expected_exception=RuntimeError, match="tests run offline")
 
 

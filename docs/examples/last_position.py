@@ -10,11 +10,11 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from featopt.features import parse_features
-from featopt.objectives.module import FeatureOptimization, StepsDataModule
+from featopt.specs import parse_features
+from featopt.gradient.module import FeatureOptimization, StepsDataModule
 from featopt.objectives.objective import Context, Objective
-from featopt.objectives.parametrization import Parametrization
-from featopt.objectives.readout import evaluate
+from featopt.gradient.parametrization import Parametrization
+from featopt.gradient.readout import evaluate
 from featopt.objectives.targets import Selection
 
 
@@ -78,6 +78,6 @@ def run(adapter, layer: int = 1, features: str = "[:, :, 0-2]", tokens: int = 5,
 
 if __name__ == "__main__":
     from featopt.models import load_model
-    from featopt.objectives.ascent import format_results
+    from featopt.gradient.ascent import format_results
 
     print(format_results(run(load_model("tiny-llama"))[1]))

@@ -155,7 +155,7 @@ class ClampRun:
 
 def run_clamp(config: ClampConfig, adapter: ModelAdapter | None = None) -> ClampRun:
     from featopt.results import atomic_write
-    from featopt.search.common import load, out_dir
+    from featopt.discrete.common import load, out_dir
     from featopt.weights.neurons import check_config
 
     check_config(config)
@@ -193,7 +193,7 @@ def run_clamp(config: ClampConfig, adapter: ModelAdapter | None = None) -> Clamp
     out.mkdir(parents=True, exist_ok=True)
     run = ClampRun(values, probs, baseline, natural, ids, note, generations, out)
     if probs is not None and config.plot:
-        from featopt.weights.plots import plot_sweep
+        from featopt.plots import plot_sweep
 
         title = f"p({adapter.decode(ids)!r} | {config.prompt!r}), layer {config.layer} neuron {config.neuron} clamped"
         run.png = plot_sweep(values, probs, out / "clamp.png", title=title, natural=natural, baseline=baseline)

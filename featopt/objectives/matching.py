@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from featopt.errors import FeatoptError
-from featopt.metrics import DISTANCES, masked_cosine_distance, masked_l1
+from featopt.gradient.metrics import DISTANCES, masked_cosine_distance, masked_l1
 from featopt.models.sites import Site
 from featopt.objectives.objective import Context, Objective
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from featopt.features import Problem, selection_masks
+from featopt.specs import Problem, selection_masks
 from featopt.models.sites import Site
 from featopt.objectives.objective import Context, Objective
 

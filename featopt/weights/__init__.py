@@ -9,7 +9,7 @@
   at every neuron and the best neurons over the whole model.
 - :mod:`~featopt.weights.compare`: `run_compare(CompareConfig)`, the share of neurons whose top token
   two checkpoints of the same shape share.
-- :mod:`~featopt.weights.plots`: the paper's Figures 2 and 3 as PNG files.
+- :mod:`~featopt.plots`: the paper's Figures 2 and 3 as PNG files.
 
 Clamping a neuron while the model runs lives in :mod:`featopt.interventions`.
 """

@@ -96,7 +96,7 @@ def run_compare(config: CompareConfig, a: ModelAdapter | None = None, b: ModelAd
     """Load both models (or use the adapters given), compare them and write `compare.json`."""
     from dataclasses import replace
 
-    from featopt.search.common import load, out_dir
+    from featopt.discrete.common import load, out_dir
 
     check_config(config)
     a = load(config, a)

@@ -119,7 +119,7 @@ def _from_saved(config: FindConfig, adapter: ModelAdapter, layers: list[int] | N
 
 def run_find(config: FindConfig, adapter: ModelAdapter | None = None) -> FindRun:
     """Score every neuron of the chosen layers for the token; the best `top` over the whole model."""
-    from featopt.search.common import load, out_dir
+    from featopt.discrete.common import load, out_dir
 
     check_config(config)
     if config.top < 1:
@@ -149,7 +149,7 @@ def run_find(config: FindConfig, adapter: ModelAdapter | None = None) -> FindRun
     out.mkdir(parents=True, exist_ok=True)
     png = None
     if config.plot:
-        from featopt.weights.plots import plot_normalized
+        from featopt.plots import plot_normalized
 
         png = plot_normalized(normalized, label, out / "find.png", hits=hits[:3], model=adapter.name)
     document = {"model": adapter.name, "token": config.token, "token_ids": ids, "note": note,

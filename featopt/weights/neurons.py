@@ -31,7 +31,7 @@ def neuron_weights(adapter: ModelAdapter, layer: int, which: str = "up") -> Tens
 
 def parse_layer_list(layers: int | str | list[int], n_layers: int) -> list[int]:
     """`"all"`, `3`, `"0,3,7"`, `"0-3"` or a list -> sorted layer indices."""
-    from featopt.search.common import parse_layers
+    from featopt.discrete.common import parse_layers
 
     return list(range(n_layers)) if str(layers).strip().lower() == "all" else parse_layers(layers, n_layers)
 
@@ -82,7 +82,7 @@ class DecodeRun:
 
 def check_config(config) -> None:
     """The settings every `neurons` command shares (each checked only where the config has it)."""
-    from featopt.search.common import DTYPES
+    from featopt.discrete.common import DTYPES
 
     if getattr(config, "which", "up") not in WHICH:
         raise FeatoptError(f"--which {config.which!r} is not known: allowed are {', '.join(WHICH)}.")
@@ -102,7 +102,7 @@ def settings(config, adapter: ModelAdapter, layers: list[int]) -> dict:
 
 def run_decode(config: DecodeConfig, adapter: ModelAdapter | None = None) -> DecodeRun:
     """Decode every neuron of the chosen layers; write the results into `config.out`."""
-    from featopt.search.common import load, out_dir
+    from featopt.discrete.common import load, out_dir
 
     check_config(config)
     adapter = load(config, adapter)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featopt.flow.saes import FlowSet, Node
-from featopt.sae.commands import TrainConfig, run_train
+from featopt.feature_flow.saes import FlowSet, Node
+from featopt.commands.sae_train import TrainConfig, run_train
 from tests.integration.conftest import MODELS
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def _encode(sae, x):
 
 def test_deactivating_a_predecessor_equals_a_hand_hook(smollm, flow):
     from featopt.data import corpus_contexts
-    from featopt.flow.deactivate import deactivate, sample_events
+    from featopt.feature_flow.deactivate import deactivate, sample_events
 
     contexts = corpus_contexts(smollm.tokenizer, CORPUS, 32, split="eval")[:6]
     with torch.inference_mode():
@@ -72,7 +72,7 @@ def test_deactivating_a_predecessor_equals_a_hand_hook(smollm, flow):
 
 
 def test_steering_with_r_one_is_the_unsteered_generation(smollm, flow):
-    from featopt.flow.steer import Setting, steer
+    from featopt.feature_flow.steer import Setting, steer
 
     nodes = [Node(3, "res", 5), Node(3, "mlp", 7), Node(2, "res", 11)]
     result = steer(flow, smollm, ["The president said"], [Setting("same", nodes, 1.0, "scale"),

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featopt.sae.attach import attach
-from featopt.sae.commands import TrainConfig, run_train
-from featopt.search.exhaustive import ExhaustiveConfig, run
+from featopt.models.sae.attach import attach
+from featopt.commands.sae_train import TrainConfig, run_train
+from featopt.discrete.exhaustive import ExhaustiveConfig, run
 from tests.integration.conftest import MODELS
-from tests.search.search_reference import resid_post
+from tests.discrete.search_reference import resid_post
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,8 @@ def _latents(sae, x):
 
 def test_corpus_statistics_and_logit_lens_on_the_real_model(smollm, trained):
     from featopt.data import corpus_contexts
-    from featopt.sae.corpus_stats import corpus_stats
-    from featopt.sae.lens import logit_lens
+    from featopt.dictionaries.corpus_stats import corpus_stats
+    from featopt.dictionaries.lens import logit_lens
 
     sae = trained.saes[0]
     contexts = corpus_contexts(smollm.tokenizer, CORPUS, 64, split="eval")[:12]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featopt.search.greedy import GreedyConfig, run
+from featopt.discrete.greedy import GreedyConfig, run
 
 pytestmark = pytest.mark.slow
 

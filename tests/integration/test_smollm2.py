@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featopt.decoding import nearest_decode, pinv_decoder
+from featopt.gradient.decoding import nearest_decode, pinv_decoder
 from featopt.models import SITE_KINDS, Site
-from featopt.objectives.ascent import AscentConfig, run
+from featopt.gradient.ascent import AscentConfig, run
 
 pytestmark = pytest.mark.slow
 

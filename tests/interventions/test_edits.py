@@ -9,7 +9,7 @@ import torch
 from featopt.errors import FeatoptError
 from featopt.interventions import Edit, add_direction, edited, generate, project_out, scale_latents
 from featopt.models import load_model
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D = 64
 

@@ -12,8 +12,8 @@ import torch
 
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.sae.ablation import ablated_text, direction_ablation
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.dictionaries.ablation import ablated_text, direction_ablation
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D, D_SAE, LAYER, T = 64, 48, 1, 10
 DEAD = 3  # a latent that never fires

@@ -7,7 +7,7 @@ import torch
 
 from featopt.data import corpus_contexts
 from featopt.models import load_model
-from featopt.sae.activations import ActivationStream, CacheSource, ModelSource, write_cache
+from featopt.dictionaries.activations import ActivationStream, CacheSource, ModelSource, write_cache
 from tests.sae.synthetic import SITE, SparseSource
 
 
@@ -88,7 +88,7 @@ def test_bos_cache_holds_a_plain_forward_of_bos_then_the_corpus_and_training_che
     import pytest
 
     from featopt.errors import FeatoptError
-    from featopt.sae.commands import CacheConfig, TrainConfig, run_cache, run_train
+    from featopt.commands.sae_train import CacheConfig, TrainConfig, run_cache, run_train
 
     adapter = load_model("tiny-llama")
     text = tmp_path / "corpus"

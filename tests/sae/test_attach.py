@@ -8,11 +8,11 @@ import torch
 
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
-from featopt.objectives import ascent
-from featopt.sae.attach import attach
-from featopt.sae.model import SAEConfig, SparseAutoencoder
-from featopt.search import exhaustive, greedy
-from tests.search.search_reference import resid_post
+from featopt.gradient import ascent
+from featopt.models.sae.attach import attach
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
+from featopt.discrete import exhaustive, greedy
+from tests.discrete.search_reference import resid_post
 
 LAYER = 1
 

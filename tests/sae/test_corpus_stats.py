@@ -14,8 +14,8 @@ import torch
 from featopt.data import corpus_contexts
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.sae.corpus_stats import FeatureStats, StatsAccumulator, corpus_stats
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.dictionaries.corpus_stats import FeatureStats, StatsAccumulator, corpus_stats
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D, L, N_CTX, D_SAE = 64, 12, 30, 24
 SITE = "blocks.1.resid_post"

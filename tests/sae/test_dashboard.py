@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from featopt.errors import FeatoptError
-from featopt.sae import dashboard
-from featopt.sae.dashboard import write_dashboard
+from featopt.dictionaries import dashboard
+from featopt.dictionaries.dashboard import write_dashboard
 
 RUN = {"model": "smollm2-135m", "site": "blocks.2.resid_post", "sae": {"path": "runs/sae-l2", "hash": "3f9a0c1d"},
        "corpus": "pile-10k", "tokens": 1_000_000, "seed": 0, "versions": {"featopt": "0.1.0", "torch": "2.13.0"}}

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.sae.evaluate import (
+from featopt.dictionaries.evaluate import (
     DeadFraction, ExplainedVariance, FiringFrequency, FractionVarianceUnexplained, MeanCrossEntropy, MeanL0,
     ReconstructionMSE, ce_loss_recovered, evaluate, format_metrics,
 )
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D = 64  # the tiny models' width
 N_CTX, T = 5, 12
@@ -341,8 +341,8 @@ def test_eval_command_with_bos_evaluates_bos_then_the_corpus(llama, tmp_path):
     stream, cut here), through a plain HF forward, the SAE in numpy and a hand-rolled splice."""
     import json
 
-    from featopt.sae.commands import EvalConfig, run_eval
-    from featopt.sae.formats import load_sae, save_sae
+    from featopt.commands.sae_train import EvalConfig, run_eval
+    from featopt.models.sae.formats import load_sae, save_sae
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featopt.errors import FeatoptError
-from featopt.sae.formats import load_sae, save_sae, site_of
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.formats import load_sae, save_sae, site_of
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 from tests.sae.fixtures.make_featopt_saved import fixture_sae
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,8 +9,8 @@ import torch
 
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.sae.lens import high_norm_tokens, logit_lens
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.dictionaries.lens import high_norm_tokens, logit_lens
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D, D_SAE = 64, 40
 LOUD = [5, 17, 300]  # tokens given huge unembedding rows

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from featopt.errors import FeatoptError
-from featopt.sae.mcs import format_mcs, max_cosine, mcs_table
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.dictionaries.mcs import format_mcs, max_cosine, mcs_table
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D = 8
 

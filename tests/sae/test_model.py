@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 # A 3-in, 4-latent SAE written out by hand.
 W_ENC = [[1.0, -2.0, 0.5, 0.0], [0.0, 1.0, 1.5, -1.0], [2.0, 0.5, -0.5, 1.0]]  # [d_in, d_sae]

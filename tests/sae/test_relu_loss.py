@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from featopt.sae.relu_loss import relu_loss
+from featopt.models.sae.relu_loss import relu_loss
 
 
 def _weights(d_in=6, d_sae=11, seed=0, dtype=torch.float64):

@@ -8,9 +8,9 @@ import functools
 import lightning as L
 import torch
 
-from featopt.objectives.module import StepsDataModule
-from featopt.sae.model import SAEConfig
-from featopt.sae.train import SAETraining
+from featopt.gradient.module import StepsDataModule
+from featopt.models.sae.model import SAEConfig
+from featopt.dictionaries.train import SAETraining
 from tests.sae.synthetic import SITE, SparseSource, make_source
 
 

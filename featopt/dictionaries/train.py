@@ -1,0 +1,298 @@
+"""SAE training as a LightningModule over streamed activations; several SAEs from one pass.
+
+Every SAE of a run (several dictionary sizes, several sites) is fed from the same activations,
+so the model's forward, the expensive part, is paid once. Losses (sparsify's conventions, which
+put every term on the scale of a fraction of variance):
+
+- all: `fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2` over the global batch;
+- relu: `+ l1 * sum_i z_i ||W_dec[i]|| / sum ||x - mean(x)||^2`;
+- topk: `+ auxk_alpha * AuxK` (dead latents, unseen for `dead_tokens` tokens, reconstruct the
+  residual with their top `d_in / 2` pre-activations, as in OpenAI's and sparsify's recipe).
+
+Inputs are scaled by a per-site constant so that their mean squared norm is `d_in` (measured on
+the first buffer); the scale is folded into the weights when an SAE is saved, so saved SAEs read
+raw activations. Decoder rows stay at unit norm (relu, topk); b_dec starts at the data mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featopt.models import ModelAdapter, Site, parse_site
+from featopt.gradient.module import _adapter_from_parts
+from featopt.dictionaries.activations import ActivationStream
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
+from featopt.models.sae.relu_loss import relu_loss
+
+
+def auto_lr(d_sae: int) -> float:
+    """sparsify's default: 2e-4 at 2^14 latents, scaled by 1/sqrt(d_sae / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def _pre_acts(sae: SparseAutoencoder, x: Tensor) -> Tensor:
+    """`sae.pre_acts` for training rows `x [n, d_in]` that need no gradient: the centring on the
+    bias (`x W_enc + b_enc - b_dec W_enc`), so that backward skips the `[n, d_in]` matmul whose
+    only use would be the row sum reaching `b_dec`."""
+    if not sae.cfg.apply_b_dec_to_input:
+        return x @ sae.W_enc + sae.b_enc
+    return torch.addmm(sae.b_enc - sae.b_dec @ sae.W_enc, x.to(sae.W_enc.dtype), sae.W_enc)
+
+
+class SAETraining(L.LightningModule):
+    """Trains `saes` (each reading `sites[i]`) on an :class:`ActivationStream`.
+
+    Args:
+        configs: one :class:`SAEConfig` per SAE (its `hook_name` is the site it reads).
+        model: the adapter, or a loader called in each worker; None when training from a cache.
+        make_source: `(adapter or None) -> source` for the stream (see `activations.py`).
+        n_contexts, context_length: the training contexts.
+        batch_tokens, buffer_batches, skip_first, seed: the stream's settings.
+        lrs: Adam learning rate per SAE; warmup_steps, decay_fraction: the schedule (linear
+            warm-up, constant, linear decay to 0 over the last fraction of the steps).
+        l1, auxk_alpha, dead_tokens: the sparsity terms (see the module docstring).
+    """
+
+    def __init__(
+        self, configs: list[SAEConfig], model: ModelAdapter | Callable[[], ModelAdapter] | None,
+        make_source: Callable, *, n_contexts: int, context_length: int, batch_tokens: int,
+        buffer_batches: int = 16, skip_first: int = 1, seed: int = 0, lrs: list[float] | None = None,
+        warmup_steps: int = 50, decay_fraction: float = 0.2, l1: float = 1.0, auxk_alpha: float = 1 / 32,
+        dead_tokens: int = 1_000_000, normalize: bool = True,
+    ):
+        super().__init__()
+        self.saes = nn.ModuleList(SparseAutoencoder(cfg) for cfg in configs)
+        self.sites = [parse_site(c.hook_name) for c in configs]
+        self.site_list = list(dict.fromkeys(self.sites))
+        self.lrs = lrs or [auto_lr(c.d_sae) for c in configs]
+        self.make_source = make_source
+        self.stream_args = dict(n_contexts=n_contexts, context_length=context_length, batch_tokens=batch_tokens,
+                                buffer_batches=buffer_batches, seed=seed, skip_first=skip_first)
+        self.seed, self.warmup_steps, self.decay_fraction = seed, warmup_steps, decay_fraction
+        self.l1, self.auxk_alpha, self.dead_tokens, self.normalize = l1, auxk_alpha, dead_tokens, normalize
+        self._loader = model if callable(model) and not isinstance(model, ModelAdapter) else None
+        self._adapter = model if isinstance(model, ModelAdapter) else None
+        # State that a checkpoint must carry besides the weights.
+        self.register_buffer("scales", torch.ones(len(self.site_list)))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        for i, cfg in enumerate(configs):
+            self.register_buffer(f"since_fired_{i}", torch.zeros(cfg.d_sae, dtype=torch.long))
+        self.stream: ActivationStream | None = None
+        self._tokens_seen, self._t0 = 0, None
+
+    # ----------------------------------------------------------------- model and data
+    def __getstate__(self):
+        state = super().__getstate__()
+        adapter = state.get("_adapter")
+        if state.get("_loader") is None and adapter is not None:
+            state["_loader"] = functools.partial(
+                _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name)
+        state["_adapter"] = None
+        state["stream"] = None
+        return state
+
+    @property
+    def adapter(self) -> ModelAdapter | None:
+        if self._adapter is None and self._loader is not None:
+            self._adapter = self._loader()
+        return self._adapter
+
+    def setup(self, stage: str) -> None:
+        if self.adapter is not None:
+            self.adapter.to(self.device)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        self.stream = ActivationStream(self.make_source(self.adapter), world=world, rank=rank, **self.stream_args)
+
+    def _global(self, t: Tensor) -> Tensor:
+        """The sum of `t` over all ranks (a no-op on one)."""
+        if self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
+
+    @torch.no_grad()
+    def _initialize(self) -> None:
+        """Scales from the first buffer (mean squared norm -> d_in) and b_dec at the data mean."""
+        batches = [self.stream.batch(i) for i in range(self.stream.buffer_batches)]
+        for s, site in enumerate(self.site_list):
+            x = torch.cat([b[site] for b in batches]).double()
+            stats = self._global(torch.stack([x.pow(2).sum(), torch.tensor(float(len(x)), dtype=torch.float64)]).to(self.device))
+            sums = self._global(x.sum(0).to(self.device))
+            if self.normalize:
+                self.scales[s] = math.sqrt(x.shape[1] / float(stats[0] / stats[1]))
+            mean = (sums / stats[1]).float() * self.scales[s]
+            for i, sae in enumerate(self.saes):
+                if self.sites[i] == site:
+                    gen = torch.Generator().manual_seed(self.seed * 1_009 + i)
+                    sae.init_weights(gen, data_mean=mean.cpu())
+        self.initialized.fill_(True)
+
+    def on_train_start(self) -> None:
+        if not bool(self.initialized):
+            self._initialize()
+        self._t0, self._tokens_seen = time.perf_counter(), 0
+
+    # ----------------------------------------------------------------- one step
+    def _losses(self, i: int, sae: SparseAutoencoder, x: Tensor, total_var: Tensor) -> tuple[Tensor, dict]:
+        """Loss of SAE i on this rank's rows `x [n, d_in]` (a sum over rows, as a share of the
+        global batch) and its statistics."""
+        cfg = sae.cfg
+        if cfg.architecture == "relu" and cfg.apply_b_dec_to_input:
+            loss, sq, l0, fired = relu_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, total_var, self.l1,
+                                             count=self._logs_this_step())
+            return loss, {"fvu": sq, "l0": l0.double(), "fired": fired}
+        pre = _pre_acts(sae, x)
+        if cfg.architecture == "topk":
+            top = pre.topk(cfg.k, dim=-1, sorted=False)
+            values, indices = torch.relu(top.values), top.indices
+            # The decoder reads k rows per token instead of a dense [n, d_sae] matmul.
+            x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values.to(sae.W_dec.dtype), mode="sum") + sae.b_dec
+            fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired[indices[values > 0]] = True
+            l0 = (values > 0).sum()
+        else:
+            z = sae.activate(pre)
+            x_hat = sae.decode(z)
+            fired = (z > 0).any(0)
+            l0 = (z > 0).sum()
+        e = x - x_hat
+        sq = e.pow(2).sum()
+        loss = sq / total_var
+        stats = {"fvu": sq.detach(), "l0": l0.detach().double()}
+        if cfg.architecture == "relu":
+            loss = loss + self.l1 * (z * sae.W_dec.norm(dim=1)).sum() / total_var
+        since = getattr(self, f"since_fired_{i}")
+        dead = since >= self.dead_tokens
+        if cfg.architecture == "topk" and self.auxk_alpha > 0 and bool(dead.any()):
+            k_aux = min(x.shape[-1] // 2, int(dead.sum()))
+            scale = min(int(dead.sum()) / (x.shape[-1] // 2), 1.0)
+            aux = torch.where(dead[None], pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1, sorted=False)
+            e_hat = F.embedding_bag(aux.indices, sae.W_dec, per_sample_weights=torch.relu(aux.values).to(sae.W_dec.dtype), mode="sum")
+            loss = loss + self.auxk_alpha * scale * (e_hat - e.detach()).pow(2).sum() / total_var
+        stats["fired"] = fired
+        return loss, stats
+
+    def training_step(self, batch, batch_idx) -> Tensor:
+        step = self.global_step
+        acts = self.stream.batch(step)
+        n_global = self.stream.batch_tokens
+        world = self.trainer.world_size
+        inputs, total_vars = {}, {}
+        for s, site in enumerate(self.site_list):
+            x = acts[site].to(self.device) * self.scales[s]
+            moments = torch.cat([x.sum(0).double(), x.double().pow(2).sum()[None]])
+            moments = self._global(moments.detach())
+            mean = moments[:-1] / n_global
+            total_vars[site] = (moments[-1] - n_global * mean.pow(2).sum()).float().clamp_min(1e-12)
+            inputs[site] = x
+        loss = torch.zeros((), device=self.device)
+        fvus, l0s, fired = [], [], []
+        for i, (sae, site) in enumerate(zip(self.saes, self.sites)):
+            part, stats = self._losses(i, sae, inputs[site], total_vars[site])
+            loss = loss + part
+            fvus.append(stats["fvu"] / total_vars[site])
+            l0s.append(stats["l0"])
+            fired.append(stats["fired"])
+        # Which latents fired anywhere in the global batch: the same dead set on every rank.
+        flat = self._global(torch.cat(fired).float()) > 0
+        start = 0
+        for i, sae in enumerate(self.saes):
+            since = getattr(self, f"since_fired_{i}")
+            since += n_global
+            since[flat[start:start + sae.d_sae]] = 0
+            start += sae.d_sae
+        self._log_step(fvus, l0s, n_global)
+        # DDP averages gradients over ranks; each rank's loss is its share of a global sum.
+        return loss * world
+
+    def _log_step(self, fvus, l0s, n_global) -> None:
+        self._tokens_seen += n_global
+        if not self._logs_this_step():
+            return
+        fvu = self._global(torch.stack(fvus).detach())
+        l0 = self._global(torch.stack(l0s).double()) / n_global
+        elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
+        if elapsed > 0:
+            self.log("tok/s", self._tokens_seen / elapsed, prog_bar=True, rank_zero_only=True)
+        for i, sae in enumerate(self.saes):
+            name = self.sae_name(i)
+            self.log(f"train/fvu/{name}", fvu[i].float(), prog_bar=len(self.saes) == 1, rank_zero_only=True)
+            self.log(f"train/l0/{name}", l0[i].float(), prog_bar=len(self.saes) == 1, rank_zero_only=True)
+            dead = getattr(self, f"since_fired_{i}") >= self.dead_tokens
+            self.log(f"train/dead_fraction/{name}", dead.float().mean(), rank_zero_only=True)
+
+    def _logs_this_step(self) -> bool:
+        every = max(1, self.trainer.log_every_n_steps)
+        return self.global_step % every == 0 or self.global_step + 1 == self.trainer.max_steps
+
+    def sae_name(self, i: int) -> str:
+        cfg = self.saes[i].cfg
+        k = f"-k{cfg.k}" if cfg.architecture == "topk" else ""
+        return f"{cfg.hook_name}-{cfg.architecture}-{cfg.d_sae}{k}"
+
+    # ----------------------------------------------------------------- optimization
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for sae in self.saes:
+            if sae.cfg.architecture in ("relu", "topk"):
+                sae.remove_parallel_grads()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for sae in self.saes:
+            if sae.cfg.architecture in ("relu", "topk"):
+                sae.normalize_decoder()
+
+    def configure_optimizers(self):
+        groups = [{"params": list(sae.parameters()), "lr": lr} for sae, lr in zip(self.saes, self.lrs)]
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        total = max(1, self.trainer.max_steps)
+        decay_start = total - int(total * self.decay_fraction)
+
+        def factor(step: int) -> float:
+            warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+            decay = 1.0 if step < decay_start else max(0.0, (total - step) / max(1, total - decay_start))
+            return warm * decay
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- results
+    def export(self, i: int) -> SparseAutoencoder:
+        """SAE i for raw activations: a copy with the input scale folded into its weights, named
+        by its site's TransformerLens hook name (what SAELens expects)."""
+        sae = self.saes[i]
+        out = SparseAutoencoder(dataclasses.replace(sae.cfg, hook_name=self.sites[i].tl_name, metadata=dict(sae.cfg.metadata)))
+        out.load_state_dict({k: v.detach().float().cpu() for k, v in sae.state_dict().items()})
+        out.fold_scale(float(self.scales[self.site_list.index(self.sites[i])]))
+        return out
+
+
+class HeldOutEval(L.Callback):
+    """Every `every` steps, rank 0 evaluates the SAEs as they are on held-out contexts `[N, T]`
+    (FVU, L0, dead fraction, CE loss recovered; see `evaluate.py`) and logs them as `eval/...`."""
+
+    def __init__(self, contexts: Tensor, every: int, *, skip_first: int = 1, ce: bool = True):
+        self.contexts, self.every, self.skip_first, self.ce = contexts, every, skip_first, ce
+
+    def on_train_batch_end(self, trainer, module: SAETraining, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every or step % self.every or not trainer.is_global_zero or module.adapter is None:
+            return
+        from featopt.dictionaries.evaluate import evaluate
+
+        saes = [module.export(i).to(module.device) for i in range(len(module.saes))]
+        rows = evaluate(module.adapter, saes, self.contexts.to(module.device), skip_first=self.skip_first, ce=self.ce)
+        for i, row in enumerate(rows):
+            for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered"):
+                if key in row and isinstance(row[key], float):
+                    for logger in trainer.loggers:
+                        logger.log_metrics({f"eval/{key}/{module.sae_name(i)}": row[key]}, step=step)
+

@@ -1,0 +1,287 @@
+"""SAEs on disk: featopt writes SAELens' format and reads SAELens, sparsify and Gemma Scope files.
+
+- **SAELens** (what :func:`save_sae` writes): a folder with `cfg.json` and `sae_weights.safetensors`
+  holding `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]` and, for
+  jumprelu, `threshold [d_sae]`. The cfg follows sae-lens 6: `architecture` ("standard" is
+  featopt's relu), `d_in`, `d_sae`, `dtype`, `device`, `apply_b_dec_to_input`,
+  `normalize_activations`, `reshape_activations`, `k` for topk, and `metadata` holding
+  `hook_name` (TransformerLens' spelling, which sae-lens hooks by), `model_name` and
+  `sae_lens_version`. featopt's own settings (its architecture name, its hook spelling, its
+  metadata) go in `metadata.featopt`, which sae-lens keeps as an unknown metadata attribute.
+- **sparsify** (EleutherAI): one folder per hookpoint (`layers.6`) with `cfg.json` (`d_in`, `k`,
+  `num_latents` or `expansion_factor`) and `sae.safetensors` (`encoder.weight [d_sae, d_in]`,
+  `encoder.bias [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`). Its encoder reads `x - b_dec`,
+  takes relu and keeps the top k: featopt's topk exactly. The hook name is the folder's name.
+- **Gemma Scope**: `params.npz` (the file or its folder) with `W_enc`, `b_enc`, `W_dec`, `b_dec`,
+  `threshold`; jumprelu, and its encoder does *not* subtract `b_dec`. The file names no hook: give
+  `hook_name`, or keep Gemma Scope's layout (`...gemma-scope-2b-pt-res/layer_20/...`), from which the
+  hook is read as sae-lens does (`-res` -> resid_post, `-mlp` -> mlp_out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from featopt.errors import FeatoptError
+from featopt.models.sites import parse_site
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder
+
+CFG, WEIGHTS, SPARSIFY_WEIGHTS, GEMMA_SCOPE = "cfg.json", "sae_weights.safetensors", "sae.safetensors", "params.npz"
+FORMAT = "featopt-sae/1"  # metadata.featopt.format: marks a folder save_sae may replace
+# sae-lens reads a cfg by its 6.x rules only when metadata.sae_lens_version >= 6 (handle_config_defaulting);
+# this is the layout's version, not a claim about which sae-lens wrote the file.
+SAELENS_LAYOUT_VERSION = "6.0.0"
+_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+_TL_KINDS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
+             "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
+_FROM_SAELENS = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+_KNOWN = ("a SAELens folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder (cfg.json + sae.safetensors)"
+          " or a Gemma Scope params.npz")
+
+
+def _fail(message: str) -> NoReturn:
+    raise FeatoptError(message)
+
+
+# ----------------------------------------------------------------------------------------- saving
+def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
+    """Write `sae` to `out_dir` in SAELens' format, atomically; returns the folder.
+
+    Tensors are written in the SAE's own dtype (recorded as `dtype`, which sae-lens casts to). Any
+    input scaling must already be folded into the weights (`fold_scale`), so `normalize_activations`
+    is "none". `out_dir` may be new, empty, or an SAE folder earlier written here; anything else
+    raises FeatoptError, so no user file is ever replaced.
+    """
+    out, cfg = Path(out_dir), sae.cfg
+    if out.exists() and not _replaceable(out):
+        _fail(f"{out} exists and is not an SAE folder written by featopt: give a new or empty folder.")
+    # sae-lens hooks a HookedTransformer by TransformerLens' name: featopt's spelling is kept for featopt
+    match = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out|mlp_hidden)$", cfg.hook_name)
+    hook = f"blocks.{match[1]}.{_TL_KINDS[match[2]]}" if match else cfg.hook_name
+    doc = {
+        "architecture": _TO_SAELENS[cfg.architecture], "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none", "reshape_activations": "none",
+        **({"k": cfg.k, "rescale_acts_by_decoder_norm": False} if cfg.architecture == "topk" else {}),
+        # Top-level names too, for readers of sae-lens < 6 and people; sae-lens 6 ignores them.
+        "hook_name": hook, "model_name": cfg.model_name,
+        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, "hook_name": hook, "model_name": cfg.model_name,
+                     "featopt": {"format": FORMAT, "architecture": cfg.architecture, "hook_name": cfg.hook_name,
+                                 "metadata": cfg.metadata}},
+    }
+    text = json.dumps(doc, indent=2, default=str)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    from safetensors.torch import save_file
+
+    from featopt.results import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        (tmp / CFG).write_text(text, encoding="utf-8")
+        save_file(tensors, str(tmp / WEIGHTS))
+        os.chmod(tmp / WEIGHTS, (tmp / CFG).stat().st_mode)  # safetensors writes 0600; give it the umask's mode
+    return out
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or one holding only a cfg.json marked as featopt's and its weights."""
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return True
+    try:
+        doc = json.loads((out / CFG).read_text(encoding="utf-8"))
+        marked = doc["metadata"]["featopt"]["format"] == FORMAT
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return marked and names <= {CFG, WEIGHTS}
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_sae(path: str | Path, *, hook_name: str | None = None, dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+    """Read an SAE in any of the three formats (detected from the files), weights cast to `dtype`.
+
+    `hook_name`, when given, replaces the name the files give. `cfg.dtype` records the file's dtype.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == GEMMA_SCOPE:
+        return _load_gemma_scope(path, hook_name, dtype)
+    if not path.is_dir():
+        _fail(f"SAE path {path} {'is not a folder' if path.exists() else 'does not exist'}: give {_KNOWN}.")
+    if (path / GEMMA_SCOPE).is_file():
+        return _load_gemma_scope(path / GEMMA_SCOPE, hook_name, dtype)
+    if (path / CFG).is_file() and (path / WEIGHTS).is_file():
+        return _load_saelens(path, hook_name, dtype)
+    if (path / CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
+        return _load_sparsify(path, hook_name, dtype)
+    hookpoints = sorted(p.name for p in path.iterdir() if (p / SPARSIFY_WEIGHTS).is_file())
+    if hookpoints:  # a sparsify checkpoint: one SAE per hookpoint folder
+        _fail(f"{path} holds one sparsify SAE per hookpoint ({', '.join(hookpoints)}): give one of those folders.")
+    _fail(f"{path} holds no SAE files: give {_KNOWN}.")
+
+
+def _read_cfg(path: Path) -> dict:
+    try:
+        doc = json.loads((path / CFG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        _fail(f"{path / CFG} is not readable JSON ({type(e).__name__}): it must be the SAE's JSON config.")
+    if not isinstance(doc, dict):
+        _fail(f"{path / CFG} holds a JSON {type(doc).__name__}, not an object: it must be the SAE's JSON config.")
+    return doc
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        _fail(f"{file} is not a readable safetensors file ({type(e).__name__}): save the SAE again.")
+
+
+def _absolute(path: Path) -> Path:
+    """The absolute path with `.` and `..` removed but links kept (their names carry the hook)."""
+    return Path(os.path.abspath(path))
+
+
+def _int(doc: dict, key: str, where: Path) -> int:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"{where / CFG} needs an integer {key!r}, got {value!r}.")
+    return value
+
+
+def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> SparseAutoencoder:
+    doc = _read_cfg(path)
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    ours = meta.get("featopt") if isinstance(meta.get("featopt"), dict) else {}
+    arch = doc.get("architecture", "standard")
+    k = doc.get("k")
+    if doc.get("activation_fn_str", doc.get("activation_fn")) == "topk":  # sae-lens < 6 spelled topk so
+        arch, k = "topk", (doc.get("activation_fn_kwargs") or {}).get("k")
+    if arch not in _FROM_SAELENS:
+        _fail(f"{path / CFG} has architecture {arch!r}: featopt reads standard (relu), topk and jumprelu SAEs.")
+    if doc.get("normalize_activations") not in (None, "none", False):
+        _fail(f"{path / CFG} has normalize_activations {doc['normalize_activations']!r}: featopt reads only 'none' "
+              "(fold the scaling into the weights first, e.g. sae-lens' fold_activation_norm_scaling_factor).")
+    tensors = _read_safetensors(path / WEIGHTS)
+    if doc.get("rescale_acts_by_decoder_norm"):
+        # sae-lens saves its topk SAEs with the decoder norms folded in (unit rows) but keeps the
+        # flag; with unit rows the rescaling is the identity, so only other rows are refused.
+        norms = tensors.get("W_dec", torch.ones(1, 1)).float().norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+            _fail(f"{path / CFG} sets rescale_acts_by_decoder_norm with decoder rows not of unit norm: "
+                  "featopt reads topk SAEs without it (fold the norms into the weights first).")
+    if "log_threshold" in tensors:  # older sae-lens jumprelu checkpoints
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    scale = tensors.pop("scaling_factor", None)
+    if scale is not None and not torch.all(scale == 1):
+        _fail(f"{path / WEIGHTS} has a scaling_factor other than 1: featopt reads SAEs with it folded into the weights.")
+    arch = _FROM_SAELENS[arch]
+    if ours.get("format") != FORMAT:
+        ours = {"metadata": {"source_format": "sae_lens"}}
+    cfg = dict(d_in=_int(doc, "d_in", path), d_sae=_int(doc, "d_sae", path), architecture=arch,
+               k=_int({"k": k}, "k", path) if arch == "topk" else None,
+               hook_name=hook_name or ours.get("hook_name") or meta.get("hook_name") or doc.get("hook_name")
+               or doc.get("hook_point") or "",  # hook_point: sae-lens < 6
+               model_name=meta.get("model_name") or doc.get("model_name") or "",
+               apply_b_dec_to_input=bool(doc.get("apply_b_dec_to_input", True)),
+                          metadata=ours.get("metadata", {}))
+    return _build(path / WEIGHTS, cfg, tensors, dtype)
+
+
+def _load_sparsify(path: Path, hook_name: str | None, dtype: torch.dtype) -> SparseAutoencoder:
+    doc = _read_cfg(path)
+    if doc.get("activation", "topk") != "topk":
+        _fail(f"{path / CFG} has activation {doc['activation']!r}: featopt reads only topk sparsify SAEs.")
+    if doc.get("transcode") or doc.get("skip_connection"):
+        _fail(f"{path / CFG} is a sparsify transcoder or has a skip connection: featopt reads only plain sparsify SAEs.")
+    d_in = _int(doc, "d_in", path)
+    # sparsify's rule: num_latents 0 means d_in * expansion_factor
+    d_sae = _int(doc, "num_latents", path) if doc.get("num_latents") else d_in * _int(doc, "expansion_factor", path)
+    raw = _read_safetensors(path / SPARSIFY_WEIGHTS)
+    missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(raw)
+    if missing:
+        _fail(f"{path / SPARSIFY_WEIGHTS} lacks {', '.join(sorted(missing))}: "
+              "a sparsify SAE holds encoder.weight, encoder.bias, W_dec and b_dec.")
+    # nn.Linear stores the encoder as [d_sae, d_in]; W_dec is already [d_sae, d_in] (sparsify decodes with W_dec rows).
+    tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+    model = ""
+    try:  # the checkpoint root's config.json (sparsify's TrainConfig) names the model
+        model = json.loads((path.parent / "config.json").read_text(encoding="utf-8")).get("model", "")
+    except (OSError, ValueError, AttributeError):
+        pass
+    cfg = dict(d_in=d_in, d_sae=d_sae, architecture="topk", k=_int(doc, "k", path),
+               hook_name=hook_name or _absolute(path).name, model_name=model, apply_b_dec_to_input=True,
+               metadata={"source_format": "sparsify"})
+    return _build(path / SPARSIFY_WEIGHTS, cfg, tensors, dtype)
+
+
+def _load_gemma_scope(file: Path, hook_name: str | None, dtype: torch.dtype) -> SparseAutoencoder:
+    import numpy as np
+
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            # Gemma Scope spells the matrices W_enc/W_dec; some copies have w_enc/w_dec.
+            tensors = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data.files}
+    except Exception as e:  # zipfile, numpy and OS errors for a truncated or garbled file
+        _fail(f"{file} is not a readable .npz file ({type(e).__name__}): give Gemma Scope's params.npz.")
+    if "W_enc" not in tensors or tensors["W_enc"].ndim != 2:
+        _fail(f"{file} holds no 2-D W_enc: a Gemma Scope params.npz holds W_enc, b_enc, W_dec, b_dec and threshold.")
+    if hook_name is None:
+        where = _absolute(file).as_posix()  # not resolve(): the Hugging Face cache links params.npz to a blob
+        layer, kind = re.search(r"/layer_(\d+)/", where), re.search(r"gemma-scope-[^/]*-(res|mlp)(?:/|$)", where)
+        if not (layer and kind):
+            _fail(f"{file} names no hook: pass hook_name (e.g. blocks.20.hook_resid_post) "
+                  "or keep Gemma Scope's folder layout.")
+        hook_name = f"blocks.{layer.group(1)}.hook_{'resid_post' if kind.group(1) == 'res' else 'mlp_out'}"
+    d_in, d_sae = tensors["W_enc"].shape
+    cfg = dict(d_in=d_in, d_sae=d_sae, architecture="jumprelu", hook_name=hook_name,
+               apply_b_dec_to_input=False, metadata={"source_format": "gemma_scope"})
+    return _build(file, cfg, tensors, dtype)
+
+
+def _build(file: Path, cfg: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> SparseAutoencoder:
+    """Check names and shapes against `cfg`, then fill a new SAE (weights in `dtype`)."""
+    config = SAEConfig(**cfg, dtype=str(tensors["W_enc"].dtype).removeprefix("torch.") if "W_enc" in tensors else "float32")
+    sae = SparseAutoencoder(config)
+    expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
+    if set(tensors) != set(expected):
+        _fail(f"{file} holds tensors {', '.join(sorted(tensors))}, "
+              f"but a {config.architecture} SAE needs exactly {', '.join(sorted(expected))}.")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            _fail(f"tensor {name} in {file} has shape {list(tensors[name].shape)}, "
+                  f"but d_in={config.d_in}, d_sae={config.d_sae} need {list(shape)}.")
+    sae.load_state_dict({name: t.to(torch.float32) for name, t in tensors.items()})
+    return sae.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- hook names
+# sparsify hooks Hugging Face modules by name: a decoder layer's output is the residual stream after
+# the block; its mlp / attention submodules' outputs are what they add to the residual.
+_HF_MODULE = re.compile(r"^(?:(?:model|transformer|gpt_neox|base_model)\.)*(?:layers|h)\.(\d+)(?:\.(\w+))?$")
+_HF_KINDS = {None: "resid_post", "mlp": "mlp_out", "self_attn": "attn_out", "attn": "attn_out", "attention": "attn_out"}
+
+
+def site_of(hook_name: str) -> str:
+    """featopt's site name (`blocks.{l}.{kind}`) for a SAELens/TransformerLens hook name
+    (`blocks.6.hook_resid_post`), featopt's own (`blocks.6.resid_post`) or a sparsify hookpoint
+    (`layers.6`, `layers.6.mlp`, `h.6.attn`, `gpt_neox.layers.6.attention`, ...)."""
+    name = str(hook_name).strip()
+    match = _HF_MODULE.match(name)
+    if match and match.group(2) in _HF_KINDS:
+        return f"blocks.{int(match.group(1))}.{_HF_KINDS[match.group(2)]}"
+    if not match and name.startswith("blocks."):
+        try:
+            return parse_site(name).name
+        except FeatoptError:
+            pass
+    _fail(f"hook name {hook_name!r} names no featopt site: allowed are blocks.L.KIND (TransformerLens hook_ names too) "
+          "and Hugging Face layer modules layers.L, layers.L.mlp, layers.L.self_attn (or h.L, ...).")
