@@ -1,3 +1,5 @@
 """featopt: find the inputs that make a feature of a language model fire."""
 
-__version__ = "0.1.0"
+from featopt.version import __version__
+
+__all__ = ["__version__"]

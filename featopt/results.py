@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from featopt.version import __version__
+
 @dataclass
 class FeatureResult:
     """The answer to one problem.
@@ -61,10 +63,8 @@ def versions() -> dict[str, str]:
     import lightning
     import transformers
 
-    import featopt
-
     return {
-        "featopt": featopt.__version__,
+        "featopt": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,

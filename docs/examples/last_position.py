@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from featopt.specs import parse_features
-from featopt.gradient.module import FeatureOptimization, StepsDataModule
+from featopt.gradient.module import FeatureOptimization
+from featopt.runs.lightning import StepsDataModule
 from featopt.objectives.objective import Context, Objective
 from featopt.gradient.parametrization import Parametrization
 from featopt.gradient.readout import evaluate

@@ -31,7 +31,8 @@ from featopt.errors import FeatoptError
 from featopt.specs import parse_features
 from featopt.models import ModelAdapter, Site, load_model, model_options
 from featopt.gradient import ascent
-from featopt.gradient.module import FeatureOptimization, StepsDataModule
+from featopt.gradient.module import FeatureOptimization
+from featopt.runs.lightning import StepsDataModule
 from featopt.gradient.readout import evaluate
 from featopt.objectives.targets import Selection, l1_target
 from featopt.results import FeatureResult, atomic_write, versions, write_results

@@ -176,8 +176,8 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
 
     from featopt.runs import checkpoints
     from featopt.data import corpus_contexts
-    from featopt.gradient.ascent import resolve_strategy
-    from featopt.gradient.module import StepsDataModule
+    from featopt.runs.handle import ModelHandle
+    from featopt.runs.lightning import StepsDataModule, resolve_strategy
     from featopt.dictionaries.activations import cached_source, model_source
     from featopt.dictionaries.train import HeldOutEval, SAETraining, auto_lr
 
@@ -211,19 +211,19 @@ def run_train(config: TrainConfig, adapter: ModelAdapter | None = None) -> Train
         make_source = functools.partial(model_source, contexts=contexts, sites=sites)
         corpus = config.corpus
     steps = -(-config.tokens // config.batch_size)
+    # Spawned workers rebuild the model by name when it is the one the config names; training from
+    # a cache needs no model at all.
+    handle = None if config.activations else ModelHandle(
+        adapter, loader if adapter.info is not None and adapter.info.name == config.model else None)
     module = SAETraining(
-        configs, adapter, make_source, n_contexts=n_contexts, context_length=context_length,
+        configs, handle, make_source, n_contexts=n_contexts, context_length=context_length,
         batch_tokens=config.batch_size, buffer_batches=config.buffer_batches, skip_first=config.skip_first,
         seed=config.seed, lrs=[config.lr or auto_lr(c.d_sae) for c in configs], warmup_steps=config.warmup_steps,
         decay_fraction=config.decay_fraction, l1=config.l1, auxk_alpha=config.auxk_alpha,
         dead_tokens=config.dead_tokens, normalize=config.normalize,
     )
-    if adapter.info is not None and adapter.info.name == config.model:
-        module._loader = loader  # spawned workers rebuild the model by name
-    if config.activations:
-        module._adapter, module._loader = None, None  # training needs no model at all
     out = _out(config.out)
-    strategy = resolve_strategy(config)
+    strategy = resolve_strategy(config.strategy, config.devices, config.accelerator)
     callbacks = []
     held_out = None
     if config.eval_contexts and corpus is not None:

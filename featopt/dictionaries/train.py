@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featopt.models import ModelAdapter, Site, parse_site
-from featopt.gradient.module import _adapter_from_parts
+from featopt.runs.handle import ModelHandle
 from featopt.dictionaries.activations import ActivationStream
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 from featopt.models.sae.relu_loss import relu_loss
@@ -53,7 +53,8 @@ class SAETraining(L.LightningModule):
 
     Args:
         configs: one :class:`SAEConfig` per SAE (its `hook_name` is the site it reads).
-        model: the adapter, or a loader called in each worker; None when training from a cache.
+        model: the adapter, a loader called in each worker, or a
+            :class:`~featopt.runs.handle.ModelHandle`; None when training from a cache.
         make_source: `(adapter or None) -> source` for the stream (see `activations.py`).
         n_contexts, context_length: the training contexts.
         batch_tokens, buffer_batches, skip_first, seed: the stream's settings.
@@ -63,7 +64,7 @@ class SAETraining(L.LightningModule):
     """
 
     def __init__(
-        self, configs: list[SAEConfig], model: ModelAdapter | Callable[[], ModelAdapter] | None,
+        self, configs: list[SAEConfig], model: ModelAdapter | Callable[[], ModelAdapter] | ModelHandle | None,
         make_source: Callable, *, n_contexts: int, context_length: int, batch_tokens: int,
         buffer_batches: int = 16, skip_first: int = 1, seed: int = 0, lrs: list[float] | None = None,
         warmup_steps: int = 50, decay_fraction: float = 0.2, l1: float = 1.0, auxk_alpha: float = 1 / 32,
@@ -79,8 +80,7 @@ class SAETraining(L.LightningModule):
                                 buffer_batches=buffer_batches, seed=seed, skip_first=skip_first)
         self.seed, self.warmup_steps, self.decay_fraction = seed, warmup_steps, decay_fraction
         self.l1, self.auxk_alpha, self.dead_tokens, self.normalize = l1, auxk_alpha, dead_tokens, normalize
-        self._loader = model if callable(model) and not isinstance(model, ModelAdapter) else None
-        self._adapter = model if isinstance(model, ModelAdapter) else None
+        self.handle = ModelHandle.of(model)
         # State that a checkpoint must carry besides the weights.
         self.register_buffer("scales", torch.ones(len(self.site_list)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -92,19 +92,12 @@ class SAETraining(L.LightningModule):
     # ----------------------------------------------------------------- model and data
     def __getstate__(self):
         state = super().__getstate__()
-        adapter = state.get("_adapter")
-        if state.get("_loader") is None and adapter is not None:
-            state["_loader"] = functools.partial(
-                _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name)
-        state["_adapter"] = None
-        state["stream"] = None
+        state["stream"] = None  # each worker makes its own (the model's handle travels as a recipe)
         return state
 
     @property
     def adapter(self) -> ModelAdapter | None:
-        if self._adapter is None and self._loader is not None:
-            self._adapter = self._loader()
-        return self._adapter
+        return None if self.handle is None else self.handle.adapter
 
     def setup(self, stage: str) -> None:
         if self.adapter is not None:

@@ -19,14 +19,15 @@ from featopt.gradient.callbacks import DecodeCallback, TextProgressBar
 from featopt.errors import FeatoptError
 from featopt.specs import parse_features
 from featopt.models import ModelAdapter, load_model, model_options
-from featopt.gradient.module import FeatureOptimization, StepsDataModule
+from featopt.gradient.module import FeatureOptimization
+from featopt.runs.handle import ModelHandle
+from featopt.runs.lightning import PRECISIONS, StepsDataModule, resolve_strategy
 from featopt.gradient.priors import make_parametrization
 from featopt.gradient.readout import DECODERS, evaluate
 from featopt.objectives.targets import Selection, l1_target, maximize
 from featopt.results import FeatureResult, write_results
 from featopt.models.sae.attach import attach_path
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 OBJECTIVES = ("l1", "maximize")
 
 
@@ -97,8 +98,7 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
                                **model_options(config))
     adapter = loader() if adapter is None else adapter.with_bos(config.bos)  # a given model, with this run's --bos
     if config.sae:
-        adapter, site = attach_path(adapter, config.sae)
-        loader = functools.partial(_attached, loader, config.sae)
+        adapter, site = attach_path(adapter, config.sae)  # the handle carries the SAE to workers
     else:
         site = adapter.site(config.site, config.layer)
     from featopt.discrete.tokens import check_length  # lazy: the featopt.discrete package loads every search
@@ -116,25 +116,10 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
         config.prior, adapter, len(problems), config.tokens, config.seed, init_ids=ids,
         temperature=config.temperature, temperature_end=config.temperature_end, simplex_mode=config.simplex_mode,
     )
-    module = FeatureOptimization(parametrization, objective, selection, adapter, isolated=config.isolated, lr=config.lr)
-    # Spawned workers rebuild the model by name instead of unpickling it.
-    module._loader = loader if adapter.info is not None and adapter.info.name == config.model else None
+    # Spawned workers rebuild the model by name when it is the one the config names.
+    handle = ModelHandle(adapter, loader if adapter.info is not None and adapter.info.name == config.model else None)
+    module = FeatureOptimization(parametrization, objective, selection, handle, isolated=config.isolated, lr=config.lr)
     return module
-
-
-def _attached(loader, sae: str) -> ModelAdapter:
-    return attach_path(loader(), sae)[0]
-
-
-def resolve_strategy(config) -> str:
-    """`config.strategy`, with "auto" on several devices resolved: ddp on GPUs, ddp_spawn on CPUs
-    (plain ddp re-runs the launching command in child processes)."""
-    if config.strategy != "auto" or config.devices <= 1:
-        return config.strategy
-    import torch
-
-    on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
-    return "ddp" if on_gpu else "ddp_spawn"
 
 
 def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callback, ...] = (),
@@ -143,7 +128,7 @@ def trainer_for(config: AscentConfig, out: Path, extra_callbacks: tuple[L.Callba
     (steps, precision, devices, accelerator, strategy, decode_every, decoder, log_every,
     checkpoint_every, progress); `extra_callbacks` are a method's own, added after the shared ones;
     `command` is stamped into the checkpoints."""
-    strategy = resolve_strategy(config)
+    strategy = resolve_strategy(config.strategy, config.devices, config.accelerator)
     callbacks = [DecodeCallback(config.decode_every, config.decoder), *extra_callbacks]
     if config.progress:
         callbacks.append(TextProgressBar())

@@ -28,7 +28,9 @@ from featopt.gradient.metrics import ExactMatch, OutputDistance, TokenRecovery, 
 from featopt.models import ModelAdapter, load_model, model_options
 from featopt.gradient.ascent import PRECISIONS, trainer_for
 from featopt.objectives.matching import OBJECTIVES, match
-from featopt.gradient.module import FeatureOptimization, StepsDataModule
+from featopt.gradient.module import FeatureOptimization
+from featopt.runs.handle import ModelHandle
+from featopt.runs.lightning import StepsDataModule
 from featopt.objectives.objective import Context
 from featopt.gradient.priors import PRIORS, SIMPLEX_MODES, make_parametrization
 from featopt.gradient.readout import DECODERS, decode_ids
@@ -172,8 +174,9 @@ def build(config: InversionConfig, adapter: ModelAdapter | None = None) -> tuple
                 for n in batch.mask.sum(dim=1).tolist()]
     selection = Selection(site, problems, n_tokens, width)
     parametrization = _parametrization(config, adapter, len(texts), n_tokens)
-    module = FeatureOptimization(parametrization, objective, selection, adapter, isolated=config.isolated, lr=config.lr)
-    module._loader = loader if adapter.info is not None and adapter.info.name == config.model else None
+    # Spawned workers rebuild the model by name when it is the one the config names.
+    handle = ModelHandle(adapter, loader if adapter.info is not None and adapter.info.name == config.model else None)
+    module = FeatureOptimization(parametrization, objective, selection, handle, isolated=config.isolated, lr=config.lr)
     return module, batch
 
 

@@ -1,59 +1,21 @@
 """How well an inversion recovered its texts: token recovery, exact match, output distance.
 
 Rows are texts padded to one length; `mask [N, T]` (bool) marks the real positions, and every
-function here ignores the padded ones. The functional forms are shared with the objectives of
-:mod:`featopt.objectives.matching`, so a logged distance is exactly the loss that was optimized.
+function here ignores the padded ones. The functional forms are the objectives' own
+(:mod:`featopt.objectives.matching`), so a logged distance is exactly the loss that was optimized.
 The :class:`torchmetrics.Metric` classes accumulate over updates and sum across processes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
 from featopt.errors import FeatoptError
+from featopt.objectives.matching import DISTANCE_FNS, DISTANCES, token_matches
 
-DISTANCES = ("l1", "cosine")
-
-
-def _check(x: Tensor, y: Tensor, mask: Tensor, dims: int) -> None:
-    if x.shape != y.shape or x.dim() != dims or tuple(mask.shape) != tuple(x.shape[:2]):
-        raise FeatoptError(f"shapes do not match: {tuple(x.shape)} and {tuple(y.shape)} with a mask of "
-                           f"{tuple(mask.shape)}; expected two {'[N, T, W]' if dims == 3 else '[N, T]'} and a [N, T] mask.")
-
-
-def masked_l1(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """`sum |x - y|` over the valid positions: x, y `[N, T, W]`, mask `[N, T]` -> `[N]`."""
-    _check(x, y, mask, 3)
-    # where, not a product: a padded inf or nan must not leak in, not even as 0 * inf.
-    diff = torch.where(mask[..., None].to(x.device), x - y, 0.0)
-    return diff.abs().sum(dim=(1, 2))
-
-
-def masked_cosine_distance(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """`1 - cos(x[valid].flatten(), y[valid].flatten())` per row: `[N, T, W]` x2, `[N, T]` -> `[N]`.
-
-    Zeroing the padded positions in both leaves the dot product and both norms those of the
-    valid positions alone."""
-    _check(x, y, mask, 3)
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    keep = mask[..., None].to(x.device)
-    a = torch.where(keep, x.to(dtype), 0.0).flatten(1)
-    b = torch.where(keep, y.to(dtype), 0.0).flatten(1)
-    return 1.0 - F.cosine_similarity(a, b, dim=1)
-
-
-DISTANCE_FNS = {"l1": masked_l1, "cosine": masked_cosine_distance}
-
-
-def token_matches(preds: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Recovered ids vs original ids `[N, T]` -> (matching valid positions `[N]`, valid positions `[N]`)."""
-    _check(preds, target, mask, 2)
-    mask = mask.to(preds.device).bool()
-    correct = ((preds == target.to(preds.device)) & mask).sum(dim=1)
-    return correct, mask.sum(dim=1)
+__all__ = ["ExactMatch", "OutputDistance", "TokenRecovery", "token_matches"]
 
 
 class TokenRecovery(Metric):

@@ -9,53 +9,17 @@ scaled back by K, equals the one-process gradient: all ranks stay identical.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
-from featopt.models.adapter import ModelAdapter
+from featopt.models import ModelAdapter
+from featopt.runs.handle import ModelHandle
 from featopt.objectives.objective import Context, Objective
 from featopt.gradient.parametrization import Parametrization
 from featopt.objectives.targets import Selection
-
-
-def _adapter_from_parts(config, weights: dict, tokenizer, name: str, feature_maps: dict | None = None,
-                        bos: bool = False) -> ModelAdapter:
-    """Rebuild a model (and the feature maps seen through it) in a spawned worker from its config
-    and weights."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(weights)
-    dtype = next(iter(weights.values())).dtype
-    adapter = ModelAdapter(model.to(dtype).eval().requires_grad_(False), tokenizer, name=name, bos=bos)
-    for site, feature_map in (feature_maps or {}).items():
-        adapter = adapter.with_features(site, feature_map)
-    return adapter
-
-
-class _Steps(IterableDataset):
-    # Iterable, so Lightning never shards it with a DistributedSampler: every rank takes every step.
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def __iter__(self):
-        return iter(range(self.steps))
-
-
-class StepsDataModule(L.LightningDataModule):
-    """Lightning needs batches; an optimization over fixed inputs only needs step indices."""
-
-    def __init__(self, steps: int):
-        super().__init__()
-        self.steps = steps
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Steps(self.steps), batch_size=None)
 
 
 class FeatureOptimization(L.LightningModule):
@@ -65,8 +29,9 @@ class FeatureOptimization(L.LightningModule):
         parametrization: the learnable input; `forward(rows) -> [rows, tokens, d_model]`.
         objective: what is minimized, per problem.
         selection: the run's features, for measuring and logging each problem's activation.
-        model: a loaded `ModelAdapter`, or a zero-argument loader called inside each worker
-            (multi-process runs pickle the module; a loader keeps the model out of the pickle).
+        model: a loaded `ModelAdapter`, a zero-argument loader called inside each worker, or a
+            :class:`~featopt.runs.handle.ModelHandle` (multi-process runs pickle the module; the
+            handle keeps the model out of the pickle).
         isolated: run the site's block alone on the input, skipping the blocks before it.
         lr: Adam's learning rate.
     """
@@ -76,7 +41,7 @@ class FeatureOptimization(L.LightningModule):
         parametrization: Parametrization,
         objective: Objective,
         selection: Selection,
-        model: ModelAdapter | Callable[[], ModelAdapter],
+        model: ModelAdapter | Callable[[], ModelAdapter] | ModelHandle,
         *,
         isolated: bool = False,
         lr: float = 0.01,
@@ -87,33 +52,16 @@ class FeatureOptimization(L.LightningModule):
         self.selection = selection
         self.isolated = isolated
         self.lr = lr
-        self._loader = None if isinstance(model, ModelAdapter) else model
-        self._adapter = model if isinstance(model, ModelAdapter) else None
-        if self._adapter is not None:
-            parametrization.bind(self._adapter)
+        self.handle = ModelHandle.of(model)
+        if self.handle.loaded:
+            parametrization.bind(self.handle.adapter)
         self.decoded: list[str] = []  # latest decoded text per problem, filled by DecodeCallback
-
-    def __getstate__(self):
-        # A worker with a loader rebuilds the model itself instead of unpickling 100s of MB.
-        state = super().__getstate__()
-        adapter = state.get("_adapter")
-        if state.get("_loader") is None and adapter is not None:
-            # No loader (a model built in code): ship its config and weights, not the HF module,
-            # which may carry transformers' own unpicklable hooks.
-            state["_loader"] = functools.partial(
-                _adapter_from_parts, adapter.model.config, adapter.model.state_dict(), adapter.tokenizer, adapter.name,
-                dict(zip(adapter.feature_sites, map(adapter.feature_map, adapter.feature_sites))), adapter.bos,
-            )
-        if state.get("_loader") is not None:
-            state["_adapter"] = None
-        return state
 
     @property
     def adapter(self) -> ModelAdapter:
-        if self._adapter is None:
-            self._adapter = self._loader()
-            self.parametrization.bind(self._adapter)
-        return self._adapter
+        if not self.handle.loaded:  # a worker's first use: the model is rebuilt from the handle's recipe
+            self.parametrization.bind(self.handle.adapter)
+        return self.handle.adapter
 
     def configure_model(self) -> None:
         self.adapter  # noqa: B018 - builds the model inside the worker

@@ -37,6 +37,8 @@ class EmbeddingNormPenalty(Objective):
             measured once per embedding matrix and cached.
     """
 
+    reads_input = True  # scores the continuous input: gradient methods only
+
     def __init__(self, target: float | None = None):
         if target is not None and not target > 0:
             raise FeatoptError(f"embedding_norm target must be a positive norm, got {target}.")
@@ -78,6 +80,8 @@ class FluencyPenalty(Objective):
 
     Returns `[rows]`, float32.
     """
+
+    reads_input = True  # scores the continuous input: gradient methods only
 
     def __init__(self, decoder: str = "nearest", soft: Callable[[Tensor], Tensor] | None = None,
                  straight_through: bool = False):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,86 +18,10 @@ from transformers import Cache, DynamicCache
 
 from featopt.errors import FeatoptError
 from featopt.models.families import Family, find_family, get_module
-from featopt.models.sites import SITE_KINDS, Site, parse_site
-
-#: A write hook gets the site's activation `[batch, tokens, width]` and returns the new one.
-WriteFn = Callable[[Tensor, Site], Tensor]
-
-
-class FeatureMap(Protocol):
-    """What turns a site's activation into the features the methods score (an SAE's latents).
-
-    `features(acts [..., d_in]) -> [..., width]`, differentiable, in the activation's dtype;
-    `describe()` says what it is, for the records (kind, path, content hash, ...).
-    """
-
-    d_in: int
-    width: int
-
-    def features(self, acts: Tensor) -> Tensor: ...
-
-    def describe(self) -> dict: ...
-
-
-_KIND_ORDER = {kind: i for i, kind in enumerate(SITE_KINDS)}
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every requested site is read, so later blocks never run."""
-
-
-class _Passthrough(nn.Module):
-    """Stands in for a skipped block when a block runs in isolation: returns its input unchanged,
-    in the same output shape (tensor or tuple) the real block returns."""
-
-    def __init__(self, tuple_len: int | None):
-        super().__init__()
-        self.tuple_len = tuple_len
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs):
-        if self.tuple_len is None:
-            return hidden_states
-        return (hidden_states,) + (None,) * (self.tuple_len - 1)
-
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@dataclass
-class KVPrefix:
-    """Prefixes run once with caching, to be continued by many candidates without re-running them.
-
-    `ids [G, L]` are the prefixes, `acts` their activations `{site: [G, L, width]}` and `cache`
-    their keys/values (blocks up to the deepest site only: the forward stopped there).
-    """
-
-    ids: Tensor
-    acts: dict[Site, Tensor]
-    cache: Cache
-
-    @property
-    def length(self) -> int:
-        return self.ids.shape[1]
-
-    def broadcast(self, index: Tensor) -> Cache:
-        """A fresh cache whose row b holds prefix `index[b]` (`index: [B]` in `[0, G)`).
-
-        The stored cache is never modified (a forward appends to the copy it is given), so one
-        prefix forward serves every candidate batch. One prefix is expanded, not copied.
-        """
-        cache = copy.copy(self.cache)
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in cache.layers:
-            if not getattr(layer, "is_initialized", False) or layer.get_seq_length() == 0:
-                continue
-            if layer.keys.shape[0] == 1:
-                layer.keys = layer.keys.expand(len(index), *layer.keys.shape[1:])
-                layer.values = layer.values.expand(len(index), *layer.values.shape[1:])
-            else:
-                layer.batch_select_indices(index.to(layer.keys.device))
-        return cache
-
+from featopt.models.feature_maps import FeatureMap
+from featopt.models.hooks import StopForward, WriteFn, installed, isolated_block
+from featopt.models.prefix import KVPrefix
+from featopt.models.sites import LOGITS, SITE_KINDS, Site, parse_site
 
 class ModelAdapter:
     """A frozen HF causal LM seen through stable site names.
@@ -282,6 +204,8 @@ class ModelAdapter:
         site = self.site(site)
         if site in self._feature_maps:
             return self._feature_maps[site].width
+        if site.kind == LOGITS:
+            return self.lm_head.weight.shape[0]
         return self._widths[site.kind]
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -338,24 +262,8 @@ class ModelAdapter:
         return weight.detach()
 
     # ----------------------------------------------------------------- hooks
-    def _hook_point(self, site: Site) -> tuple[nn.Module, bool]:
-        """The HF module for a site and whether the activation is its input (True) or output."""
-        block = self.blocks[site.layer]
-        path = {
-            "resid_pre": None, "resid_post": None, "attn_out": self.family.attn_out or self.family.attn,
-            "mlp_out": self.family.mlp_out or self.family.mlp, "mlp_hidden": self.family.mlp_down,
-        }[site.kind]
-        module = block if path is None else get_module(block, path)
-        return module, site.kind in ("resid_pre", "mlp_hidden")
-
-    @contextlib.contextmanager
-    def hooks(
-        self,
-        read: Iterable[Site | str] = (),
-        write: Mapping[Site | str, WriteFn] | None = None,
-        *,
-        stop_after_read: bool = False,
-    ) -> Iterator[dict[Site, Tensor]]:
+    def hooks(self, read: Iterable[Site | str] = (), write: Mapping[Site | str, WriteFn] | None = None, *,
+              stop_after_read: bool = False):
         """Install read and write hooks for the duration of a `with` block; always removed.
 
         Yields a dict that fills with `{site: activation [batch, tokens, width]}` as the model
@@ -363,63 +271,13 @@ class ModelAdapter:
         `stop_after_read`, the forward is cut short once every read site is captured (use
         :meth:`run` rather than this flag directly).
         """
-        read_sites = [self.site(s) for s in read]
-        write_fns = {self.site(s): fn for s, fn in (write or {}).items()}
-        captured: dict[Site, Tensor] = {}
-        handles = []
+        return installed(self, [self.site(s) for s in read], {self.site(s): fn for s, fn in (write or {}).items()},
+                         stop_after_read=stop_after_read)
 
-        def make_hook(site: Site, is_input: bool):
-            fn, wanted = write_fns.get(site), site in read_sites
-
-            def finish(act: Tensor) -> Tensor:
-                if fn is not None:
-                    act = fn(act, site)
-                if wanted:
-                    captured[site] = act
-                    if stop_after_read and len(captured) == len(read_sites):
-                        raise _StopForward
-                return act
-
-            if is_input:
-                def pre_hook(module, args, kwargs):
-                    if args:
-                        act = finish(args[0])
-                        return (act, *args[1:]), kwargs
-                    act = finish(kwargs["hidden_states"])
-                    return args, {**kwargs, "hidden_states": act}
-                return pre_hook
-            def post_hook(module, args, kwargs, output):
-                act = finish(_first(output))
-                if fn is None:
-                    return None
-                return (act, *output[1:]) if isinstance(output, tuple) else act
-            return post_hook
-
-        try:
-            for site in sorted(set(read_sites) | set(write_fns), key=lambda s: (s.layer, _KIND_ORDER[s.kind])):
-                module, is_input = self._hook_point(site)
-                hook = make_hook(site, is_input)
-                if is_input:
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @contextlib.contextmanager
-    def isolated(self, layer: int) -> Iterator[None]:
+    def isolated(self, layer: int):
         """Run block `layer` alone on the given embeddings: blocks before it are skipped (the
         documents' "features of each layer without preceding layers")."""
-        saved = [self.blocks._modules[str(i)] for i in range(layer)]
-        try:
-            for i in range(layer):
-                self.blocks._modules[str(i)] = _Passthrough(self._block_tuple_len)
-            yield
-        finally:
-            for i, block in enumerate(saved):
-                self.blocks._modules[str(i)] = block
+        return isolated_block(self.blocks, layer, self._block_tuple_len)
 
     # ----------------------------------------------------------------- forwards
     def run(
@@ -478,12 +336,17 @@ class ModelAdapter:
                 attention_mask=torch.ones(batch, past + new, dtype=torch.long, device=self.device),
                 position_ids=torch.arange(past, past + new, device=self.device).expand(batch, -1),
             )
-        isolation = self.isolated(min(s.layer for s in sites)) if isolated else contextlib.nullcontext()
-        with isolation, self.hooks(read=sites, write=write, stop_after_read=True) as captured:
+        # The logits are the last block's output through the final norm and the LM head (`unembed`).
+        last = Site(self.n_layers - 1, "resid_post")
+        reads = list(dict.fromkeys(last if s.kind == LOGITS else s for s in sites))
+        isolation = self.isolated(min(s.layer for s in reads)) if isolated else contextlib.nullcontext()
+        with isolation, self.hooks(read=reads, write=write, stop_after_read=True) as captured:
             try:
                 self.base(**kwargs)
-            except _StopForward:
+            except StopForward:
                 pass
+        if any(s.kind == LOGITS for s in sites):
+            captured[Site(self.n_layers - 1, LOGITS)] = self.unembed(captured[last])
         return {s: self._features(s, captured[s][:, int(bos):]) for s in sites}
 
     def _features(self, site: Site, acts: Tensor) -> Tensor:

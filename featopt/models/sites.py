@@ -22,6 +22,10 @@ SITE_KINDS = {
     "resid_post": "the block's output (before the final norm, also for the last block)",
 }
 
+#: The model's output: the next-token logits (the last block's output through the final norm and the
+#: LM head, as the Hugging Face forward computes them). Named `logits` alone; it is read at the end.
+LOGITS = "logits"
+
 _TL_ALIASES = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_post": "resid_post",
@@ -42,11 +46,13 @@ class Site:
 
     @property
     def name(self) -> str:
-        return f"blocks.{self.layer}.{self.kind}"
+        return LOGITS if self.kind == LOGITS else f"blocks.{self.layer}.{self.kind}"
 
     @property
     def tl_name(self) -> str:
         """The TransformerLens (and SAELens) hook name of the same place."""
+        if self.kind == LOGITS:
+            return "unembed.hook_out"
         hook = {v: k for k, v in _TL_ALIASES.items()}[self.kind]
         return f"blocks.{self.layer}.{hook}"
 
@@ -63,6 +69,10 @@ def parse_site(site: str | Site | None, layer: int | None = None, *, n_layers: i
     """
     if isinstance(site, Site):
         parsed = site
+    elif isinstance(site, str) and site.strip() in (LOGITS, "unembed.hook_out"):
+        if n_layers is None:
+            raise FeatoptError("the logits site needs the model's number of layers: read it through the model's adapter.")
+        return Site(n_layers - 1, LOGITS)
     else:
         text = (site or "resid_post").strip()
         match = _SITE_RE.match(text)
@@ -73,7 +83,8 @@ def parse_site(site: str | Site | None, layer: int | None = None, *, n_layers: i
         kind = _TL_ALIASES.get(text, text)
         if kind not in SITE_KINDS:
             allowed = ", ".join(SITE_KINDS)
-            raise FeatoptError(f"unknown site {site!r}: allowed kinds are {allowed} (or blocks.L.KIND, TransformerLens names accepted).")
+            raise FeatoptError(f"unknown site {site!r}: allowed kinds are {allowed} (or blocks.L.KIND, TransformerLens names "
+                               f"accepted), or {LOGITS} (the model's output).")
         if layer is None:
             raise FeatoptError(f"site {site!r} needs a layer: write blocks.L.{kind} or give --layer L.")
         parsed = Site(int(layer), kind)

@@ -16,7 +16,8 @@ from featopt.specs import parse_features
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
 from featopt.gradient import penalties
-from featopt.gradient.module import FeatureOptimization, StepsDataModule
+from featopt.gradient.module import FeatureOptimization
+from featopt.runs.lightning import StepsDataModule
 from featopt.objectives.objective import Context
 from featopt.gradient.parametrization import FreeEmbeddings
 from featopt.gradient.penalties import embedding_norm, fluency

@@ -15,7 +15,8 @@ from featopt.errors import FeatoptError
 from featopt.specs import parse_features
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
-from featopt.gradient.module import FeatureOptimization, StepsDataModule
+from featopt.gradient.module import FeatureOptimization
+from featopt.runs.lightning import StepsDataModule
 from featopt.gradient.simplex import SimplexEmbeddings
 from featopt.objectives.targets import Selection, maximize
 

@@ -8,7 +8,7 @@ import functools
 import lightning as L
 import torch
 
-from featopt.gradient.module import StepsDataModule
+from featopt.runs.lightning import StepsDataModule
 from featopt.models.sae.model import SAEConfig
 from featopt.dictionaries.train import SAETraining
 from tests.sae.synthetic import SITE, SparseSource, make_source
