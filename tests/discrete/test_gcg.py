@@ -128,9 +128,16 @@ def test_two_processes_give_the_search_of_one(tiny64, tmp_path):
                 topk=12, prefix=" the sea", batch_size=10, progress=False)
     one = gcg(GCGConfig(out=str(tmp_path / "one"), **base), tiny64).results
     two = gcg(GCGConfig(out=str(tmp_path / "two"), devices=2, device="cpu", **base), tiny64).results
+    # The same path: the same tokens and the same number of sequences scored (exact: in float64 the
+    # gaps between candidates' scores lie orders of magnitude above last-digit rounding).
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
-    assert [r.extra["trajectory"] for r in two] == [r.extra["trajectory"] for r in one]
     assert [r.extra["forward_evaluations"] for r in two] == [r.extra["forward_evaluations"] for r in one]
+    # The values, though, come from forwards of other batch shapes (each rank scores its shard) in
+    # processes with their own thread counts: equal up to rounding only (on one machine they
+    # differed in the 16th digit). A rank scoring the wrong shard is off by far more than this.
+    for a, b in zip(two, one, strict=True):
+        assert a.extra["trajectory"] == pytest.approx(b.extra["trajectory"], rel=1e-9, abs=1e-12)
+        assert a.activation == pytest.approx(b.activation, rel=1e-9, abs=1e-12)
 
 
 def test_results_are_re_measured_and_the_trajectory_never_falls(tiny64, tmp_path):

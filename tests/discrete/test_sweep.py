@@ -3,6 +3,7 @@ top-k; the cached prefix equals running every candidate sequence in full."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from search_reference import resid_post
 
@@ -58,7 +59,12 @@ def test_two_processes_give_the_results_of_one(tiny64, tmp_path):
     two = exhaustive(ExhaustiveConfig(out=str(tmp_path / "two"), devices=2, **base), tiny64).results
     assert read_results(tmp_path / "two")[0]["world_size"] == 2 and read_results(tmp_path / "one")[0]["world_size"] == 1
     assert [r.extra["top_k"]["token_ids"] for r in two] == [r.extra["top_k"]["token_ids"] for r in one]
-    assert [r.activation for r in two] == [r.activation for r in one]
+    # Float64 values from forwards of other batch shapes in processes with their own thread
+    # counts: equal up to rounding, not bit for bit. A rank sweeping the wrong shard changes the
+    # token ids above, and the values by far more than this tolerance.
+    for a, b in zip(two, one, strict=True):
+        assert a.activation == pytest.approx(b.activation, rel=1e-9, abs=1e-12)
+        assert a.extra["top_k"]["activations"] == pytest.approx(b.extra["top_k"]["activations"], rel=1e-9, abs=1e-12)
 
 
 def test_greedy_with_every_step_sharded_gives_the_results_of_one_pass(tiny64, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
 import functools
 import importlib.util
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -240,7 +239,8 @@ def test_real_gguf_smollm2(monkeypatch):
         out = lm.model.generate(ids, max_new_tokens=8, do_sample=False)
     assert lm.tokenizer.decode(out[0, ids.shape[1]:]).startswith(", the city of Nova Haven")
 
-    # The second load reads the cached folder: no GGUF parsing, ~1 s, the same weights.
+    # The second load reads the cached folder: no GGUF parsing, the same weights. (Not timed: a
+    # wall-clock bound fails on a slow or busy machine; no_gguf below is what proves the cache hit.)
     real = loading.AutoModelForCausalLM.from_pretrained
 
     def no_gguf(where, *args, **kwargs):
@@ -248,9 +248,7 @@ def test_real_gguf_smollm2(monkeypatch):
         return real(where, *args, **kwargs)
 
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", no_gguf)
-    start = time.perf_counter()
     again = load_model("smollm2-135m-instruct")
-    assert time.perf_counter() - start < 10
     assert (gguf_cache_folder(Path(again.source)) / "config.json").is_file()
     assert again.source == lm.source and _same_weights(again.model, lm.model)
 
