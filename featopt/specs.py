@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from featopt.errors import FeatoptError
+
+if TYPE_CHECKING:
+    from featopt.models import ModelAdapter, Site
 
 # Bounds the work a typo can cause (``0-99999999`` with no size to check against) while
 # leaving room for the largest SAE dictionaries in use (2**24 latents).
@@ -229,3 +233,43 @@ def selection_masks(problems: Sequence[Problem], n_tokens: int, width: int) -> t
         pos_mask[p] = _row(prob.positions, _Ctx(prob.spec, "position", n_tokens, "the site"))
         feat_mask[p] = _row(prob.features, _Ctx(prob.spec, "feature", width, "the site"))
     return pos_mask, feat_mask
+
+
+# ----------------------------------------------------------------------------- layers, sites, token ids
+_DIGITS = re.compile("[0-9]{1,9}")  # not \d: it also matches other scripts' digits
+
+
+def parse_indices(value: int | str | list[int], size: int, flag: str, noun: str) -> list[int]:
+    """`3`, `"3"`, `"0,3,7"`, `"0-3"` or `[0, 3]` -> sorted distinct indices, each below `size`."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    chosen: set[int] = set()
+    for item in items:
+        lo, dash, hi = str(item).strip().partition("-")
+        if not _DIGITS.fullmatch(lo) or (dash and not _DIGITS.fullmatch(hi)) or int(hi or lo) < int(lo):
+            raise FeatoptError(f"{flag} {value!r} is malformed: write an index, a list or a range, like 3, 0,3,7 or 0-3.")
+        chosen.update(range(int(lo), int(hi or lo) + 1))
+    if max(chosen) >= size:
+        raise FeatoptError(f"{noun} {max(chosen)} is out of range: this model has {size} {noun}s (0-{size - 1}).")
+    return sorted(chosen)
+
+
+def parse_layers(layer: int | str | list[int], n_layers: int) -> list[int]:
+    return parse_indices(layer, n_layers, "--layer", "layer")
+
+
+def parse_sites(adapter: ModelAdapter, site: str, layer: int | str | list[int]) -> list[Site]:
+    """Every kind of `site` (comma-separated; a full `blocks.L.KIND` name stands alone) at every
+    layer of `layer`, kind-major: `"resid_post,mlp_out"` at `"0,3"` gives four sites."""
+    layers = parse_layers(layer, adapter.n_layers)
+    sites: list[Site] = []
+    for kind in str(site).split(","):
+        kind = kind.strip()
+        sites += [adapter.site(kind)] if kind.startswith("blocks.") or kind == "logits" else [adapter.site(kind, lay) for lay in layers]
+    return list(dict.fromkeys(sites))
+
+
+def parse_candidates(candidates: str | None, vocab_size: int) -> torch.Tensor | None:
+    """The token ids to try (`"0-4095"`, `"17,42"`), or None for the whole vocabulary."""
+    if candidates is None:
+        return None
+    return torch.tensor(parse_indices(candidates, vocab_size, "--candidates", "token id"), dtype=torch.long)

@@ -68,20 +68,41 @@ class Scorer:
         width: the site's number of features.
         weights: `[P, L + 1]` per problem, the weight of each position of a candidate sequence
             (prefix positions `0..L-1`, the new token at `L`); the score is
-            `sum_t weights[p, t] * reduced_act[p, t]`.
+            `sum_t weights[p, t] * reduced_act[p, t]`. Or, instead:
+        positions: a `Selection` whose position weights (times `scale`) give them, for the
+            length set by :meth:`set_length` (greedy search grows it every step).
+        feature_map: read the site's activations through it first (a selection's own map).
     """
 
-    def __init__(self, features: Sequence[tuple[int, ...] | None], width: int, weights: Tensor):
+    def __init__(self, features: Sequence[tuple[int, ...] | None], width: int, weights: Tensor | None = None, *,
+                 positions=None, scale: float = 1.0, feature_map=None):
         self.reduce = FeatureReduce(features, width)
+        self.positions, self.scale, self.feature_map = positions, float(scale), feature_map
+        self.const: Tensor | None = None  # [G, P], the prefixes' part of each score
+        self._parts: tuple[Tensor, Tensor | None, Tensor | None] | None = None  # see `_last`
+        if weights is not None:
+            self.set_weights(weights)
+
+    @property
+    def n(self) -> int:
+        return self.reduce.n
+
+    def set_weights(self, weights: Tensor) -> None:
         self.weights = weights.to(torch.float64)
+        self._parts = None
         if (self.weights[:, -1] == 0).any():
             bad = int((self.weights[:, -1] == 0).nonzero()[0])
             raise FeatoptError(
                 f"problem {bad} selects no position of the candidate token (position {weights.shape[1] - 1}), "
                 "so every candidate scores the same: include that position."
             )
-        self.const: Tensor | None = None  # [G, P], the prefixes' part of each score
-        self._parts: tuple[Tensor, Tensor | None, Tensor | None] | None = None  # see `_last`
+
+    def set_length(self, n_tokens: int) -> None:
+        """Weights for sequences of `n_tokens` positions, from the `positions` selection."""
+        self.set_weights(self.scale * self.positions.position_weights(n_tokens, dtype=torch.float64))
+
+    def _read(self, acts: Tensor) -> Tensor:
+        return acts if self.feature_map is None else self.feature_map.features(acts)
 
     def set_prefix(self, prefix_acts: Tensor | None) -> None:
         """`prefix_acts [G, L, width]` of the G prefixes (None when there is no prefix)."""
@@ -89,13 +110,13 @@ class Scorer:
         if prefix_acts is None or prefix_acts.shape[1] == 0:
             self.const = None
             return
-        reduced = self.reduce(prefix_acts)  # [G, L, P]
+        reduced = self.reduce(self._read(prefix_acts))  # [G, L, P]
         w = self.weights[:, :-1].T.to(reduced.device, reduced.dtype)  # [L, P]
         self.const = (reduced * w).sum(1)  # [G, P]
 
     def __call__(self, acts: Tensor, group: Tensor | None = None) -> Tensor:
         """`acts [B, 1, width]` of the new tokens (rows of prefix `group [B]`) -> scores `[B, P]`."""
-        reduced = self.reduce(acts[:, -1])
+        reduced = self.reduce(self._read(acts)[:, -1])
         scores = reduced * self.weights[:, -1].to(reduced.device, reduced.dtype)
         if self.const is not None:
             scores = scores + self.const.to(scores.dtype)[group if group is not None else 0]
@@ -144,7 +165,7 @@ class Scorer:
         """What `above` needs of a batch `acts [B, 1, width]`, taken while it is in cache:
         `(a [B, P], top [blocks, P])`, the activations of the problems' features (float32 for half
         types) and, per block of 16 rows, each problem's largest key (NaN if any is)."""
-        a = acts[:, -1]
+        a = self._read(acts)[:, -1]
         if a.dtype in (torch.float16, torch.bfloat16):
             a = a.float()  # exact
         if not self.reduce.identity:

@@ -21,6 +21,7 @@ from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 from featopt.discrete.scoring import Scorer, TopK, merge_topk
+from featopt.runs.processes import distributed
 
 #: Rows per batch when none is given: large on a GPU (halved on out-of-memory), modest on CPU.
 AUTO_BATCH = {"cuda": 8192, "cpu": 512}
@@ -44,13 +45,6 @@ def shard(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
 
 
-def distributed() -> tuple[int, int]:
-    """`(rank, world_size)` of the initialized process group, else `(0, 1)`."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_topk(topk: TopK) -> TopK:
     """Every rank's top-k merged (in rank order, so ties still go to the lower token id)."""
     world = dist.get_world_size()
@@ -64,6 +58,11 @@ def gather_topk(topk: TopK) -> TopK:
         part.values, part.ids = v, i
         parts.append(part)
     return merge_topk(parts)
+
+
+def _part(site: Site | None, acts: dict[Site, Tensor]):
+    """What a scorer reads: its site's activations, or all of them (an objective's scorer, site None)."""
+    return acts if site is None else acts[site]
 
 
 @torch.inference_mode()
@@ -85,7 +84,8 @@ def sweep(
     """Score every candidate continuation for every problem; keep the top-k per problem.
 
     Args:
-        scorers: per site, its scorer; score columns are the scorers' problems concatenated.
+        scorers: `(site, Scorer)` pairs, or `(None, scorer)` for a scorer that reads several sites
+            (`ObjectiveScorer`); score columns are the scorers' problems concatenated.
         prefixes: `[G, L]` token ids (None or L = 0: single-token candidates, G = 1).
         groups: `[P_total]` the prefix of each problem column (None: all use prefix 0); a
             problem only ranks candidates that continue its own prefix.
@@ -98,7 +98,7 @@ def sweep(
     Returns:
         `TopK` with `values [k, P_total]` and candidate token `ids [k, P_total]`.
     """
-    sites = list(dict.fromkeys(site for site, _ in scorers))
+    sites = list(dict.fromkeys(s for site, scorer in scorers for s in ([site] if site is not None else scorer.sites)))
     device = adapter.device
     if candidates is None:
         candidates = torch.arange(adapter.vocab_size)
@@ -109,9 +109,9 @@ def sweep(
             raise FeatoptError("an isolated block cannot be searched after a prefix: drop the prefix or the isolation.")
         kv = adapter.prefix(sites, prefixes.to(device))
     for site, scorer in scorers:
-        scorer.set_prefix(kv.acts[site] if kv is not None else None)
+        scorer.set_prefix(None if kv is None else _part(site, kv.acts))
     n_groups = 1 if prefixes is None else max(prefixes.shape[0], 1)
-    n_problems = sum(scorer.reduce.n for _, scorer in scorers)
+    n_problems = sum(scorer.n for _, scorer in scorers)
     groups = torch.zeros(n_problems, dtype=torch.long) if groups is None else groups
     groups = groups.to(device)
     if rank is None or world_size is None:
@@ -119,7 +119,7 @@ def sweep(
     start, stop = shard(n_groups * len(candidates), rank, world_size)
     topk = TopK(k, n_problems, device=device)
 
-    offsets = torch.tensor([0] + [scorer.reduce.n for _, scorer in scorers]).cumsum(0).tolist()
+    offsets = torch.tensor([0] + [scorer.n for _, scorer in scorers]).cumsum(0).tolist()
     spans = list(zip(offsets, offsets[1:]))  # each scorer's columns
     # With one prefix, a scorer whose problems are single features takes the shortcut (see
     # `Scorer.threshold`): once the top-k is full, a batch costs its forward and one pass for its
@@ -161,7 +161,7 @@ def sweep(
             cache = kv.broadcast(group)
         acts = adapter.run(sites, input_ids=tokens[:, None], cache=cache, isolated=isolated)
         if n_groups > 1:
-            scores = torch.cat([scorer(acts[site], group) for site, scorer in scorers], dim=1)
+            scores = torch.cat([scorer(_part(site, acts), group) for site, scorer in scorers], dim=1)
             # A candidate only counts for the problems whose prefix it continues; a batch of
             # contiguous rows spans few prefixes, so only their problems are merged.
             columns = torch.isin(groups, group.unique()).nonzero().squeeze(1)
@@ -170,10 +170,10 @@ def sweep(
         merges, found = [], {}
         for i, ((site, scorer), (c0, c1)) in enumerate(zip(scorers, spans)):
             if fast[i] and seen >= k:
-                found[i] = scorer.blocks(acts[site])
+                found[i] = scorer.blocks(_part(site, acts))
             else:
                 columns = None if len(scorers) == 1 else torch.arange(c0, c1, device=device)
-                merges.append((scorer(acts[site]), tokens, columns))
+                merges.append((scorer(_part(site, acts)), tokens, columns))
         return merges, found, tokens
 
     size = batch_size or AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])

@@ -11,7 +11,19 @@ import torch
 from featopt.models.adapter import ModelAdapter
 from featopt.models.sites import SITE_KINDS, Site, parse_site
 
-__all__ = ["ModelAdapter", "Site", "SITE_KINDS", "parse_site", "load_model", "model_options"]
+__all__ = ["DTYPES", "ModelAdapter", "Site", "SITE_KINDS", "dtype_of", "parse_site", "load_model", "model_options"]
+
+#: The dtypes a model (`--dtype`) may be loaded in.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype `--dtype name` means; one sentence naming the allowed ones otherwise."""
+    from featopt.errors import FeatoptError
+
+    if name not in DTYPES:
+        raise FeatoptError(f"--dtype {name!r} is not known: allowed are {', '.join(DTYPES)}.")
+    return DTYPES[name]
 
 
 def load_model(

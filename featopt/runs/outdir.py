@@ -8,6 +8,7 @@ typo never mixes results into, or replaces, someone's unrelated folder.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from featopt.errors import FeatoptError
@@ -41,3 +42,8 @@ def check_out(out: str | Path | None) -> None:
     if path.is_dir() and any(path.iterdir()) and not is_featopt_folder(path):
         raise FeatoptError(f"--out {str(path)!r} is a folder with other files, not featopt's: give a new or empty "
                            "folder, or one featopt wrote.")
+
+
+def out_folder(out: str | Path | None) -> Path:
+    """The folder a run writes into: `out`, or a new `featopt-runs/<time>` when none is given."""
+    return Path(out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
