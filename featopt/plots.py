@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -24,7 +25,7 @@ def plot_normalized(normalized: dict[int, Tensor], label: str, path: str | Path,
                     model: str = "") -> Path:
     """Normalized probability of `label` at every neuron `{layer: [neurons]}`, layers side by side on
     one axis (neuron index across the model), the best `hits` annotated with their layer and neuron."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 3.6))
     offsets, start = {}, 0
     for i, (layer, values) in enumerate(normalized.items()):
@@ -45,13 +46,13 @@ def plot_normalized(normalized: dict[int, Tensor], label: str, path: str | Path,
     ax.set_xlabel("layer (neurons of each layer side by side)")
     ax.set_ylabel("normalized probability")
     ax.set_title(f"{label!r}: p(token) / mean of each neuron's top probabilities" + (f" ({model})" if model else ""))
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_sweep(values: Tensor, probs: Tensor, path: str | Path, *, title: str, natural: float | None = None,
                baseline: float | None = None) -> Path:
     """A target token's next-token probability against the clamped neuron's value."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(values.numpy(), probs.numpy(), "o-", ms=3)
     if natural is not None:
@@ -65,10 +66,10 @@ def plot_sweep(values: Tensor, probs: Tensor, path: str | Path, *, title: str, n
     top = max(float(probs.max()), baseline or 0.0)
     ax.set_ylim(0, 1.02 if top > 0.3 else 1.15 * top or 1.0)  # small probabilities: zoom in, axis from 0
     ax.set_title(title, fontsize=9)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
-def _save(fig, plt, path: str | Path) -> Path:
+def save_figure(fig, plt, path: str | Path) -> Path:
     from featopt.results import atomic_write
 
     path = Path(path)

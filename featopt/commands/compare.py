@@ -1,79 +1,85 @@
-"""Is gradient-based feature visualization accurate? (source document 000, "Complete Search
-Features"). For one-token inputs the exhaustive sweep gives the exact optimum of every feature,
-`max_a O_f(a)` over the vocabulary; the gradient methods run on the same problems, and each
-feature reports how much of that optimum their decoded token reaches.
+"""`featopt compare`: is gradient-based feature visualization accurate? (source document 000,
+"Complete Search Features"). For one-token inputs the exhaustive sweep gives the exact optimum of
+every problem's objective over the vocabulary; the gradient methods and GCG run on the same
+problems, and each reports how much of that optimum its token reaches.
 
 Methods: "embedding-pinv" and "embedding-nearest" are ONE embedding-ascent run (tokens = 1) read
 through its two decoders; "simplex-argmax" is a softmax-simplex run decoded by its argmax; "gcg" is
-the discrete GCG search over one real token (`gcg_steps` steps of `gcg_width` candidates). Every
-activation is the decoded token's, re-measured by a forward pass (never the continuous input's).
+the discrete GCG search over one real token. Every method's token is scored the same way, by a
+plain forward under the objective (`--objective`, default maximize: the activation); the gradient
+methods train on the documents' `||C - O_f(e)||_1` (C = `--target`) when the objective is the
+default maximize, and on the objective itself otherwise.
 
-`fraction = activation / optimum` when the optimum is positive: at most 1 (the optimum is the
-maximum over every single token), 1 when the method found it, below 0 when its token pushes the
-feature negative. When the optimum is <= 0 a ratio has no meaning (dividing by a negative flips
-the order), so `fraction` is None; `gap = optimum - activation` (>= 0 up to rounding) is given for every feature.
-`run(CompareConfig(...))` is the one entry point.
+`fraction = score / optimum` when the optimum is positive: at most 1, 1 when the method found it.
+When the optimum is <= 0 a ratio has no meaning, so `fraction` is None; `gap = optimum - score`
+(>= 0 up to rounding) is given for every problem.
 """
 
 from __future__ import annotations
 
-
 import dataclasses
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import lightning as L
+import torch
 
+from featopt.commands.fields import check_at_least, check_choice, record_of
+from featopt.commands.loading import load_for, site_list
+from featopt.commands.optimize import AscentConfig, build, optimize
+from featopt.commands.result import CommandResult
+from featopt.commands.search import ExhaustiveConfig, exhaustive
+from featopt.commands.settings import InputSettings, OutputSettings, TargetSettings, UntrainedSettings
+from featopt.commands.swaps import GCGConfig, gcg
+from featopt.commands.tables import aligned
+from featopt.commands.targets import objective_for
+from featopt.discrete.measure import remeasure
 from featopt.errors import FeatoptError
-from featopt.specs import parse_features
-from featopt.models import ModelAdapter, Site, load_model, model_options
-from featopt.gradient import ascent
-from featopt.gradient.module import FeatureOptimization
-from featopt.runs.lightning import StepsDataModule
+from featopt.gradient.ascent import train, trainer_for
 from featopt.gradient.readout import evaluate
-from featopt.objectives.targets import Selection, l1_target
+from featopt.models import ModelAdapter, Site
 from featopt.results import FeatureResult, atomic_write, versions, write_results
-from featopt.discrete import exhaustive
-from featopt.models.sae.attach import attach_path
-from featopt.discrete.common import parse_sites
+from featopt.runs.outdir import out_folder
+from featopt.specs import parse_features
 
 METHODS = ("embedding-pinv", "embedding-nearest", "simplex-argmax", "gcg")
-SIMPLEX_MODES = ("softmax", "projected")
 DEVICES = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}  # -> Lightning's accelerator
 TIE = 1e-6  # a different token within TIE * max(1, |optimum|) of the optimum counts as optimal
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(OutputSettings, TargetSettings, UntrainedSettings, InputSettings):
     """Settings of one comparison (the flags of `featopt compare`)."""
 
     model: str = "tiny-gpt2"
-    bos: bool = False  # every one-token input follows the model's BOS token (off: as the source documents encode)
-    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
-    layer: int | str = 0  # one layer or several ("0,4,8"): one sweep, one gradient run per layer
-    site: str = "resid_post"  # one kind
-    features: str = "[:, :, 0-4]"  # positions, if given, can only be 0: inputs are one token
+    """built-in tiny-gpt2/tiny-llama/tiny-neox, a name under FEATOPT_MODEL_PATH, a folder, a .gguf file or a hub id"""
+    features: str = "[:, :, 0-4]"
+    """feature spec; positions, if given, can only be 0: inputs are one token"""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """the methods compared with the exhaustive optimum"""
     steps: int = 200
+    """gradient steps"""
     lr: float = 0.05
-    target: float = 100.0  # C in ||C - O_f(e)||_1, for every gradient method
-    temperature: float = 1.0  # simplex only: softmax temperature at the start ...
-    temperature_end: float | None = None  # ... and at the end (None: constant)
-    simplex_mode: str = "softmax"  # or "projected" (the document's softmax after every step)
-    top_k: int = 10  # the sweep's best tokens kept, to rank the methods' tokens
-    gcg_steps: int = 16  # gcg: steps ...
-    gcg_width: int = 512  # ... of this many candidates each
-    gcg_topk: int = 4096  # gcg: tokens drawn from per step (the gradient's best)
+    """Adam learning rate of the gradient methods"""
+    temperature: float = 1.0
+    """simplex only: softmax temperature at the start"""
+    temperature_end: float | None = None
+    """simplex only: temperature at the end (default: constant)"""
+    simplex_mode: str = "softmax"
+    """softmax (free logits) or projected (the document's softmax after every step)"""
+    top_k: int = 10
+    """the sweep's best tokens kept, to rank the methods' tokens"""
+    gcg_steps: int = 16
+    """gcg: steps"""
+    gcg_width: int = 512
+    """gcg: candidates per step"""
+    gcg_topk: int = 4096
+    """gcg: tokens drawn from per step (the gradient's best)"""
     isolated: bool = False
-    untrained: bool = False
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda
-    out: str | None = None  # default: featopt-runs/<time>
-    progress: bool = True
-    sae: str | None = None  # an SAE folder: its latents are the features, at its own site
+    """the site's block alone, without the blocks before it"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
 
 
 @dataclass
@@ -81,7 +87,7 @@ class MethodResult:
     method: str
     token_id: int
     token: str
-    activation: float  # the decoded token's, re-measured
+    activation: float  # the token's score under the objective (for maximize: its activation), re-measured
     fraction: float | None  # activation / optimum; None when the optimum is <= 0
     gap: float  # optimum - activation
     optimal: bool  # the optimum's token, or a token tied with it
@@ -99,10 +105,13 @@ class FeatureComparison:
 
 
 @dataclass
-class CompareRun:
+class CompareRun(CommandResult):
     features: list[FeatureComparison]  # site-major, then spec order
     summary: list[dict]  # per site and method (and site "all" with several sites)
     out: Path
+
+    def table(self) -> str:
+        return format_table(self)
 
 
 def fraction_of(activation: float, optimum: float) -> float | None:
@@ -113,67 +122,17 @@ def _check(config: CompareConfig) -> None:
     methods = config.methods
     if not methods or len(set(methods)) != len(methods) or set(methods) - set(METHODS):
         raise FeatoptError(f"--methods {methods!r} is not valid: give distinct methods among {', '.join(METHODS)}.")
-    for name in ("steps", "top_k", "gcg_steps", "gcg_width", "gcg_topk"):
-        if getattr(config, name) < 1:
-            raise FeatoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
+    check_at_least(config, ["steps", "top_k", "gcg_steps", "gcg_width", "gcg_topk"])
     if config.lr <= 0 or config.temperature <= 0 or (config.temperature_end or 1) <= 0:
         raise FeatoptError("--lr, --temperature and --temperature_end must be positive.")
-    for name, allowed in (("simplex_mode", SIMPLEX_MODES), ("device", tuple(DEVICES))):
-        if getattr(config, name) not in allowed:
-            raise FeatoptError(f"--{name} {getattr(config, name)!r} is not known: allowed are {', '.join(allowed)}.")
+    check_choice(config, "simplex_mode", ("softmax", "projected"))
+    check_choice(config, "device", tuple(DEVICES))
     if "," in config.site:
         raise FeatoptError(f"--site {config.site!r} names several kinds: compare takes one (run it once per kind).")
     for problem in parse_features(config.features):
         if problem.positions not in (None, (0,)):
             raise FeatoptError(f"{problem.spec} selects position {max(problem.positions)}, but compare searches "
                                "one-token inputs: use position 0 or \":\".")
-
-
-def _simplex(config: CompareConfig, adapter: ModelAdapter, settings: ascent.AscentConfig, site: Site):
-    """The softmax-simplex prior on the same problems, the same objective and trainer settings."""
-    from featopt.gradient.simplex import SimplexEmbeddings
-
-    problems = parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))
-    selection = Selection(site, problems, 1, adapter.width(site))
-    prior = SimplexEmbeddings.uniform(len(problems), 1, adapter.vocab_size, config.seed, mode=config.simplex_mode,
-                                      temperature=config.temperature, temperature_end=config.temperature_end)
-    module = FeatureOptimization(prior, l1_target(selection, config.target), selection, adapter,
-                                 isolated=config.isolated, lr=config.lr)
-    L.seed_everything(config.seed, verbose=False)
-    ascent.trainer_for(settings, Path(settings.out)).fit(module, datamodule=StepsDataModule(config.steps))
-    results = evaluate(module, "simplex-argmax", seed=config.seed)[0]
-    meta = {"method": "simplex-argmax", "config": asdict(config), "model": adapter.name, "site": str(site),
-            "objective": module.objective.description}
-    write_results(settings.out, results, meta)
-    return results
-
-
-def _gradient(config: CompareConfig, adapter: ModelAdapter, site: Site, out: Path) -> dict[str, list[tuple]]:
-    """Per method, `(token id, re-measured activation)` per problem of `site`, in spec order."""
-    settings = ascent.AscentConfig(
-        model=config.model, bos=config.bos, layer=site.layer, site=site.kind, features=config.features, tokens=1, steps=config.steps,
-        lr=config.lr, target=config.target, isolated=config.isolated, untrained=config.untrained, seed=config.seed,
-        accelerator=DEVICES[config.device], decode_every=config.steps, progress=config.progress,
-        out=str(out / "embedding-ascent" / site.name))
-    picks = {}
-    if {"embedding-pinv", "embedding-nearest"} & set(config.methods):
-        results = ascent.run(settings, adapter).results  # both decoders are re-measured on the one run
-        picks["embedding-pinv"] = [(r.extra["pinv_token_ids"][0], r.extra["pinv_activation"]) for r in results]
-        picks["embedding-nearest"] = [(r.nearest_token_ids[0], r.extra["nearest_activation"]) for r in results]
-    if "simplex-argmax" in config.methods:
-        settings = dataclasses.replace(settings, out=str(out / "simplex" / site.name))
-        picks["simplex-argmax"] = [(r.token_ids[0], r.activation) for r in _simplex(config, adapter, settings, site)]
-    if "gcg" in config.methods:
-        from featopt.discrete import gcg
-
-        found = gcg.run(gcg.GCGConfig(
-            model=config.model, bos=config.bos, layer=site.layer, site=site.kind, features=_one_position(config.features), tokens=1,
-            steps=config.gcg_steps, search_width=config.gcg_width, topk=config.gcg_topk, allow="all",
-            isolated=config.isolated, untrained=config.untrained, seed=config.seed,
-            device="cpu" if config.device == "cpu" else "auto", out=str(out / "gcg" / site.name),
-            progress=config.progress, sae=None), adapter).results
-        picks["gcg"] = [(r.token_ids[-1], r.activation) for r in found]  # after a --bos prefix
-    return picks
 
 
 def _one_position(spec: str, position: str = ":") -> str:
@@ -186,11 +145,100 @@ def _one_position(spec: str, position: str = ":") -> str:
     return f"[:, {position}, [" + ", ".join(items) + "]]"
 
 
-def _outcome(method: str, token: int, activation: float, best: FeatureResult, adapter: ModelAdapter) -> MethodResult:
-    optimum, top = best.activation, best.extra["top_k"]["token_ids"]
-    gap = optimum - activation
-    return MethodResult(method, int(token), adapter.decode([token]), float(activation),
-                        fraction_of(activation, optimum), gap,
+def _ascent_settings(config: CompareConfig, site: Site, out: Path, name: str, **more) -> AscentConfig:
+    plain = isinstance(config.objective, str) and config.objective.strip() == "maximize"
+    return AscentConfig(
+        model=config.model, bos=config.bos, layer=site.layer, site=site.kind, features=config.features, tokens=1,
+        steps=config.steps, lr=config.lr, target=config.target, objective="l1" if plain else config.objective,
+        isolated=config.isolated, untrained=config.untrained, seed=config.seed, accelerator=DEVICES[config.device],
+        decode_every=config.steps, progress=config.progress, out=str(out / name / site.name), **more)
+
+
+def _simplex(config: CompareConfig, adapter: ModelAdapter, site: Site, out: Path) -> list[FeatureResult]:
+    """The softmax-simplex prior on the same problems, objective and trainer settings."""
+    settings = _ascent_settings(config, site, out, "simplex", prior="simplex", simplex_mode=config.simplex_mode,
+                                temperature=config.temperature, temperature_end=config.temperature_end)
+    module = build(settings, adapter)
+    train(module, trainer_for(settings, Path(settings.out)), steps=config.steps, seed=config.seed, out=Path(settings.out))
+    results = evaluate(module, "simplex-argmax", seed=config.seed)[0]
+    meta = {"method": "simplex-argmax", "config": record_of(config), "model": adapter.name, "site": str(site),
+            "objective": module.objective.description}
+    write_results(settings.out, results, meta)
+    return results
+
+
+def _picks(config: CompareConfig, adapter: ModelAdapter, site: Site, out: Path) -> dict[str, list[int]]:
+    """Per method, its token per problem of `site`, in spec order."""
+    picks = {}
+    if {"embedding-pinv", "embedding-nearest"} & set(config.methods):
+        results = optimize(_ascent_settings(config, site, out, "embedding-ascent"), adapter).results  # both decoders
+        picks["embedding-pinv"] = [r.extra["pinv_token_ids"][0] for r in results]
+        picks["embedding-nearest"] = [r.nearest_token_ids[0] for r in results]
+    if "simplex-argmax" in config.methods:
+        picks["simplex-argmax"] = [r.token_ids[0] for r in _simplex(config, adapter, site, out)]
+    if "gcg" in config.methods:
+        found = gcg(GCGConfig(
+            model=config.model, bos=config.bos, layer=site.layer, site=site.kind, features=_one_position(config.features),
+            objective=config.objective, target=config.target, tokens=1, steps=config.gcg_steps,
+            search_width=config.gcg_width, topk=config.gcg_topk, allow="all", isolated=config.isolated,
+            untrained=config.untrained, seed=config.seed, device="cpu" if config.device == "cpu" else "auto",
+            out=str(out / "gcg" / site.name), progress=config.progress), adapter).results
+        picks["gcg"] = [r.token_ids[-1] for r in found]  # after a --bos prefix
+    return picks
+
+
+def compare(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRun:
+    """Sweep once for the optimum of every problem, run the other methods, compare; writes
+    `out/compare.json` (and each method's own run under `out/exhaustive`, `out/embedding-ascent`,
+    `out/simplex`, `out/gcg`)."""
+    _check(config)
+    adapter = load_for(config, adapter, move=False)  # every method below reads the run's --bos from the adapter
+    sites = site_list(adapter, config)
+    for site in sites:  # features out of range fail here, before any sweep
+        parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))
+    out = out_folder(config.out)
+    prefix = adapter.encode("")  # [BOS] with --bos: the searched token is position 1 after it
+    sweep_features = _one_position(config.features, "1") if config.bos else config.features
+    # An isolated block is swept alone; otherwise one sweep reads every layer.
+    optima: list[FeatureResult] = []
+    for group in [[s] for s in sites] if config.isolated else [sites]:
+        optima += exhaustive(ExhaustiveConfig(
+            model=config.model, layer=",".join(str(s.layer) for s in group), site=sites[0].kind, features=sweep_features,
+            objective=config.objective, target=config.target, bos=config.bos, top_k=config.top_k,
+            isolated=config.isolated, untrained=config.untrained, seed=config.seed, device=config.device,
+            out=str(out / "exhaustive" / (group[0].name if config.isolated else "")), progress=config.progress,
+        ), adapter).results
+    features = []
+    for site in sites:
+        best = [r for r in optima if r.site == str(site)]
+        picks = _picks(config, adapter, site, out)
+        scoring = dataclasses.replace(config, features=sweep_features)
+        objective = objective_for(scoring, adapter, [site], n_tokens=len(prefix) + 1)
+        tokens = torch.tensor([[b.token_ids[-1] for b in best]] + [picks[m] for m in config.methods])  # [1 + M, P]
+        ids = torch.cat([prefix.expand(tokens.numel(), -1), tokens.reshape(-1, 1)], dim=1)
+        scores = remeasure(adapter, objective, ids, torch.arange(len(best)).repeat(len(tokens)),
+                           isolated=config.isolated).score.view(len(tokens), -1).tolist()
+        specs = [q.spec for q in parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))]
+        for p, b in enumerate(best):  # the searched token is the last (a --bos sweep's ids are [BOS, t])
+            features.append(FeatureComparison(str(site), specs[p], b.token_ids[-1], b.tokens[-1], scores[0][p], {
+                m: _outcome(m, picks[m][p], scores[i + 1][p], scores[0][p], b, adapter)
+                for i, m in enumerate(config.methods)}))
+    summary = summarize(features, config.methods)
+    document = {"run": {"method": "compare", "config": record_of(config), "model": adapter.name,
+                        "sites": [str(s) for s in sites], "versions": versions(),
+                        "feature_map": adapter.describe_features(sites[0])},
+                "summary": summary, "features": [asdict(f) for f in features]}
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return CompareRun(features, summary, out)
+
+
+def _outcome(method: str, token: int, score: float, optimum: float, best: FeatureResult,
+             adapter: ModelAdapter) -> MethodResult:
+    top = best.extra["top_k"]["token_ids"]
+    gap = optimum - score
+    return MethodResult(method, int(token), adapter.decode([token]), float(score), fraction_of(score, optimum), gap,
                         optimal=token == best.token_ids[-1] or gap <= TIE * max(1.0, abs(optimum)),
                         rank=top.index(token) + 1 if token in top else None)
 
@@ -213,77 +261,24 @@ def summarize(features: list[FeatureComparison], methods: list[str]) -> list[dic
     return rows
 
 
-def run(config: CompareConfig, adapter: ModelAdapter | None = None) -> CompareRun:
-    """Sweep once for the optimum of every feature, run the gradient methods, compare; writes
-    `out/compare.json` (and each method's own run under `out/exhaustive`, `out/embedding-ascent`,
-    `out/simplex`)."""
-    _check(config)
-    if adapter is None:
-        adapter = load_model(config.model, untrained=config.untrained, seed=config.seed, **model_options(config))
-    else:  # every method below reads the run's --bos from the adapter
-        adapter = adapter.with_bos(config.bos)
-    if config.sae:
-        adapter, sae_site = attach_path(adapter, config.sae)
-        sites = [sae_site]
-    else:
-        sites = parse_sites(adapter, config.site, config.layer)
-    for site in sites:  # features out of range fail here, before any sweep
-        parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))
-    out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
-    # An isolated block is swept alone; otherwise one sweep reads every layer.
-    sweeps = [[s] for s in sites] if config.isolated else [sites]
-    optima: list[FeatureResult] = []
-    for group in sweeps:
-        optima += exhaustive.run(exhaustive.ExhaustiveConfig(
-            model=config.model, layer=",".join(str(s.layer) for s in group), site=sites[0].kind,
-            # The sweep's positions count its [BOS] prefix: the searched token is position 1 after it.
-            features=_one_position(config.features, "1") if config.bos else config.features, bos=config.bos,
-            top_k=config.top_k, isolated=config.isolated, untrained=config.untrained,
-            seed=config.seed, device=config.device,
-            out=str(out / "exhaustive" / (group[0].name if config.isolated else "")), progress=config.progress,
-        ), adapter).results
-    features = []
-    for site in sites:
-        best = [r for r in optima if r.site == str(site)]
-        picks = _gradient(config, adapter, site, out)
-        specs = [q.spec for q in parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))]
-        for p, b in enumerate(best):  # the searched token is the last (a --bos sweep's ids are [BOS, t])
-            features.append(FeatureComparison(str(site), specs[p], b.token_ids[-1], b.tokens[-1], b.activation, {
-                m: _outcome(m, *picks[m][p], b, adapter) for m in config.methods}))
-    summary = summarize(features, config.methods)
-    document = {"run": {"method": "compare", "config": asdict(config), "model": adapter.name,
-                        "sites": [str(s) for s in sites], "versions": versions(),
-                        "feature_map": adapter.describe_features(sites[0])},
-                "summary": summary, "features": [asdict(f) for f in features]}
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2, ensure_ascii=False)
-    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return CompareRun(features, summary, out)
-
-
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
 def format_table(result: CompareRun) -> str:
-    """Per site, the documents' table (one column per feature): the optimum's token and
-    activation, then each method's token, activation and fraction (`*`: found the optimum);
-    then the summary."""
+    """Per site, the documents' table (one column per feature): the optimum's token and score,
+    then each method's token, score and fraction (`*`: found the optimum); then the summary."""
     blocks = []
     for site in dict.fromkeys(f.site for f in result.features):
         feats = [f for f in result.features if f.site == site]
         rows = [[site] + [f.spec for f in feats],
                 ["exhaustive"] + [f"{f.optimum_token!r} {f.optimum_activation:.4g}" for f in feats]]
         for m in feats[0].methods:
-            outs = [f.methods[m] for f in feats]
             rows.append([m] + [f"{o.token!r} {o.activation:.4g} ({_num(o.fraction)}){' *' if o.optimal else ''}"
-                               for o in outs])
+                               for o in (f.methods[m] for f in feats)])
         blocks.append(rows)
     blocks.append([["site", "method", "mean fraction", "min fraction", "optimal"]] + [
         [s["site"], s["method"], _num(s["mean_fraction"]), _num(s["min_fraction"]),
          f"{round(s['optimal_share'] * s['features'])}/{s['features']}"] for s in result.summary])
-    text = []
-    for rows in blocks:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        text.append("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
-    return "\n\n".join(text) + "\n(fraction: activation / optimum, n/a when the optimum is <= 0; *: found the optimum)"
+    return "\n\n".join(aligned(rows) for rows in blocks) + \
+        "\n(fraction: activation / optimum, n/a when the optimum is <= 0; *: found the optimum)"

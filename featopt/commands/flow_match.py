@@ -196,9 +196,9 @@ def run_match(config: MatchConfig) -> MatchRun:
 
 
 def _match_png(path: Path, pairs) -> Path:
-    from featopt.plots import _pyplot
+    from featopt.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 2.8), squeeze=False)
     bins = torch.linspace(-0.2, 1.0, 49)
     for ax, p in zip(axes[0], pairs):

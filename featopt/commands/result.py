@@ -18,6 +18,8 @@ class CommandResult:
     out: Path
     #: the file the command line names after the table ("results: ..."); default: the folder
     record_name: str | None = None
+    #: the command printed its own report as it ran (the demo): the command line adds only the folder
+    printed: bool = False
 
     def table(self) -> str:
         raise NotImplementedError

@@ -1,14 +1,6 @@
-"""Discrete searches over the vocabulary (source document 000): the exhaustive single-token sweep
-and the greedy left-to-right search, both batched, cached and early-exiting at the site.
-
-`exhaustive.run(ExhaustiveConfig(...))` and `greedy.run(GreedyConfig(...))` are the entry points;
-`sweep.sweep` is the batched pass they share.
+"""Discrete searches over real tokens, for any objective: the exhaustive single-token sweep
+(`exhaustive`), greedy left-to-right search (`greedy`), GCG (`gcg`) and EPO (`epo`) over N tokens,
+and discrete inversion (`inversion`). Batched, in inference mode, with early exit at the deepest
+site the objective reads and a fixed prefix's keys/values computed once (`sweep`, `candidates`).
+The commands that run them live in `featopt.commands.search` and `featopt.commands.swaps`.
 """
-
-from featopt.discrete.common import SearchRun, format_table
-from featopt.discrete.exhaustive import ExhaustiveConfig
-from featopt.discrete.greedy import GreedyConfig
-from featopt.discrete.scoring import Scorer, TopK, merge_topk
-from featopt.discrete.sweep import sweep
-
-__all__ = ["ExhaustiveConfig", "GreedyConfig", "SearchRun", "Scorer", "TopK", "format_table", "merge_topk", "sweep"]

@@ -1,43 +1,30 @@
 """EPO-style fluent search (Thompson et al. 2024, "Fluent dreaming for language models"): inputs
 that make a feature fire AND read like text. A population per problem, one member per fluency
-weight lambda; member m minimizes `-activation + lambda_m * xent`, with xent the model's own mean
-next-token cross-entropy of the prompt. Each step every member proposes GCG swaps from its own
-token gradients, all of a problem's candidates are scored once (activation and xent, one forward
-to the LM head), and each member takes the best of the shared pool under its own lambda. Every
-scored sequence feeds the problem's Pareto front (activation up, xent down), written as JSON and
-a PNG. `run(EPOConfig(...))` is the one entry point.
+weight lambda; member m minimizes `loss + lambda_m * xent`, with xent the model's own mean
+next-token cross-entropy of the prompt and `loss` any objective's (minus a feature's activation
+for maximize). Each step every member proposes GCG swaps from its own token gradients, all of a
+problem's candidates are scored once (objective and xent, one forward to the LM head), and each
+member takes the best of the shared pool under its own lambda. Every scored sequence feeds the
+problem's Pareto front (score up, xent down), written as JSON and a PNG.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from featopt.errors import FeatoptError
-from featopt.models import ModelAdapter
-from featopt.results import FeatureResult, atomic_write, versions, write_results
-from featopt.discrete import gcg
 from featopt.discrete.candidates import CandidateModel, prompt_xent
-from featopt.discrete.common import SearchRun, format_table as common_table, load, out_dir, parse_candidates, spawn
-from featopt.discrete.swap_search import swap_search
-from featopt.discrete.sweep import distributed
-from featopt.discrete.tokens import allowed_ids
-
-__all__ = ["EPOConfig", "Front", "run", "format_table"]
-
-
-@dataclass
-class EPOConfig(gcg.SwapConfig):
-    """Settings of one EPO search (the flags of `featopt search epo`): GCG's, plus the lambdas."""
-
-    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
-    search_width: int = 128  # per member: the pool of a problem is members x this
-    front_size: int = 64  # most points reported per front (evenly spread along it; 1: the most active)
+from featopt.discrete.gcg import descriptions
+from featopt.discrete.measure import labels, remeasure
+from featopt.discrete.objective_scoring import ObjectiveLoss, check_discrete
+from featopt.discrete.swap_search import SwapSettings, SwapState, swap_search
+from featopt.models import ModelAdapter
+from featopt.objectives import Objective
+from featopt.results import FeatureResult, atomic_write, versions
 
 
 class Front:
@@ -76,96 +63,72 @@ class Front:
         return out
 
 
-def _check(config: EPOConfig) -> None:
-    gcg.check(config)
-    lambdas = config.lambdas
-    if not lambdas or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in lambdas):
-        raise FeatoptError(f"--lambdas {lambdas!r} is not valid: give a list of finite, non-negative weights, "
-                           "like [0, 0.5, 1, 2].")
-    if len(set(lambdas)) != len(lambdas):
-        raise FeatoptError(f"--lambdas {lambdas!r} repeats a weight: give distinct weights.")
-    if config.front_size < 1:
-        raise FeatoptError(f"--front_size must be at least 1, got {config.front_size}.")
-
-
-def run(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
-    """Search every problem with one member per lambda; one result per (site, problem) holding its
-    front (re-measured by plain forwards) and each member's answer; `out/fronts.json`, `out/fronts.png`."""
-    _check(config)
-    if config.devices > 1 and distributed()[1] == 1:
-        return spawn(run, config, adapter)
-    adapter = load(config, adapter)
-    plans = gcg.plan(config, adapter)
-    allowed = allowed_ids(adapter, config.allow, parse_candidates(config.candidates, adapter.vocab_size))
-    problems = [(site, p) for site, ps in plans for p in ps]
-    prefix, init = gcg.start(config, adapter, allowed, len(problems))
+def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Tensor, allowed: Tensor,
+        settings: SwapSettings, lambdas: list[float], batch_size: int = 0,
+        on_step: Callable | None = None) -> tuple[SwapState, list[Front]]:
+    """Search every problem with one member per lambda from `init [P, N]` after `prefix [L]`; the
+    final state (rows problem-major: every lambda of a problem) and each problem's whole front."""
+    check_discrete(objective, "EPO")
     if len(prefix) == 0 and init.shape[1] < 2:
+        from featopt.errors import FeatoptError
+
         raise FeatoptError("EPO scores fluency as the model's prediction of each token from those before it: "
                            "search at least 2 tokens, or give a --prefix.")
-    n_tokens, n_lam = len(prefix) + init.shape[1], len(config.lambdas)
-    loss = gcg.FeatureLoss(plans, [adapter.width(s) for s, _ in plans],
-                           gcg.position_weights(config.variant, len(problems), n_tokens))
-    model = CandidateModel(adapter, [s for s, _ in plans], loss, prefix, xent=True, batch_size=config.batch_size)
-    rows_problem = torch.arange(len(problems)).repeat_interleave(n_lam)  # problem-major: every lambda of a problem
-    lam = torch.tensor(config.lambdas, dtype=torch.float64).repeat(len(problems))
-    fronts = [Front() for _ in problems]
+    n, n_lam = objective.n_problems, len(lambdas)
+    model = CandidateModel(adapter, list(objective.sites), ObjectiveLoss(objective, adapter), prefix, xent=True,
+                           batch_size=batch_size)
+    rows_problem = torch.arange(n).repeat_interleave(n_lam)  # problem-major: every lambda of a problem
+    lam = torch.tensor(lambdas, dtype=torch.float64).repeat(n)
+    fronts = [Front() for _ in range(n)]
 
     def grow(step, state, evaluated) -> None:
         for p, front in enumerate(fronts):
             mine = evaluated.problems == p
             if mine.any():
                 front.add(evaluated.ids[mine], -evaluated.loss[mine], evaluated.xent[mine])
+        if on_step is not None:
+            on_step(step, state, evaluated)
 
-    out = out_dir(config)
-    log = gcg.Trajectory(out, [f"epo/{site}/{p.spec}/lambda={v:g}/activation" for site, p in problems for v in config.lambdas])
+    state = swap_search(model, init.repeat_interleave(n_lam, dim=0), rows_problem, allowed.to(adapter.device),
+                        settings, lam=lam, share=True, on_step=grow)
+    return state, fronts
 
-    def on_step(step, state, evaluated) -> None:
-        grow(step, state, evaluated)
-        log(step, state, evaluated)
 
-    try:
-        state = swap_search(model, init.repeat_interleave(n_lam, dim=0), rows_problem, allowed.to(adapter.device),
-                            gcg.settings_of(config, "epo"), lam=lam, share=True, on_step=on_step)
-    finally:
-        log.close()
-    results, document, stamp = [], [], versions()
-    for p, (site, problem) in enumerate(problems):
-        front = fronts[p].spread(config.front_size)
+def records(adapter: ModelAdapter, objective: Objective, state: SwapState, fronts: list[Front], prefix: Tensor, *,
+            lambdas: list[float], front_size: int, seed: int) -> tuple[list[FeatureResult], list[dict]]:
+    """One result per problem holding its front (each point re-measured by plain forwards) and each
+    member's answer; the answer is the front's most active point. Also `fronts.json`'s entries."""
+    results, document, stamp, n_lam = [], [], versions(), len(lambdas)
+    described = descriptions(objective)
+    for p, (site, spec) in enumerate(labels(objective)):
+        front = fronts[p].spread(front_size)
         ids = torch.cat([prefix.cpu().expand(len(front.ids), -1), front.ids], dim=1)
-        measured, _ = gcg.measure(adapter, [(site, [problem] * len(ids))], ids, config.variant)
+        measured = remeasure(adapter, objective, ids, torch.full((len(ids),), p))
         xent = prompt_xent(adapter, ids, len(prefix))
-        points = [{"token_ids": ids[i].tolist(), "text": adapter.decode(ids[i].tolist()), "activation": float(measured[i]),
+        points = [{"token_ids": ids[i].tolist(), "text": adapter.decode(ids[i].tolist()),
+                   "activation": float(measured.activation[i]), "score": float(measured.score[i]),
                    "xent": float(xent[i]), "search_activation": float(front.activation[i]),
                    "search_xent": float(front.xent[i])} for i in range(len(ids))]
         members = []
-        for m, value in enumerate(config.lambdas):
+        for m, value in enumerate(lambdas):
             r = p * n_lam + m
             row = torch.cat([prefix.cpu(), state.ids[r]]).tolist()
             members.append({"lambda": value, "token_ids": row, "text": adapter.decode(row),
                             "search_activation": -float(state.loss[r]), "search_xent": float(state.xent[r]),
                             "trajectory": state.trajectory[r]})
-        best = max(range(len(points)), key=lambda i: points[i]["activation"])
-        answer = points[best]
+        answer = points[max(range(len(points)), key=lambda i: points[i]["activation"])]
         results.append(FeatureResult(
-            spec=problem.spec, site=str(site), method="epo",
-            objective=f"maximize({site}, {'last position' if config.variant == 'last' else 'sum over positions'}) "
-                      f"- lambda * xent, lambda in {config.lambdas}",
+            spec=spec, site=site, method="epo", objective=f"{described[p]} - lambda * xent, lambda in {lambdas}",
             token_ids=answer["token_ids"], tokens=[adapter.decode([t]) for t in answer["token_ids"]], text=answer["text"],
-            activation=answer["activation"], model=adapter.name, bos=adapter.bos, seed=config.seed,
-            feature_map=adapter.describe_features(site), dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
-            extra={"prefix_length": len(prefix), "xent": answer["xent"], "front": points, "members": members,
-                   "forward_evaluations": int(state.evaluations[p]), "steps": state.steps_run,
+            activation=answer["activation"], model=adapter.name, bos=adapter.bos, seed=seed,
+            feature_map=adapter.describe_features(site) if site else None,
+            dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
+            extra={"prefix_length": len(prefix), "xent": answer["xent"], "score": answer["score"], "front": points,
+                   "members": members, "forward_evaluations": int(state.evaluations[p]), "steps": state.steps_run,
                    "gradient_evaluations": state.steps_run * n_lam},
         ))
-        document.append({"site": str(site), "spec": problem.spec, "front": points})
-    if distributed()[0] == 0:
-        meta = {"method": "epo", "config": asdict(config), "model": adapter.name, "world_size": distributed()[1],
-                "sites": [str(s) for s, _ in plans], "prefix_ids": prefix.tolist(), "allowed_tokens": len(allowed)}
-        write_results(out, results, meta)
-        text = json.dumps({"run": meta, "fronts": document}, indent=2, ensure_ascii=False)
-        atomic_write(out / "fronts.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        plot_fronts(results, out / "fronts.png")
-    return SearchRun(results, out)
+        document.append({"site": site, "spec": spec, "front": points})
+    return results, document
 
 
 def member_labels(members: list[dict], front: list[dict], near: float = 0.02) -> dict[tuple[float, float], list[float]]:
@@ -215,14 +178,3 @@ def plot_fronts(results: list[FeatureResult], path: Path, most: int = 20) -> Non
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-
-
-def format_table(results: list[FeatureResult]) -> str:
-    """The searches' table of the most active front point per problem, then each front from its
-    most fluent point to its most active: `xent -> activation` and the text."""
-    lines = [common_table(results), ""]
-    for r in results:
-        lines.append(f"{r.site} {r.spec}: front of {len(r.extra['front'])} (xent nats/token, activation)")
-        for q in sorted(r.extra["front"], key=lambda q: q["xent"]):
-            lines.append(f"  {q['xent']:7.3f}  {q['activation']:9.4g}  {q['text']!r}")
-    return "\n".join(lines)

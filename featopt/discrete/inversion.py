@@ -6,8 +6,7 @@ A text stops being searched once its outputs match (distance 0 up to float round
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,18 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featopt.errors import FeatoptError
-from featopt.gradient.metrics import token_matches
-from featopt.models import ModelAdapter, load_model, model_options
-from featopt.gradient.inversion import InversionConfig, InversionRun, encode_texts, texts_of
-from featopt.objectives.matching import match
-from featopt.objectives.objective import Context
-from featopt.results import FeatureResult, versions, write_results
 from featopt.discrete.candidates import CandidateModel
-from featopt.discrete.gcg import Trajectory
 from featopt.discrete.swap_search import SwapSettings, swap_search
 from featopt.discrete.swaps import top_candidates
-from featopt.discrete.tokens import allowed_ids
+from featopt.discrete.trajectory import Trajectory
+from featopt.models import ModelAdapter, Site
+from featopt.objectives.matching import Batch, token_matches
+from featopt.objectives.objective import Context, Objective
+from featopt.results import FeatureResult, versions
 
 #: A text counts as matched (and stops) when its distance is at most this share of its target's
 #: scale (L1: of the target's own L1 norm; cosine: absolute): batched forwards differ by rounding.
@@ -85,25 +80,31 @@ def causal_pass(adapter: ModelAdapter, site, kind: str, target: Tensor, batch, c
     return ids, scored
 
 
-def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> InversionRun:
-    """Invert every text at once by GCG; writes `out/results.json` like the gradient inversion."""
-    texts = texts_of(config)
-    if config.devices != 1:
-        raise FeatoptError("--method gcg inverts in one process: drop --devices (featopt search gcg shards over devices).")
-    if config.isolated:
-        raise FeatoptError("--method gcg searches whole-model inputs: drop --isolated.")
-    adapter = (load_model(config.model, untrained=config.untrained, seed=config.seed, **model_options(config))
-               if adapter is None else adapter.with_bos(config.bos))  # a given model, with this run's --bos
-    site = adapter.site(config.site, config.layer)
-    batch = encode_texts(adapter, texts)
-    allowed = allowed_ids(adapter, config.allow)
-    with torch.inference_mode():
-        target = adapter.run([site], input_ids=batch.ids, bos=adapter.bos)[site].float().clone()
-    objective = match(config.objective, site, target, batch.mask)
+@dataclass
+class SwapInversion:
+    """How the discrete inversion searches (`featopt invert --method gcg`'s flags)."""
+
+    objective: str | None = "l1"  # the pure distance ("l1" or "cosine"); None: another objective (no causal pass, no early stop)
+    steps: int = 600
+    search_width: int = 256
+    topk: int = 128
+    n_replace: int = 1
+    causal_topk: int = 4096  # candidates per position of the left-to-right pass (0: none)
+    batch_size: int = 0
+    seed: int = 0
+    progress: bool = True
+
+
+def invert(adapter: ModelAdapter, site: Site, batch: Batch, target: Tensor, objective: Objective, allowed: Tensor,
+           how: SwapInversion, out: Path) -> tuple[list[FeatureResult], dict]:
+    """Invert every text of `batch` at once by GCG under `objective` (a distance to the texts'
+    outputs `target [P, T, W]`, as `how.objective` names it, or any objective over the texts'
+    rows); one result per text and the overall metrics (TensorBoard scalars under `out/tensorboard`)."""
+    kind = how.objective
     head = adapter.encode("")  # [BOS] with --bos (a fixed first token, never searched), else nothing
 
     def loss(acts, problems):  # the texts' positions only: the BOS is no part of the target
-        return objective.loss(Context({site: acts[site][:, len(head):]}, None, problems, adapter))
+        return objective.loss(Context({s: a[:, len(head):] for s, a in acts.items()}, None, problems, adapter))
 
     def squared(acts, problems):  # L1's smooth surrogate for proposing swaps: its gradient points at the target
         a = acts[site][:, len(head):]
@@ -111,28 +112,28 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
         return (torch.where(m[..., None], a - t, 0.0) ** 2).sum(dim=(1, 2))
 
     P, T = batch.ids.shape
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(how.seed)
     init = torch.where(batch.mask, allowed[torch.randint(0, len(allowed), (P, T), generator=gen)], batch.ids)
-    start, causal_scored = causal_pass(adapter, site, config.objective, target, batch, init, allowed.to(adapter.device),
-                                       config.causal_topk, progress=config.progress, start=head) if config.causal_topk else (init, 0)
-    scale = target.abs().sum(dim=(1, 2)).double() if config.objective == "l1" else torch.ones(P, dtype=torch.float64)
-    model = CandidateModel(adapter, [site], loss, head, batch_size=config.batch_size,
-                           proposal=squared if config.objective == "l1" else None)
-    settings = SwapSettings(steps=config.steps, search_width=config.search_width, topk=config.topk,
-                            n_replace=config.n_replace, buffer_size=4, seed=config.seed, progress=config.progress,
-                            desc="invert gcg", curvature=1.0 if config.objective == "l1" else 0.0)
-    out = Path(config.out or Path("featopt-runs") / time.strftime("%Y%m%d-%H%M%S"))
+    start, causal_scored = causal_pass(adapter, site, kind, target, batch, init, allowed.to(adapter.device),
+                                       how.causal_topk, progress=how.progress, start=head) if how.causal_topk and kind else (init, 0)
+    scale = target.abs().sum(dim=(1, 2)).double() if kind == "l1" else torch.ones(P, dtype=torch.float64)
+    model = CandidateModel(adapter, list(dict.fromkeys((site, *objective.sites))), loss, head,
+                           batch_size=how.batch_size, proposal=squared if kind == "l1" else None)
+    settings = SwapSettings(steps=how.steps, search_width=how.search_width, topk=how.topk,
+                            n_replace=how.n_replace, buffer_size=4, seed=how.seed, progress=how.progress,
+                            desc="invert gcg", curvature=1.0 if kind == "l1" else 0.0)
     log = Trajectory(out, [f"invert-gcg/text{p}/activation" for p in range(P)])
     try:
         state = swap_search(model, start, torch.arange(P), allowed.to(adapter.device), settings, editable=batch.mask,
-                            stop_below=MATCHED * scale, on_step=log)
+                            stop_below=MATCHED * scale if kind else None, on_step=log)
     finally:
         log.close()
     ids = torch.where(batch.mask, state.ids, batch.ids)
     correct, valid = token_matches(ids, batch.ids, batch.mask)
     with torch.inference_mode():
-        acts = adapter.run([site], input_ids=ids, bos=adapter.bos)[site].float()
-    distance = objective.loss(Context({site: acts}, None, torch.arange(P), adapter)).cpu()
+        acts = {s: a.float() for s, a in adapter.run(list(dict.fromkeys((site, *objective.sites))), input_ids=ids,
+                                                     bos=adapter.bos).items()}
+    distance = objective.loss(Context(acts, None, torch.arange(P), adapter)).cpu()
     metrics = {"token_recovery": float(correct.sum()) / float(valid.sum()),
                "exact_match": int((correct == valid).sum()) / P, "distance": float(distance.mean()),
                "tokens": int(valid.sum()), "tokens_recovered": int(correct.sum()), "texts": P,
@@ -140,13 +141,13 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
                "forward_evaluations": causal_scored + int(state.evaluations.sum()),
                "steps": state.steps_run}
     stamp, results = versions(), []
-    for p, text in enumerate(texts):
+    for p, text in enumerate(batch.texts):
         n = int(valid[p])
         row = ids[p, :n].tolist()
         results.append(FeatureResult(
             spec=text, site=str(site), method="gcg-inversion", objective=objective.description,
             token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
-            activation=-float(distance[p]), model=adapter.name, bos=adapter.bos, seed=config.seed,
+            activation=-float(distance[p]), model=adapter.name, bos=adapter.bos, seed=how.seed,
             dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"original_token_ids": batch.ids[p, :n].tolist(), "token_recovery": int(correct[p]) / n,
                    "tokens_recovered": int(correct[p]), "exact_match": bool(correct[p] == n),
@@ -154,7 +155,4 @@ def run(config: InversionConfig, adapter: ModelAdapter | None = None) -> Inversi
                    "trajectory": state.trajectory[p], "init_ids": init[p, :n].tolist(),
                    "after_causal_pass": start[p, :n].tolist()},
         ))
-    meta = {"method": "gcg-inversion", "config": asdict(config), "model": adapter.name, "site": str(site),
-            "objective": objective.description, "metrics": metrics, "allowed_tokens": len(allowed)}
-    write_results(out, results, meta)
-    return InversionRun(results, metrics, out, None, None)
+    return results, metrics

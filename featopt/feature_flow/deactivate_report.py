@@ -53,9 +53,9 @@ def record(events: Events | None = None, results: Sequence[DeactivationResult] =
 def plot_methods(results: Sequence[DeactivationResult], path: str | Path) -> Path:
     """Figure 6 (fraction deactivated and mean relative change per group, a bar per method) and
     Figure 7 (mean relative change, predecessor alone vs with others)."""
-    from featopt.plots import _pyplot, _save
+    from featopt.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     summaries = [res.summary() for res in results]
     groups = [g for g in GROUPS if any(g in s["groups"] for s in summaries)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [3, 3, 1.4]})
@@ -74,14 +74,14 @@ def plot_methods(results: Sequence[DeactivationResult], path: str | Path) -> Pat
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=30, ha="right", fontsize=8)
     axes[2].set_xticks([i + 0.4 - width / 2 for i in range(2)], ["alone", "with others"])
     axes[0].legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_sweep(sweep: SweepResult, path: str | Path) -> Path:
     """Figure 8: mean relative change of f (left axis) and of the loss (right axis) against r."""
-    from featopt.plots import _pyplot, _save
+    from featopt.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     points = sweep.summary()["points"]
     rs = [p["r"] for p in points]
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -92,4 +92,4 @@ def plot_sweep(sweep: SweepResult, path: str | Path) -> Path:
     twin.plot(rs, [p["mean_loss_relative"] or 0.0 for p in points], "s--", color="C3")
     twin.set_ylabel("relative loss change", color="C3")
     ax.set_title(f"all active top-1 predecessors rescaled ({len(sweep.event)} events)")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

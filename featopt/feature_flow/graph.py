@@ -214,9 +214,9 @@ def plot_graph(graph: FlowGraph, path: str | Path, title: str = "", *, scores: b
     earlier neighbours (so chains run straight); colour by module; edge width and opacity by
     score, the score written at the edge's middle when `scores`; `L/mod/i` and the label under
     each node."""
-    from featopt.plots import _pyplot, _save
+    from featopt.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     columns: dict[tuple[int, str], list[Node]] = defaultdict(list)
     for node in graph.nodes:
         columns[node.key].append(node)
@@ -279,4 +279,4 @@ def plot_graph(graph: FlowGraph, path: str | Path, title: str = "", *, scores: b
         ax.spines[side].set_visible(False)
     ax.set_xlabel("layer (att, mlp, res within a layer)")
     ax.set_title(title or f"flow graph of {', '.join(graph.settings.get('starts', []))}", fontsize=10)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

@@ -249,9 +249,9 @@ def format_groups(stats: GroupStats) -> str:
 
 def plot_group_shares(stats: GroupStats, path: str | Path) -> Path:
     """Figure 5: the share of each group's events, stacked, one bar per layer."""
-    from featopt.plots import _pyplot, _save
+    from featopt.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(stats.layers) + 3), 4))
     x = list(range(len(stats.layers)))
     bottom = [0.0] * len(x)
@@ -265,16 +265,16 @@ def plot_group_shares(stats: GroupStats, path: str | Path) -> Path:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_title(f"predecessor groups ({stats.settings.get('method', 'top1')}, {stats.tokens} tokens)", fontsize=9)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_transitions(stats: GroupStats, path: str | Path) -> Path:
     """Figure 13: P(group B at L+1 | group A at L), rows A, all layer pairs together, numbers in cells."""
-    from featopt.plots import _pyplot, _save
+    from featopt.plots import pyplot, save_figure
 
     if not stats.transitions:
         raise FeatoptError("no transitions to plot: they need two consecutive target layers (L/res and L+1/res).")
-    plt = _pyplot()
+    plt = pyplot()
     probs = _row_normalize(stats.total_transitions()).numpy()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     ax.imshow(probs, cmap="Blues", vmin=0, vmax=1)
@@ -287,4 +287,4 @@ def plot_transitions(stats: GroupStats, path: str | Path) -> Path:
     ax.set_xlabel("group at layer L+1")
     ax.set_ylabel("group at layer L")
     ax.set_title("group transitions, row-normalized", fontsize=9)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

@@ -329,9 +329,9 @@ def plot_steering(result: SteeringResult, path: str | Path) -> Path:
     """Coherence (perplexity, log x) against theme score (y): one line per strategy through its r
     values, each point annotated with r; the unsteered baseline in black, dashed (Figures 9-11)."""
     from featopt.results import atomic_write
-    from featopt.plots import _pyplot
+    from featopt.plots import pyplot
 
-    plt, path = _pyplot(), Path(path)
+    plt, path = pyplot(), Path(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     strategies: dict[str, list[Outcome]] = {}
     for outcome in result.outcomes:

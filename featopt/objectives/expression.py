@@ -42,6 +42,7 @@ class Defaults:
     features: str
     over: str = "mean"
     target: float = 100.0
+    n_tokens: int | None = None  # the input length, when known: positions are checked against it
     extra: dict[str, Callable[..., Objective]] = field(default_factory=dict)
 
 
@@ -126,7 +127,7 @@ class _Builder:
         elif site is None or not str(site).startswith("blocks."):
             kind = str(site or (d.site.kind if isinstance(d.site, Site) else "resid_post"))
             site = f"blocks.{layer if layer is not None else d.site.layer}.{kind}"
-        return Selection(site, features or d.features, feature_map=feature_map, over=over)
+        return Selection(site, features or d.features, d.n_tokens, feature_map=feature_map, over=over)
 
     def maximize(self, features: str | None = None, site: str | None = None, layer: int | None = None,
                  over: str | None = None, sae: str | None = None) -> Objective:

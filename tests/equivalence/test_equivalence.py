@@ -12,6 +12,7 @@ import pytest
 
 from .commands import COMMANDS
 from .fixture import FIXTURES, build, differences, path_of, read
+from .intended import excused
 from .normalize import stdout_skeleton
 from .runner import run_suite
 
@@ -43,6 +44,7 @@ def test_records_match_the_fixture(suite, name):
     for file, record in expected["records"].items():
         if file in actual["records"]:
             problems += differences(record, actual["records"][file], f"{file}:")
+    problems = [p for p in problems if not excused(name, p)]  # intended.py: each deliberate change, with why
     if problems:  # one line per difference, without pytest's dump of the whole suite
         pytest.fail(f"{name}: {len(problems)} difference(s) from the fixture:\n  " + "\n  ".join(problems),
                     pytrace=False)
