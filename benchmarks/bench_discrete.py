@@ -46,17 +46,17 @@ from featopt.models import load_model  # noqa: E402
 from featopt.errors import FeatoptError  # noqa: E402
 from featopt.models.loading import gguf_cache_folder  # noqa: E402
 from featopt.results import versions  # noqa: E402
-from featopt.gradient.inversion import InversionConfig  # noqa: E402
-from featopt.gradient.inversion import run as invert  # noqa: E402
+from featopt.commands.invert import InversionConfig  # noqa: E402
+from featopt.commands.invert import invert  # noqa: E402
 from featopt.discrete.candidates import prompt_xent  # noqa: E402
-from featopt.discrete.epo import EPOConfig  # noqa: E402
-from featopt.discrete.epo import run as epo  # noqa: E402
-from featopt.discrete.exhaustive import ExhaustiveConfig  # noqa: E402
-from featopt.discrete.exhaustive import run as exhaustive  # noqa: E402
-from featopt.discrete.gcg import GCGConfig  # noqa: E402
-from featopt.discrete.gcg import run as gcg  # noqa: E402
-from featopt.discrete.greedy import GreedyConfig  # noqa: E402
-from featopt.discrete.greedy import run as greedy  # noqa: E402
+from featopt.commands.swaps import EPOConfig  # noqa: E402
+from featopt.commands.swaps import epo  # noqa: E402
+from featopt.commands.search import ExhaustiveConfig  # noqa: E402
+from featopt.commands.search import exhaustive  # noqa: E402
+from featopt.commands.swaps import GCGConfig  # noqa: E402
+from featopt.commands.swaps import gcg  # noqa: E402
+from featopt.commands.search import GreedyConfig  # noqa: E402
+from featopt.commands.search import greedy  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 LAYERS = (0, 8)

@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, load_model
-from featopt.gradient.ascent import AscentConfig, build
+from featopt.commands.optimize import AscentConfig, build
 from featopt.objectives.objective import Context
 
 MODELS = ("smollm2-135m-instruct", "gpt2-small-shaped")

@@ -24,7 +24,8 @@ for name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
 from featopt.models import load_model  # noqa: E402
-from featopt.gradient.inversion import InversionConfig, format_results, run  # noqa: E402
+from featopt.commands.invert import InversionConfig
+from featopt.commands.invert import invert as run  # noqa: E402
 
 TEXTS = [
     "The cat sat on the mat.",

@@ -431,7 +431,7 @@ def test_generators_cover_every_float_flag_with_nan_and_inf():
     # an independent walk of the config dataclasses: every float field must get nan, inf and -inf rows
     from dataclasses import fields
 
-    from featopt.gradient.ascent import AscentConfig
+    from featopt.commands.optimize import AscentConfig
 
     hints = typing.get_type_hints(AscentConfig)
     floats = {f.name for f in fields(AscentConfig) if float in kinds(hints[f.name])}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from featopt.cli import main
-from featopt.gradient.ascent import AscentConfig, run
+from featopt.commands.optimize import AscentConfig
+from featopt.commands.optimize import optimize as run
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from featopt.commands.compare import (
-    METHODS, CompareConfig, CompareRun, FeatureComparison, MethodResult, format_table, fraction_of, run,
+    METHODS, CompareConfig, CompareRun, FeatureComparison, MethodResult, format_table, fraction_of,
 )
+from featopt.commands.compare import compare as run
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
@@ -154,9 +155,9 @@ def test_fraction_is_undefined_without_a_positive_optimum():
     dict(steps=0),
 ])
 def test_bad_input_raises_before_any_search(tiny64, tmp_path, monkeypatch, bad):
-    import featopt.discrete.exhaustive as exhaustive
+    import featopt.commands.compare as command
 
-    monkeypatch.setattr(exhaustive, "run", lambda *a, **k: pytest.fail("searched despite bad input"))
+    monkeypatch.setattr(command, "exhaustive", lambda *a, **k: pytest.fail("searched despite bad input"))
     with pytest.raises(FeatoptError):
         run(CompareConfig(**{**dict(model="tiny-llama", out=str(tmp_path), progress=False), **bad}), tiny64)
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from featopt.interrupt import Interrupted, raising_on_signals
-from featopt.gradient.ascent import AscentConfig, run
+from featopt.commands.optimize import AscentConfig
+from featopt.commands.optimize import optimize as run
 from featopt.results import read_results
 
 FLAGS = {"model": "tiny-gpt2", "features": "[:, :, 0-1]", "tokens": 3, "seed": 3, "lr": 0.05}

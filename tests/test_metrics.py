@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.gradient.metrics import ExactMatch, OutputDistance, TokenRecovery, token_matches
+from featopt.gradient.metrics import ExactMatch, OutputDistance, TokenRecovery
+from featopt.objectives.matching import token_matches
 
 
 def _batches(seed=0, n_batches=3):

@@ -93,7 +93,7 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
 
 
 def test_the_fast_search_writer_flags_the_same_way(tmp_path, capsys):
-    from featopt.discrete.common import write_plain_results
+    from featopt.results import write_plain_results
 
     results = [FeatureResult(spec=s, site="s", method="m", objective="o", token_ids=[1], tokens=["NaN"], text="NaN",
                              activation=a) for s, a in (("a", 1.0), ("b", float("-inf")))]

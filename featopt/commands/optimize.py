@@ -19,7 +19,8 @@ from featopt.gradient.module import FeatureOptimization
 from featopt.gradient.priors import PRIORS, SIMPLEX_MODES, make_parametrization
 from featopt.gradient.readout import DECODERS, evaluate
 from featopt.models import ModelAdapter
-from featopt.objectives import Selection
+from featopt.objectives import Objective, Selection
+from featopt.objectives.problems import primary
 from featopt.results import write_results
 from featopt.runs.lightning import PRECISIONS
 from featopt.runs.outdir import out_folder
@@ -97,16 +98,20 @@ def build(config: AscentConfig, adapter: ModelAdapter | None = None) -> FeatureO
     adapter = load_for(config, adapter, move=False)
     site = site_list(adapter, config)[0]
     check_length(adapter, int(adapter.bos), config.tokens)
-    problems = parse_features(config.features, n_tokens=config.tokens, width=adapter.width(site), site=str(site))
-    selection = Selection(site, problems, config.tokens, adapter.width(site))  # what is measured and logged
     objective = objective_for(config, adapter, [site], n_tokens=config.tokens)
+    # What is measured and logged per problem: the objective's own selection when it was given as
+    # a value (the Python API), else --features at the site.
+    selection = primary(objective) if isinstance(config.objective, Objective) else None
+    if selection is None:
+        problems = parse_features(config.features, n_tokens=config.tokens, width=adapter.width(site), site=str(site))
+        selection = Selection(site, problems, config.tokens, adapter.width(site))
     ids = None
     if config.init:
         ids = adapter.encode(config.init, bos=False)  # the free tokens; a BOS is run before them
         if len(ids) != config.tokens:
             raise FeatoptError(f"--init {config.init!r} is {len(ids)} tokens but --tokens is {config.tokens}: make them equal.")
     parametrization = make_parametrization(
-        config.prior, adapter, len(problems), config.tokens, config.seed, init_ids=ids,
+        config.prior, adapter, len(selection), config.tokens, config.seed, init_ids=ids,
         temperature=config.temperature, temperature_end=config.temperature_end, simplex_mode=config.simplex_mode,
     )
     return FeatureOptimization(parametrization, objective, selection, handle_for(config, adapter),

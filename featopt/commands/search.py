@@ -60,10 +60,10 @@ def spawned(run, config, adapter: ModelAdapter | None) -> SearchRun:
     return SearchRun(results, Path(config.out))
 
 
-def run_meta(method: str, config, adapter: ModelAdapter, objective, sites, **more) -> dict:
-    """The `run` block of a search's results.json."""
+def run_meta(method: str, config, adapter: ModelAdapter, objective, **more) -> dict:
+    """The `run` block of a search's results.json (`sites`: every site the objective reads)."""
     return {"method": method, "config": record_of(config), "model": adapter.name, "world_size": distributed()[1],
-            "sites": list(dict.fromkeys(str(s) for s in sites)), "objective": objective.description, **more}
+            "sites": [str(s) for s in objective.sites], "objective": objective.description, **more}
 
 
 # ----------------------------------------------------------------------------- exhaustive
@@ -90,10 +90,10 @@ def exhaustive(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) ->
     check_length(adapter, len(prefix), 1)
     if config.isolated and len(prefix):
         raise FeatoptError("--isolated cannot be combined with --prefix or --bos: a block alone cannot continue a cached prefix.")
-    if config.isolated and len({site.layer for site in sites}) > 1:
-        raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
     n_tokens = len(prefix) + 1
     objective = objective_for(config, adapter, sites, n_tokens=n_tokens)
+    if config.isolated and len({site.layer for site in objective.sites}) > 1:
+        raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
     _check_candidate_position(objective, n_tokens)
     candidates = parse_candidates(config.candidates, adapter.vocab_size)
     k = min(config.top_k, adapter.vocab_size if candidates is None else len(candidates))
@@ -102,13 +102,13 @@ def exhaustive(config: ExhaustiveConfig, adapter: ModelAdapter | None = None) ->
     results = exhaustive_method.records(adapter, objective, topk, prefix, seed=config.seed, isolated=config.isolated)
     out = out_folder(config.out)
     if distributed()[0] == 0:
-        write_plain_results(out, results, run_meta("exhaustive", config, adapter, objective, sites, prefix_ids=prefix.tolist()))
+        write_plain_results(out, results, run_meta("exhaustive", config, adapter, objective, prefix_ids=prefix.tolist()))
     return SearchRun(results, out)
 
 
 def _check_candidate_position(objective, n_tokens: int) -> None:
     """A problem that reads only prefix positions scores every candidate the same."""
-    from featopt.discrete.measure import parts, primary
+    from featopt.objectives.problems import parts, primary
 
     for part in parts(objective):
         sel = primary(part)
@@ -171,6 +171,6 @@ def greedy(config: GreedyConfig, adapter: ModelAdapter | None = None) -> SearchR
                                     seed=config.seed)
     out = out_folder(config.out)
     if distributed()[0] == 0:
-        meta = run_meta("greedy", config, adapter, objective, sites, prefix_ids=start.tolist())
+        meta = run_meta("greedy", config, adapter, objective, prefix_ids=start.tolist())
         write_results(out, results, {**meta, "variant_agreement": greedy_method.agreement(results)})
     return GreedyRun(results, out)

@@ -22,7 +22,7 @@ from featopt.commands.tables import feature_table
 from featopt.commands.targets import objective_for, spec_positions_free
 from featopt.discrete import epo as epo_method
 from featopt.discrete import gcg as gcg_method
-from featopt.discrete.measure import labels
+from featopt.objectives.problems import labels
 from featopt.discrete.swap_search import SwapSettings
 from featopt.discrete.tokens import ALLOW, allowed_ids, check_length
 from featopt.discrete.trajectory import Trajectory
@@ -127,9 +127,9 @@ def prepare(config, adapter: ModelAdapter | None):
     adapter = load_for(config, adapter)
     spec_positions_free(config, "")
     sites = site_list(adapter, config)
-    if config.isolated and len({s.layer for s in sites}) > 1:
-        raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
     objective = objective_for(config, adapter, sites, over=config.variant)
+    if config.isolated and len({s.layer for s in objective.sites}) > 1:
+        raise FeatoptError("--isolated runs one block alone: give one layer, not several.")
     allowed = allowed_ids(adapter, config.allow, parse_candidates(config.candidates, adapter.vocab_size))
     prefix, init = start(config, adapter, allowed, objective.n_problems)
     return adapter, objective, sites, allowed, prefix, init
@@ -161,7 +161,7 @@ def gcg(config: GCGConfig, adapter: ModelAdapter | None = None) -> SearchRun:
         log.close()
     results = gcg_method.records(adapter, objective, state, prefix, init, seed=config.seed, isolated=config.isolated)
     if distributed()[0] == 0:
-        write_results(out, results, run_meta("gcg", config, adapter, objective, sites, prefix_ids=prefix.tolist(),
+        write_results(out, results, run_meta("gcg", config, adapter, objective, prefix_ids=prefix.tolist(),
                                              allowed_tokens=len(allowed)))
     return SearchRun(results, out)
 
@@ -222,7 +222,7 @@ def epo(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     results, document = epo_method.records(adapter, objective, state, fronts, prefix, lambdas=list(config.lambdas),
                                            front_size=config.front_size, seed=config.seed)
     if distributed()[0] == 0:
-        meta = run_meta("epo", config, adapter, objective, sites, prefix_ids=prefix.tolist(), allowed_tokens=len(allowed))
+        meta = run_meta("epo", config, adapter, objective, prefix_ids=prefix.tolist(), allowed_tokens=len(allowed))
         write_results(out, results, meta)
         text = json.dumps({"run": meta, "fronts": document}, indent=2, ensure_ascii=False)
         atomic_write(out / "fronts.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

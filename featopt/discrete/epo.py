@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from featopt.discrete.candidates import CandidateModel, prompt_xent
-from featopt.discrete.gcg import descriptions
-from featopt.discrete.measure import labels, remeasure
+from featopt.discrete.measure import remeasure
 from featopt.discrete.objective_scoring import ObjectiveLoss, check_discrete
 from featopt.discrete.swap_search import SwapSettings, SwapState, swap_search
 from featopt.models import ModelAdapter
 from featopt.objectives import Objective
+from featopt.objectives.problems import descriptions, labels
 from featopt.results import FeatureResult, atomic_write, versions
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from featopt.discrete.measure import labels, remeasure
+from featopt.discrete.measure import remeasure
 from featopt.discrete.objective_scoring import check_discrete, sweep_scorers
 from featopt.discrete.scoring import TopK
 from featopt.discrete.sweep import sweep
 from featopt.models import ModelAdapter
-from featopt.objectives import Maximize, Objective, Stack, Sum
+from featopt.objectives import Maximize, Objective, Sum
+from featopt.objectives.problems import descriptions, labels, parts
 from featopt.results import FeatureResult, versions
 
 
@@ -35,9 +36,8 @@ def exhaustive(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor | 
 
 def is_maximize(objective: Objective) -> bool:
     """Whether every problem's score is its activation (a plain maximize, per layer)."""
-    parts = objective.parts if isinstance(objective, Stack) else [objective]
     return all(isinstance(p, Maximize) or (isinstance(p, Sum) and len(p.terms) == 1 and p.terms[0][0] == 1
-                                           and isinstance(p.terms[0][1], Maximize)) for p in parts)
+                                           and isinstance(p.terms[0][1], Maximize)) for p in parts(objective))
 
 
 def records(adapter: ModelAdapter, objective: Objective, topk: TopK, prefix: Tensor, *, seed: int,
@@ -67,7 +67,7 @@ def records(adapter: ModelAdapter, objective: Objective, topk: TopK, prefix: Ten
     measured = remeasure(adapter, objective, inputs, isolated=isolated)
     plain = is_maximize(objective)
     stamp, dtype = versions(), str(adapter.dtype).replace("torch.", "")
-    descriptions = _descriptions(objective)
+    described = descriptions(objective)
     maps = {}
     results = []
     for p, ((site, spec), row) in enumerate(zip(labels(objective), inputs.tolist())):
@@ -78,7 +78,7 @@ def records(adapter: ModelAdapter, objective: Objective, topk: TopK, prefix: Ten
         if plain:
             top["activations"] = best_values
         results.append(FeatureResult(
-            spec=spec, site=site, method="exhaustive", objective=descriptions[p],
+            spec=spec, site=site, method="exhaustive", objective=described[p],
             token_ids=row, tokens=[name(t) for t in row], text=text(row),
             activation=float(measured.activation[p]), model=adapter.name, bos=adapter.bos, seed=seed,
             feature_map=None if maps[site] is None else dict(maps[site]), dtype=dtype, versions=stamp,
@@ -87,8 +87,3 @@ def records(adapter: ModelAdapter, objective: Objective, topk: TopK, prefix: Ten
         ))
     return results
 
-
-def _descriptions(objective: Objective) -> list[str]:
-    """Each problem's objective: its part's description."""
-    parts = objective.parts if isinstance(objective, Stack) else [objective]
-    return [part.description for part in parts for _ in range(part.n_problems)]

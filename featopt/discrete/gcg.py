@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 from featopt.discrete.candidates import CandidateModel, prompt_xent
-from featopt.discrete.measure import labels, remeasure
+from featopt.discrete.measure import remeasure
 from featopt.discrete.objective_scoring import ObjectiveLoss, check_discrete
 from featopt.discrete.swap_search import SwapSettings, SwapState, swap_search
 from featopt.models import ModelAdapter
-from featopt.objectives import Objective, Stack
+from featopt.objectives import Objective
+from featopt.objectives.problems import descriptions, labels
 from featopt.results import FeatureResult, versions
 
 
@@ -36,12 +37,6 @@ def gcg(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
     n = objective.n_problems
     return swap_search(model, init, torch.arange(n), allowed.to(adapter.device), settings,
                        pool=pool and n > 1, on_step=on_step)
-
-
-def descriptions(objective: Objective) -> list[str]:
-    """Each problem's objective: its part's description."""
-    parts = objective.parts if isinstance(objective, Stack) else [objective]
-    return [part.description for part in parts for _ in range(part.n_problems)]
 
 
 def records(adapter: ModelAdapter, objective: Objective, state: SwapState, prefix: Tensor, init: Tensor, *, seed: int,

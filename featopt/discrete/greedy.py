@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from featopt.discrete.measure import labels, remeasure
+from featopt.discrete.measure import remeasure
 from featopt.discrete.objective_scoring import check_discrete, sweep_scorers
 from featopt.discrete.sweep import sweep
 from featopt.models import ModelAdapter
-from featopt.objectives import Objective, Stack
+from featopt.objectives import Objective
+from featopt.objectives.problems import descriptions, labels
 from featopt.results import FeatureResult, versions
 
 VARIANTS = ("last", "sum", "both")
@@ -47,13 +48,12 @@ def records(adapter: ModelAdapter, objective: Objective, seqs: Tensor, steps: li
             methods: list[str], seed: int) -> list[FeatureResult]:
     """One result per problem (`methods[p]` names its variant), re-measured by a plain forward."""
     measured = remeasure(adapter, objective, seqs)
-    parts = objective.parts if isinstance(objective, Stack) else [objective]
-    descriptions = [part.description for part in parts for _ in range(part.n_problems)]
+    described = descriptions(objective)
     stamp, results = versions(), []
     for p, (site, spec) in enumerate(labels(objective)):
         row = seqs[p].tolist()
         results.append(FeatureResult(
-            spec=spec, site=site, method=methods[p], objective=descriptions[p],
+            spec=spec, site=site, method=methods[p], objective=described[p],
             token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
             activation=float(measured.activation[p]), model=adapter.name, bos=adapter.bos, seed=seed,
             feature_map=adapter.describe_features(site) if site else None,

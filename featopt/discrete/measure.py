@@ -1,10 +1,8 @@
-"""Re-measuring what a search found, by a plain forward (no cache, no batching tricks), and naming
-each problem of an objective for the records.
+"""Re-measuring what a search found, by a plain forward (no cache, no batching tricks).
 
 Every record carries the objective's `score` (minus its loss) of the found input and the
-`activation` of its *primary selection*: the features the problem is about (the run's
-`--features`, or the first term over features of a composed objective). For `maximize` the two
-are the same number.
+`activation` of its *primary selection* (`featopt.objectives.problems.primary`: the features the
+problem is about). For `maximize` the two are the same number.
 """
 
 from __future__ import annotations
@@ -15,38 +13,10 @@ import torch
 from torch import Tensor
 
 from featopt.models import ModelAdapter
-from featopt.objectives import Context, Objective, Selection, Stack, Sum
-from featopt.objectives.targets import SelectionObjective
+from featopt.objectives import Context, Objective
+from featopt.objectives.problems import labels, parts, primary
 
-
-def primary(objective: Objective) -> Selection | None:
-    """The selection an (unstacked) objective's problems are about, or None (a user's objective
-    over no selection: its records then carry its score as the activation)."""
-    if isinstance(objective, SelectionObjective):
-        return objective.selection
-    if isinstance(objective, Sum):
-        for weight, term in objective.terms:
-            if weight and isinstance(term, SelectionObjective) and term.n_problems == objective.n_problems:
-                return term.selection
-    selection = getattr(objective, "selection", None)  # a user's subclass that keeps one
-    return selection if isinstance(selection, Selection) else None
-
-
-def parts(objective: Objective) -> list[Objective]:
-    return objective.parts if isinstance(objective, Stack) else [objective]
-
-
-def labels(objective: Objective) -> list[tuple[str, str]]:
-    """`(site, spec)` of every problem, in problem order (how tables and records name them)."""
-    out = []
-    for part in parts(objective):
-        sel = primary(part)
-        if sel is not None:
-            out += [(str(sel.site), problem.spec) for problem in sel.problems]
-        else:
-            site = str(part.sites[0]) if part.sites else ""
-            out += [(site, f"problem {p}") for p in range(part.n_problems)]
-    return out
+__all__ = ["Measured", "labels", "parts", "primary", "remeasure"]
 
 
 @dataclass

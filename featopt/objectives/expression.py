@@ -99,10 +99,12 @@ class _Builder:
         d = self.defaults
         if name in d.extra:
             return d.extra[name](*args, **kwargs)
-        builders = {"maximize": self.maximize, "l1": self.l1, "l1_target": self.l1, "latent": self.latent,
+        builders = {"l1": self.l1, "maximize": self.maximize, "l1_target": self.l1, "latent": self.latent,
                     "direction": self.direction, "logit": self.token, "logprob": self.token}
         if name not in builders:
-            raise self.fail(f"{name!r} is not an objective")
+            names = ", ".join(dict.fromkeys([*d.extra, *builders]))
+            raise FeatoptError(f"--objective {self.text!r}: {name!r} is not an objective: allowed are {names}, "
+                               "combined with +, - and * by a number (docs/extending.md).")
         try:
             return builders[name](*args, **({"log_probs": True} if name == "logprob" else {}), **kwargs)
         except TypeError as error:

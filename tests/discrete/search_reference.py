@@ -29,3 +29,14 @@ def mlp_hidden(model, ids, layer):
     finally:
         handle.remove()
     return seen["in"]
+
+
+def feature_loss(adapter, plans, variant: str):
+    """The swap searches' loss for maximizing each problem of `plans` (`[(site, problems)]`, problem
+    ids through the plans in order) at the last position or summed over positions: what
+    `featopt search gcg --variant VARIANT` scores, built the way the command builds it."""
+    from featopt.discrete.objective_scoring import ObjectiveLoss
+    from featopt.objectives import Selection, maximize, stack
+
+    objective = stack([maximize(Selection(site, problems, over=variant)) for site, problems in plans]).bind(adapter)
+    return ObjectiveLoss(objective, adapter)

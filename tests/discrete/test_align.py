@@ -11,8 +11,10 @@ from search_reference import resid_post
 
 from featopt.cli import main
 from featopt.errors import FeatoptError
-from featopt.discrete import align, exhaustive
-from featopt.discrete.align import AlignConfig, run
+from featopt.commands import align as align_command
+from featopt.discrete import align
+from featopt.commands.align import AlignConfig
+from featopt.commands.align import align as run
 
 K = 5
 
@@ -59,8 +61,8 @@ def _config(tmp_path, **kw):
 
 def test_overlap_and_baseline_match_brute_force(tiny64, brute, tmp_path, monkeypatch):
     sweeps = []
-    real = exhaustive.run
-    monkeypatch.setattr(exhaustive, "run", lambda config, adapter=None: sweeps.append(config.layer) or real(config, adapter))
+    real = align_command.exhaustive
+    monkeypatch.setattr(align_command, "exhaustive", lambda config, adapter=None: sweeps.append(config.layer) or real(config, adapter))
     result = run(_config(tmp_path), tiny64)
     assert sweeps == ["0,1,2"]  # one sweep reads every layer
     entries = [brute[layer] for layer in range(3)]
@@ -109,8 +111,8 @@ def test_from_reads_the_sweep_back(tiny64, tmp_path):
 
 def test_isolated_sweeps_each_block_alone(tiny64, tmp_path, monkeypatch):
     sweeps = []
-    real = exhaustive.run
-    monkeypatch.setattr(exhaustive, "run", lambda config, adapter=None: sweeps.append(config.layer) or real(config, adapter))
+    real = align_command.exhaustive
+    monkeypatch.setattr(align_command, "exhaustive", lambda config, adapter=None: sweeps.append(config.layer) or real(config, adapter))
     run(_config(tmp_path, layer="1,2", out=str(tmp_path / "full")), tiny64)
     sweeps.clear()
     result = run(_config(tmp_path, layer="1,2", isolated=True), tiny64)

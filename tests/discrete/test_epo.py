@@ -11,8 +11,9 @@ import pytest
 import torch
 from search_reference import resid_post
 
-from featopt.discrete.epo import EPOConfig, Front
-from featopt.discrete.epo import run as epo
+from featopt.commands.swaps import EPOConfig
+from featopt.discrete.epo import Front
+from featopt.commands.swaps import epo
 
 
 def _dominates(a, x, b, y):

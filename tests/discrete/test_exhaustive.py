@@ -10,7 +10,8 @@ from search_reference import mlp_hidden, resid_post
 
 from featopt.errors import FeatoptError
 from featopt.results import read_results
-from featopt.discrete.exhaustive import ExhaustiveConfig, run
+from featopt.commands.search import ExhaustiveConfig
+from featopt.commands.search import exhaustive as run
 
 PREFIX = " the sea"  # 3 tokens in the tiny tokenizer, so the candidate sits at position 3
 
@@ -59,8 +60,9 @@ def test_every_feature_of_two_layers_in_one_sweep(tiny64, brute, tmp_path, monke
     real_run = tiny64.run
     monkeypatch.setattr(tiny64, "run", lambda sites, **kw: calls.append(kw["input_ids"].shape) or real_run(sites, **kw))
     results = run(_config(tmp_path, layer="0,2", features="[:, :, 0-63]", batch_size=512), tiny64).results
-    # one forward over the whole vocabulary reads both layers; then one re-measuring forward per layer
-    assert calls[0] == (512, 1) and len(calls) == 3
+    # one forward over the whole vocabulary reads both layers; then one re-measuring forward of every
+    # problem's best token, both layers' at once
+    assert calls[0] == (512, 1) and len(calls) == 2 and calls[1] == (128, 1)
     _check(results, {(f"blocks.{layer}.resid_post", f"[:, :, {f}]"): brute["alone"][layer][:, 0, f]
                      for layer in (0, 2) for f in range(64)})
 

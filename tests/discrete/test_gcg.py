@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from search_reference import resid_post
+from search_reference import feature_loss, resid_post
 
 from featopt.specs import parse_features
 from featopt.models import Site
 from featopt.discrete.candidates import CandidateModel
-from featopt.discrete.gcg import FeatureLoss, GCGConfig, position_weights
-from featopt.discrete.gcg import run as gcg
-from featopt.discrete.greedy import GreedyConfig
-from featopt.discrete.greedy import run as greedy
+from featopt.commands.swaps import GCGConfig
+from featopt.commands.swaps import gcg
+from featopt.commands.search import GreedyConfig
+from featopt.commands.search import greedy
 
 FEATURES = [0, 3, 7, 12, 21, 40]
 
@@ -43,7 +43,7 @@ def test_every_scored_swap_equals_a_plain_forward_of_its_sequence(tiny64, varian
     plans, site = _plans(tiny64, "[:, :, [2, 5, 9:12]]")
     prefix = torch.tensor([17, 250, 3])
     n_problems, n_tokens = 3, 3 + 4
-    loss = FeatureLoss(plans, [tiny64.d_model], position_weights(variant, n_problems, n_tokens))
+    loss = feature_loss(tiny64, plans, variant)
     model = CandidateModel(tiny64, [site], loss, prefix, batch_size=7)
     gen = torch.Generator().manual_seed(1)
     cands = torch.randint(0, tiny64.vocab_size, (20, 4), generator=gen)
@@ -64,7 +64,7 @@ def test_every_scored_swap_equals_a_plain_forward_of_its_sequence(tiny64, varian
 def test_cross_entropy_of_candidates_equals_the_plain_forward(tiny64):
     plans, site = _plans(tiny64, "[:, :, 4]")
     prefix = torch.tensor([40, 41])
-    loss = FeatureLoss(plans, [tiny64.d_model], position_weights("last", 1, 5))
+    loss = feature_loss(tiny64, plans, 'last')
     model = CandidateModel(tiny64, [site], loss, prefix, xent=True, batch_size=4)
     cands = torch.tensor([[5, 6, 7], [100, 3, 9], [7, 7, 7]])
     _, xent = model.evaluate(cands, torch.zeros(3, dtype=torch.long))
@@ -79,7 +79,7 @@ def test_cross_entropy_of_candidates_equals_the_plain_forward(tiny64):
 def test_one_hot_gradient_equals_finite_differences_of_the_plain_forward(tiny64):
     plans, site = _plans(tiny64, "[:, :, [6, 1:4]]")
     prefix = torch.tensor([11, 12])
-    loss = FeatureLoss(plans, [tiny64.d_model], position_weights("sum", 2, 5))
+    loss = feature_loss(tiny64, plans, 'sum')
     model = CandidateModel(tiny64, [site], loss, prefix)
     ids = torch.tensor([[30, 31, 32], [200, 201, 202]])
     problems = torch.tensor([0, 1])

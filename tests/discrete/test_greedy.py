@@ -10,7 +10,8 @@ from search_reference import resid_post
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.results import read_results
-from featopt.discrete.greedy import GreedyConfig, format_table, run
+from featopt.commands.search import GreedyConfig
+from featopt.commands.search import greedy as run
 
 
 @torch.no_grad()
@@ -119,16 +120,16 @@ def test_candidates_run_one_new_token_after_a_prefix_computed_once_per_step(tiny
     both = run(config, tiny64).results
     # the variants agree here, so running both shares every row: no more forwards than one variant
     assert [r.token_ids for r in both if r.method == "greedy-sum"] == [r.token_ids for r in last]
-    assert len(calls) == n_last + 1  # one more re-measuring forward, for the second variant
+    assert len(calls) == n_last  # and one re-measuring forward for both variants' inputs
 
 
 def test_results_and_table(tiny64, tmp_path):
-    results = run(_config(tmp_path, layer="0,1", variant="both"), tiny64).results
+    found = run(_config(tmp_path, layer="0,1", variant="both"), tiny64)
     meta, back = read_results(tmp_path / "run")
     assert meta["method"] == "greedy"
     assert [r.method for r in back] == (["greedy-last"] * 2 + ["greedy-sum"] * 2) * 2
     assert all(len(r.extra["steps"]) == 3 and len(r.extra["per_position"]) == 3 for r in back)
-    lines = format_table(results).splitlines()
+    lines = found.table().splitlines()
     assert lines[0].split() == ["[:,", ":,", "0]", "[:,", ":,", "1]"]
     assert [line.split()[:2] for line in lines[1:5]] == [
         ["blocks.0.resid_post", "greedy-last"], ["blocks.0.resid_post", "greedy-sum"],

@@ -8,8 +8,9 @@ import pytest
 import torch
 from search_reference import resid_post
 
-from featopt.gradient.inversion import InversionConfig, encode_texts
-from featopt.gradient.inversion import run as invert
+from featopt.commands.invert import InversionConfig
+from featopt.objectives.matching import encode_texts
+from featopt.commands.invert import invert
 from featopt.discrete import inversion as gcg_inversion
 from featopt.discrete.inversion import causal_pass
 

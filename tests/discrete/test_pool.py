@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from search_reference import resid_post
+from search_reference import feature_loss, resid_post
 
 from featopt.specs import parse_features
 from featopt.models import Site
 from featopt.discrete.candidates import CandidateModel
-from featopt.discrete.gcg import FeatureLoss, GCGConfig, position_weights
-from featopt.discrete.gcg import run as gcg
+from featopt.commands.swaps import GCGConfig
+from featopt.commands.swaps import gcg
 from featopt.discrete.swap_search import SwapSettings, swap_search
 
 
@@ -20,8 +20,7 @@ def _model(adapter, prefix, variant="last", n_tokens=3, layers=(1,)):
     """Problems: features 2, 5 and the mean of 9-11 at every layer of `layers` (site-major)."""
     plans = [(Site(layer, "resid_post"), parse_features("[:, :, [2, 5, 9:12]]", width=adapter.d_model)) for layer in layers]
     n_problems = 3 * len(layers)
-    loss = FeatureLoss(plans, [adapter.d_model] * len(layers),
-                       position_weights(variant, n_problems, len(prefix) + n_tokens))
+    loss = feature_loss(adapter, plans, variant)
     return CandidateModel(adapter, [s for s, _ in plans], loss, prefix, batch_size=5)
 
 

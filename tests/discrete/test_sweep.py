@@ -9,11 +9,11 @@ from search_reference import resid_post
 
 from featopt.models import Site
 from featopt.results import read_results
-from featopt.discrete.exhaustive import ExhaustiveConfig
-from featopt.discrete.exhaustive import run as exhaustive
+from featopt.commands.search import ExhaustiveConfig
+from featopt.commands.search import exhaustive
 from featopt.discrete import greedy as greedy_module
-from featopt.discrete.greedy import GreedyConfig
-from featopt.discrete.greedy import run as greedy
+from featopt.commands.search import GreedyConfig
+from featopt.commands.search import greedy
 from featopt.discrete.scoring import Scorer, merge_topk
 from featopt.discrete.sweep import shard, sweep
 

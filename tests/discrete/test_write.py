@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from featopt.results import FeatureResult, read_results, write_results
-from featopt.discrete.common import write_plain_results
+from featopt.results import write_plain_results
 
 
 def _results():
@@ -38,7 +38,7 @@ def test_dumps_indented_is_json_dumps():
     import json
     import random
 
-    from featopt.discrete.common import dumps_indented
+    from featopt.results import dumps_indented
 
     rng = random.Random(0)
     leaves = ["", "a\"b\\c\n\t\u2028", "海", "\x00\x1f", 0, -7, 2**70, True, False, None, 0.1, -0.0, 1e300, 5e-324,

@@ -11,7 +11,8 @@ import torch
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
-from featopt.gradient.ascent import AscentConfig, build, run
+from featopt.commands.optimize import AscentConfig, build
+from featopt.commands.optimize import optimize as run
 
 
 @pytest.fixture(scope="module")

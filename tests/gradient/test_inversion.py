@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.models.tiny import build_tiny
-from featopt.gradient.inversion import InversionConfig, build, run
+from featopt.commands.invert import InversionConfig, build
+from featopt.commands.invert import invert as run
 
 TEXTS = ["the sea", "Once upon a time there was", "a small town by"]  # 4, 8 and 4 tiny tokens
 
@@ -34,7 +35,7 @@ def _hidden(adapter, layer, ids=None, embeds=None):
 
 
 def test_texts_are_padded_and_targets_are_each_text_alone(tiny, tmp_path):
-    module, batch = build(_config(tmp_path, layer=1), tiny)
+    module, batch, _ = build(_config(tmp_path, layer=1), tiny)
     pad = tiny.tokenizer.eos_token_id if tiny.tokenizer.pad_token_id is None else tiny.tokenizer.pad_token_id
     for p, text in enumerate(TEXTS):
         ids = tiny.tokenizer.encode(text, add_special_tokens=False)
@@ -48,7 +49,7 @@ def test_texts_are_padded_and_targets_are_each_text_alone(tiny, tmp_path):
 
 
 def test_loss_and_gradient_match_a_plain_hf_computation(tiny, tmp_path):
-    module, batch = build(_config(tmp_path, layer=1, objective="l1"), tiny)
+    module, batch, _ = build(_config(tmp_path, layer=1, objective="l1"), tiny)
     module.trainer = None
     rows = torch.arange(3)
     losses, _ = module.step_losses(rows)

@@ -8,7 +8,8 @@ import torch
 
 from featopt.models import ModelAdapter, Site
 from featopt.models.tiny import build_tiny
-from featopt.gradient.ascent import AscentConfig, run
+from featopt.commands.optimize import AscentConfig
+from featopt.commands.optimize import optimize as run
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featopt.discrete.greedy import GreedyConfig, run
+from featopt.commands.search import GreedyConfig
+from featopt.commands.search import greedy as run
 
 pytestmark = pytest.mark.slow
 

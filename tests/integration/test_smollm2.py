@@ -7,7 +7,8 @@ import torch
 
 from featopt.gradient.decoding import nearest_decode, pinv_decoder
 from featopt.models import SITE_KINDS, Site
-from featopt.gradient.ascent import AscentConfig, run
+from featopt.commands.optimize import AscentConfig
+from featopt.commands.optimize import optimize as run
 
 pytestmark = pytest.mark.slow
 
