@@ -67,7 +67,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _leaf(args) -> tuple[Command, object]:
+def command_of(args) -> tuple[Command, object]:
     """The chosen command of parsed `args` and its namespace."""
     if args.command in GROUPS:
         task = args[args.command].task
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     _quiet_lightning()
     args = build_parser().parse_args(argv)  # exits 2 with one message on malformed flags
-    command, namespace = _leaf(args)
+    command, namespace = command_of(args)
     try:
         config = config_from(command, namespace)
         check_config(config)

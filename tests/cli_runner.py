@@ -172,7 +172,7 @@ def serve() -> None:
     import transformers  # noqa: F401
 
     import featopt.cli
-    from featopt.cli import _FLOW, _NEURONS, _SAE, _SEARCHES
+    from featopt.commands.registry import COMMANDS
 
     featopt.cli._quiet_lightning()
     # Build the parser (and import every config's module) once: each child parses with its copy.
@@ -180,7 +180,7 @@ def serve() -> None:
     featopt.cli.build_parser = lambda: parser
     import importlib
 
-    for module in {m[0] for table in (_FLOW, _NEURONS, _SAE, _SEARCHES) for m in table.values()}:
+    for module in dict.fromkeys(c.module for c in COMMANDS):
         importlib.import_module(module)
     import featopt.commands.demo  # noqa: F401
     import featopt.models.tiny  # noqa: F401

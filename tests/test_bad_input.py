@@ -486,7 +486,8 @@ def test_a_numeric_flag_is_accepted_or_refused_in_one_line(case, value):
     import contextlib
     import io
 
-    from featopt.cli import _check_flags, _leaf
+    from featopt.cli import command_of, config_from
+    from featopt.commands.fields import check_config
     from featopt.errors import FeatoptError
 
     name, flag = case
@@ -494,8 +495,8 @@ def test_a_numeric_flag_is_accepted_or_refused_in_one_line(case, value):
     try:
         with contextlib.redirect_stderr(err):
             args = PARSER.parse_args([*name.split(), f"{flag}={value}"])
-        namespace, config = _leaf(args)[1:]
-        _check_flags(namespace, config)
+        command, namespace = command_of(args)
+        check_config(config_from(command, namespace))
     except SystemExit as stop:
         assert stop.code == 2
         lines = err.getvalue().strip().splitlines()

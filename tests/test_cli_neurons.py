@@ -1,5 +1,5 @@
 """`featopt neurons decode|find|compare|clamp` on the command line (the numbers themselves are
-checked against independent computations in tests/weights and tests/test_interventions.py)."""
+checked against independent computations in tests/weights and tests/interventions)."""
 
 from __future__ import annotations
 

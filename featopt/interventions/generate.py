@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from featopt.interventions.clamp import clamp
+from featopt.interventions.edits import edited
 from featopt.models import ModelAdapter
 
 
@@ -24,9 +26,6 @@ def generate(adapter: ModelAdapter, prompt: Tensor, max_new_tokens: int, clamped
     `logits_out`, when given, receives each step's next-token logits `[V]` (float32, CPU).
     """
     from transformers import DynamicCache
-
-    from featopt.interventions.clamp import clamp
-    from featopt.interventions.edits import edited
 
     guards = contextlib.ExitStack()
     if clamped:

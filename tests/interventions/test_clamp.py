@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.interventions import (
-    ClampConfig, clamp, clamp_sweep, format_clamp, generate, parse_values, run_clamp, target_ids,
-)
+from featopt.commands.clamp import ClampConfig
+from featopt.commands.clamp import clamp as run_clamp
+from featopt.interventions import clamp, clamp_sweep, generate, parse_values, target_ids
 from featopt.models import ModelAdapter
 from featopt.models.families import get_module
 from featopt.models.tiny import build_tiny
@@ -122,7 +122,7 @@ def test_run_clamp_writes_the_curve_and_the_plot(llama, tmp_path):
     document = json.loads((tmp_path / "clamp.json").read_text())
     assert document["probs"] == run.probs.tolist() and document["generations"]["hold"] == 40.0
     assert (tmp_path / "clamp.png").read_bytes()[:4] == b"\x89PNG"
-    text = format_clamp(run)
+    text = run.table()
     assert "unclamped probability" in text and "clamped at 40" in text
 
 

@@ -10,7 +10,9 @@ from neuron_reference import tiny, up_rows
 
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.weights.compare import CompareConfig, compare, format_compare, run_compare
+from featopt.commands.neurons import CompareConfig
+from featopt.commands.neurons import compare as run_compare
+from featopt.weights.compare import compare
 
 
 def _top_tokens(adapter, layer: int) -> torch.Tensor:
@@ -23,7 +25,7 @@ def test_a_model_against_itself_is_100_percent(tmp_path):
     assert run.same == run.neurons == 3 * 128 and run.share == 1.0
     document = json.loads((tmp_path / "compare.json").read_text())
     assert document["overall"]["share"] == 1.0 and len(document["layers"]) == 3
-    assert "100.00%" in format_compare(run)
+    assert "100.00%" in run.table()
 
 
 def test_against_the_untrained_copy_matches_a_brute_force_count(tmp_path):

@@ -12,7 +12,8 @@ from neuron_reference import full_softmax, up_rows
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.models.families import get_module
-from featopt.weights.neurons import DecodeConfig, decode_model, format_decode, neuron_weights, run_decode
+from featopt.commands.neurons import DecodeConfig, decode
+from featopt.weights.neurons import decode_model, neuron_weights
 from featopt.weights.store import load_decoded
 
 # Written out by hand, independent of the adapter's family table: the module computing the neurons'
@@ -65,8 +66,8 @@ def test_conv1d_layout_decodes_like_the_full_softmax(gpt64):
     assert torch.equal(got[1].ids, full_softmax(logits, 5)[1])
 
 
-def test_run_decode_writes_results_that_read_back(llama64, tmp_path):
-    run = run_decode(DecodeConfig(layers="0,2", top_k=4, out=str(tmp_path), progress=False), llama64)
+def test_decode_writes_results_that_read_back(llama64, tmp_path):
+    run = decode(DecodeConfig(layers="0,2", top_k=4, out=str(tmp_path), progress=False), llama64)
     settings, back = load_decoded(tmp_path)
     assert sorted(back) == [0, 2] and settings["layers"] == [0, 2] and settings["norm"] == "none"
     for layer in (0, 2):
@@ -79,7 +80,7 @@ def test_run_decode_writes_results_that_read_back(llama64, tmp_path):
     assert len(rows) == 2 * 128 and rows[-1]["layer"] == "2" and rows[-1]["neuron"] == "127"
     assert json.loads(rows[5]["tokens"]) == [llama64.decode([t]) for t in run.decoded[0].ids[5].tolist()]
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporary file behind
-    assert "layer   2 neuron" in format_decode(run)
+    assert "layer   2 neuron" in run.table()
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -88,7 +89,7 @@ def test_run_decode_writes_results_that_read_back(llama64, tmp_path):
 ])
 def test_bad_settings_are_featopt_errors(llama64, tmp_path, field, value, message):
     with pytest.raises(FeatoptError, match=message):
-        run_decode(DecodeConfig(**{field: value, "out": str(tmp_path), "progress": False}), llama64)
+        decode(DecodeConfig(**{field: value, "out": str(tmp_path), "progress": False}), llama64)
 
 
 def test_missing_results_are_a_featopt_error(tmp_path):

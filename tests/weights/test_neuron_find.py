@@ -9,8 +9,7 @@ import torch
 from neuron_reference import up_rows
 
 from featopt.errors import FeatoptError
-from featopt.weights.find import FindConfig, format_find, run_find
-from featopt.weights.neurons import DecodeConfig, run_decode
+from featopt.commands.neurons import DecodeConfig, FindConfig, decode, find
 
 
 def _normalized(adapter, token_ids: list[int]) -> dict[int, torch.Tensor]:
@@ -24,7 +23,7 @@ def _normalized(adapter, token_ids: list[int]) -> dict[int, torch.Tensor]:
 
 
 def test_normalized_probability_and_top_neurons(llama64, tmp_path):
-    run = run_find(FindConfig(token=" machine", top=6, top_k=4, out=str(tmp_path), progress=False), llama64)
+    run = find(FindConfig(token=" machine", top=6, top_k=4, out=str(tmp_path), progress=False), llama64)
     assert run.token_ids == [409] and run.note == ""
     expected = _normalized(llama64, [409])
     for layer in range(3):
@@ -40,29 +39,29 @@ def test_normalized_probability_and_top_neurons(llama64, tmp_path):
     assert h.prob == pytest.approx(float(probs[409]))
     assert (tmp_path / "find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "find.json").read_text())["hits"][0]["neuron"] == h.neuron
-    assert f"layer {h.layer:>3} neuron {h.neuron:>6}" in format_find(run)
+    assert f"layer {h.layer:>3} neuron {h.neuron:>6}" in run.table()
 
 
 def test_a_word_of_several_tokens_says_so(llama64, tmp_path):
     ids = llama64.encode(" xylophone").tolist()
     assert len(ids) > 1
-    first = run_find(FindConfig(token=" xylophone", plot=False, out=str(tmp_path), progress=False), llama64)
+    first = find(FindConfig(token=" xylophone", plot=False, out=str(tmp_path), progress=False), llama64)
     assert first.token_ids == ids[:1] and f"is {len(ids)} tokens" in first.note and "using the first" in first.note
-    every = run_find(FindConfig(token=" xylophone", multi="all", plot=False, out=str(tmp_path), progress=False), llama64)
+    every = find(FindConfig(token=" xylophone", multi="all", plot=False, out=str(tmp_path), progress=False), llama64)
     assert every.token_ids == ids and "using all" in every.note
     torch.testing.assert_close(every.normalized[1], _normalized(llama64, ids)[1])
 
 
 def test_a_saved_decode_gives_the_same_answer(llama64, tmp_path):
-    run_decode(DecodeConfig(out=str(tmp_path / "decode"), progress=False), llama64)
-    fresh = run_find(FindConfig(token=" the", plot=False, out=str(tmp_path / "a"), progress=False), llama64)
-    saved = run_find(FindConfig(token=" the", decoded=str(tmp_path / "decode"), plot=False, out=str(tmp_path / "b"),
+    decode(DecodeConfig(out=str(tmp_path / "decode"), progress=False), llama64)
+    fresh = find(FindConfig(token=" the", plot=False, out=str(tmp_path / "a"), progress=False), llama64)
+    saved = find(FindConfig(token=" the", decoded=str(tmp_path / "decode"), plot=False, out=str(tmp_path / "b"),
                                 progress=False), llama64)
     for layer in range(3):
         torch.testing.assert_close(saved.normalized[layer], fresh.normalized[layer])
     assert [(h.layer, h.neuron, h.tokens) for h in saved.hits] == [(h.layer, h.neuron, h.tokens) for h in fresh.hits]
     with pytest.raises(FeatoptError, match="norm='none', not 'apply'"):
-        run_find(FindConfig(token=" the", norm="apply", decoded=str(tmp_path / "decode"), out=str(tmp_path / "c"),
+        find(FindConfig(token=" the", norm="apply", decoded=str(tmp_path / "decode"), out=str(tmp_path / "c"),
                             progress=False), llama64)
 
 
@@ -72,4 +71,4 @@ def test_a_saved_decode_gives_the_same_answer(llama64, tmp_path):
 ])
 def test_bad_tokens_are_featopt_errors(llama64, tmp_path, kwargs, message):
     with pytest.raises(FeatoptError, match=message):
-        run_find(FindConfig(**{**kwargs, "out": str(tmp_path), "progress": False}), llama64)
+        find(FindConfig(**{**kwargs, "out": str(tmp_path), "progress": False}), llama64)
