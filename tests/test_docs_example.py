@@ -76,3 +76,54 @@ def test_example_runs_and_matches_an_independent_computation(example, tiny):
     for p, r in enumerate(results):
         assert r.objective == f"last_position(blocks.{LAYER}.resid_post)" and r.method == "last-position"
         assert r.token_ids == nearest[p].tolist()
+
+
+def _contrast_ids(adapter, ids):
+    """The example objective's loss of token ids `[N, T]`, row n scoring feature FEATURES[n % 3],
+    from the plain HF hidden states (no featopt code)."""
+    with torch.no_grad():
+        hidden = adapter.model(input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1]
+    f = torch.tensor([FEATURES[n % 3] for n in range(len(ids))])
+    per_token = hidden[torch.arange(len(ids)), :, f]  # [N, T]
+    return -(per_token[:, -1] - per_token[:, :-1].mean(dim=1))
+
+
+def test_the_same_objective_value_runs_under_every_method(example, tiny, tmp_path):
+    """The guide's `every_method`: ascent, exhaustive, GCG and EPO all score the user's objective,
+    and every record's score is that objective re-computed from the HF hidden states."""
+    runs = example.every_method(tiny, str(tmp_path), layer=LAYER)
+    for method, found in runs.items():
+        ids = torch.tensor([r.token_ids for r in found.results])
+        assert [r.spec for r in found.results] == ["[:, :, 0]", "[:, :, 1]", "[:, :, 2]"], method
+        assert all(r.objective.startswith(f"last_position(blocks.{LAYER}.resid_post)") for r in found.results)
+        expected = -_contrast_ids(tiny, ids)
+        scores = torch.tensor([r.extra["score"] for r in found.results])
+        torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=1e-5, msg=method)
+
+
+def test_the_discrete_methods_reach_the_brute_force_optimum_of_the_users_objective(example, tiny, tmp_path):
+    """One token after the prefix "The": every token tried by hand gives the optimum of each
+    problem; the exhaustive sweep finds it, and so do GCG and EPO (lambda 0) when every single
+    swap fits in their candidate batch."""
+    import featopt
+    from featopt.objectives import Selection
+
+    prefix = tiny.encode("The", bos=False)
+    vocab = torch.arange(tiny.vocab_size)
+    ids = torch.cat([prefix.expand(len(vocab), -1), vocab[:, None]], dim=1)  # [V, 2]: "The" then each token
+    with torch.no_grad():
+        hidden = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1]  # [V, 2, d]
+    losses = torch.stack([-(hidden[:, -1, f] - hidden[:, :-1, f].mean(dim=1)) for f in FEATURES])  # [3, V]
+    best = losses.argmin(dim=1)  # each problem's optimal token
+
+    def objective():
+        return example.LastPosition(Selection(f"blocks.{LAYER}.resid_post", "[:, :, 0-2]"))
+
+    common = dict(adapter=tiny, progress=False, prefix="The")
+    sweep = featopt.search.exhaustive(objective(), out=str(tmp_path / "ex"), **common)
+    gcg = featopt.search.gcg(objective(), tokens=1, steps=2, topk=tiny.vocab_size, search_width=tiny.vocab_size,
+                             allow="all", out=str(tmp_path / "gcg"), **common)
+    epo = featopt.search.epo(objective(), tokens=1, steps=2, topk=tiny.vocab_size, search_width=tiny.vocab_size,
+                             allow="all", lambdas=[0.0], out=str(tmp_path / "epo"), **common)
+    for method, found in (("exhaustive", sweep), ("gcg", gcg), ("epo", epo)):
+        assert [r.token_ids[-1] for r in found.results] == best.tolist(), method

@@ -1,6 +1,7 @@
-"""A new objective and a new parametrization, run end to end (see docs/extending.md).
+"""A user's objective and parametrization, run end to end (see docs/extending.md).
 
 `LastPosition`: the selected features at the last position, minus their mean over earlier ones.
+It runs under every method: gradient ascent, the exhaustive sweep, GCG and EPO (`every_method`).
 `SphereEmbeddings`: every input embedding on the sphere of the mean token norm r, e = r v / ||v||.
 """
 
@@ -10,28 +11,33 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from featopt.specs import parse_features
+import featopt
 from featopt.gradient.module import FeatureOptimization
-from featopt.runs.lightning import StepsDataModule
-from featopt.objectives.objective import Context, Objective
 from featopt.gradient.parametrization import Parametrization
 from featopt.gradient.readout import evaluate
-from featopt.objectives.targets import Selection
+from featopt.objectives import Context, Objective, Selection
+from featopt.runs.lightning import StepsDataModule
 
 
 class LastPosition(Objective):
-    """Loss `[rows]`: -(a_last - mean_{t < last} a_t), a_t the mean of the row's selected
-    features at position t (the selection's positions are ignored: the objective picks them)."""
+    """Loss `[rows]`: -(a_last - mean_{t < last} a_t), a_t the mean of the row's selected features
+    at position t (the selection's positions are ignored: the objective picks them). Needs two
+    positions or more: give the discrete searches a prefix or several tokens."""
 
     def __init__(self, selection: Selection):
         self.selection = selection
-        self.sites = (selection.site,)  # what the forward must read
+        self.sites = (selection.site,)  # what the forward must read: it stops after the deepest site
+        self.n_problems = len(selection)  # one problem per feature of the selection
         self.description = f"last_position({selection.site})"
+
+    def bind(self, adapter) -> "LastPosition":
+        self.selection.bind(adapter)  # a site given by name becomes the model's Site; features are checked
+        self.sites = (self.selection.site,)
+        return self
 
     def loss(self, ctx: Context) -> Tensor:
         acts = ctx.acts[self.selection.site].float()  # [rows, tokens, width]
-        feats = self.selection.feat_mask.to(acts.device)[ctx.rows].float()  # [rows, width]: each row its own
-        per_token = (acts * feats[:, None]).sum(dim=-1) / feats.sum(dim=-1, keepdim=True)  # [rows, tokens]
+        per_token = self.selection.per_position(acts, ctx.rows)  # [rows, tokens]: each row's own problem
         return -(per_token[:, -1] - per_token[:, :-1].mean(dim=1))
 
 
@@ -64,10 +70,9 @@ class SphereEmbeddings(Parametrization):
 
 def run(adapter, layer: int = 1, features: str = "[:, :, 0-2]", tokens: int = 5, steps: int = 30,
         lr: float = 0.05, seed: int = 0):
-    """Optimize every problem of `features` at once; returns the module and one FeatureResult each."""
-    site = adapter.site("resid_post", layer)
-    width = adapter.width(site)
-    selection = Selection(site, parse_features(features, n_tokens=tokens, width=width), tokens, width)
+    """The new parametrization with the new objective, in one LightningModule and any Trainer:
+    returns the module and one FeatureResult per problem."""
+    selection = Selection(adapter.site("resid_post", layer), features).bind(adapter)
     parametrization = SphereEmbeddings(len(selection), tokens, adapter.d_model, seed)
     module = FeatureOptimization(parametrization, LastPosition(selection), selection, adapter, lr=lr)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
@@ -77,8 +82,25 @@ def run(adapter, layer: int = 1, features: str = "[:, :, 0-2]", tokens: int = 5,
     return module, results
 
 
+def every_method(adapter, out: str, layer: int = 1, features: str = "[:, :, 0-2]") -> dict:
+    """The same objective value under gradient ascent, the exhaustive sweep, GCG and EPO: each
+    returns its result object, whose records hold the found tokens and their re-measured score."""
+    objective = LastPosition(Selection(f"blocks.{layer}.resid_post", features))
+    common = dict(adapter=adapter, progress=False)
+    return {
+        "ascent": featopt.optimize(objective, tokens=4, steps=30, out=f"{out}/ascent", **common),
+        # one candidate token after a fixed prefix: two positions, and the sweep is exact
+        "exhaustive": featopt.search.exhaustive(objective, prefix="The", top_k=3, out=f"{out}/exhaustive", **common),
+        "gcg": featopt.search.gcg(objective, tokens=3, steps=8, search_width=64, out=f"{out}/gcg", **common),
+        "epo": featopt.search.epo(objective, tokens=3, steps=4, lambdas=[0.0, 1.0], search_width=32, out=f"{out}/epo",
+                                  **common),
+    }
+
+
 if __name__ == "__main__":
     from featopt.models import load_model
-    from featopt.gradient.ascent import format_results
 
-    print(format_results(run(load_model("tiny-llama"))[1]))
+    adapter = load_model("tiny-llama")
+    print(featopt.commands.tables.problem_lines(run(adapter)[1]))
+    for method, found in every_method(adapter, "featopt-runs/last-position").items():
+        print(f"\n{method}:\n{found.table()}")

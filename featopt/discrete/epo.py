@@ -97,7 +97,8 @@ def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
 def records(adapter: ModelAdapter, objective: Objective, state: SwapState, fronts: list[Front], prefix: Tensor, *,
             lambdas: list[float], front_size: int, seed: int) -> tuple[list[FeatureResult], list[dict]]:
     """One result per problem holding its front (each point re-measured by plain forwards) and each
-    member's answer; the answer is the front's most active point. Also `fronts.json`'s entries."""
+    member's answer; the answer is the front's best-scoring point (for maximize: its most active).
+    Also `fronts.json`'s entries."""
     results, document, stamp, n_lam = [], [], versions(), len(lambdas)
     described = descriptions(objective)
     for p, (site, spec) in enumerate(labels(objective)):
@@ -116,7 +117,7 @@ def records(adapter: ModelAdapter, objective: Objective, state: SwapState, front
             members.append({"lambda": value, "token_ids": row, "text": adapter.decode(row),
                             "search_activation": -float(state.loss[r]), "search_xent": float(state.xent[r]),
                             "trajectory": state.trajectory[r]})
-        answer = points[max(range(len(points)), key=lambda i: points[i]["activation"])]
+        answer = points[max(range(len(points)), key=lambda i: points[i]["score"])]  # the objective's best
         results.append(FeatureResult(
             spec=spec, site=site, method="epo", objective=f"{described[p]} - lambda * xent, lambda in {lambdas}",
             token_ids=answer["token_ids"], tokens=[adapter.decode([t]) for t in answer["token_ids"]], text=answer["text"],

@@ -12,6 +12,7 @@ from torch import Tensor
 from featopt.cache import cache_dir
 from featopt.gradient.decoding import agreement, nearest_decode, pinv_decoder, token_cosine
 from featopt.gradient.module import FeatureOptimization
+from featopt.objectives.objective import Context
 from featopt.results import FeatureResult, versions
 
 DECODERS = ("pinv", "nearest")
@@ -45,6 +46,18 @@ def measure(module: FeatureOptimization, *, input_ids: Tensor | None = None, inp
 
 
 @torch.no_grad()
+def score(module: FeatureOptimization, ids: Tensor) -> Tensor:
+    """The objective's score (minus its loss) of token ids `[problems, tokens]`, problem p on row p,
+    by a plain forward in full precision: the number a discrete search would report for them."""
+    adapter, objective = module.adapter, module.objective
+    rows = torch.arange(len(ids), device=adapter.device)
+    with torch.autocast(adapter.device.type, enabled=False):
+        acts = adapter.run(objective.sites, input_ids=ids, isolated=module.isolated, bos=adapter.bos) if objective.sites else {}
+        embeds = adapter.embedding[ids.to(adapter.device)].float()  # what a penalty on the input sees of real tokens
+        return -objective.loss(Context({s: a.float() for s, a in acts.items()}, embeds, rows, adapter)).float()
+
+
+@torch.no_grad()
 def evaluate(
     module: FeatureOptimization, method: str, *, decoder: str = "pinv", seed: int | None = None, dtype: str = ""
 ) -> tuple[list[FeatureResult], Tensor]:
@@ -60,6 +73,7 @@ def evaluate(
     agree = agreement(pinv, nearest)
     cosine = token_cosine(embedding, embeds, ids)
     discrete = measure(module, input_ids=ids)
+    scores = score(module, ids)
     continuous = measure(module, inputs_embeds=embeds)
     # Every decoding is re-measured too, so decoders can be compared on the same run.
     alternatives = {"pinv": pinv, "nearest": nearest}
@@ -87,6 +101,7 @@ def evaluate(
             dtype=dtype or str(adapter.dtype).replace("torch.", ""),
             versions=stamp,
             extra={
+                "score": float(scores[p]),
                 "decoded_by": "simplex-argmax" if direct is not None else decoder,
                 "pinv_token_ids": pinv[p].tolist(),
                 "pinv_activation": float(alt_acts["pinv"][p]),

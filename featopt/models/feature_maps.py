@@ -45,7 +45,7 @@ class Directions:
             vectors = vectors[None]
         if vectors.dim() != 2 or not torch.isfinite(vectors).all():
             raise FeatoptError(f"directions must be a finite [K, d_in] or [d_in] tensor, got shape {list(vectors.shape)}.")
-        self.vectors, self.name = vectors.float(), name
+        self.vectors, self.name = vectors.to(torch.promote_types(vectors.dtype, torch.float32)), name
         self.width, self.d_in = vectors.shape
 
     def features(self, acts: Tensor) -> Tensor:
