@@ -20,10 +20,12 @@ from featopt.errors import FeatoptError
 from featopt.models.families import Family, find_family, get_module
 from featopt.models.feature_maps import FeatureMap
 from featopt.models.hooks import StopForward, WriteFn, installed, isolated_block
+from featopt.models.parts import mlp_weight, probe
 from featopt.models.prefix import KVPrefix
-from featopt.models.sites import LOGITS, SITE_KINDS, Site, parse_site
+from featopt.models.sites import LOGITS, Site, parse_site
+from featopt.models.text import InputText
 
-class ModelAdapter:
+class ModelAdapter(InputText):
     """A frozen HF causal LM seen through stable site names.
 
     Args:
@@ -47,46 +49,8 @@ class ModelAdapter:
         self.final_norm: nn.Module = get_module(self.base, self.family.final_norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
         self._feature_maps: dict[Site, FeatureMap] = {}
-        self._block_tuple_len, self._widths = self._probe()
+        self._block_tuple_len, self._widths = probe(self)
         self.bos = bos  # set after the probe: validated here, so a missing BOS fails at load time
-
-    @property
-    def bos(self) -> bool:
-        """The run's `--bos`: :meth:`encode` starts texts with the tokenizer's BOS token (the
-        searches' prefix), and the continuous methods run it first (:meth:`run` with `bos=True`)."""
-        return self._bos
-
-    @bos.setter
-    def bos(self, value: bool) -> None:
-        if value:
-            self.bos_token_id()
-        self._bos = bool(value)
-
-    def bos_token_id(self) -> int:
-        """The tokenizer's BOS id; one clear error when there is none."""
-        bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
-        if bos is None:
-            raise FeatoptError(f"--bos was given but the tokenizer of model {self.name!r} has no BOS token: "
-                               f"drop --bos for this model.")
-        return bos
-
-    @property
-    def context_limit(self) -> int | None:
-        """The most positions the model takes (None when its config does not say)."""
-        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(self.model.config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
-
-    def check_positions(self, positions: int, what: str, fix: str) -> None:
-        """One check for every command: `positions` (everything the model will run, the BOS token
-        of `--bos` included) must fit the context; else one sentence naming `what` needs them and
-        how to `fix` it."""
-        limit = self.context_limit
-        if limit is not None and positions > limit:
-            bos = " (the BOS token of --bos included)" if self.bos else ""
-            raise FeatoptError(f"{what} needs {positions} positions{bos}, but {self.name} takes at most {limit}: {fix}.")
 
     def __getstate__(self) -> dict:
         # Spawned workers rebuild the (vocab x d_model) scaled rows themselves: don't pickle them.
@@ -212,21 +176,6 @@ class ModelAdapter:
         """`input_ids: [batch, tokens]` -> `[batch, tokens, d_model]` (the model's own lookup)."""
         return self.model.get_input_embeddings()(input_ids.to(self.device))
 
-    def encode(self, text: str, *, bos: bool | None = None) -> Tensor:
-        """Text -> token ids `[tokens]`: the tokenizer's ids without special tokens, after the BOS
-        token when `bos` (default: :attr:`bos`, the run's `--bos`). Pass `bos=False` for pieces
-        that are not a model input's start (a word to look up, the searched tokens' initial text).
-        The empty text gives `[BOS]` with BOS and no ids without."""
-        ids = [self.bos_token_id()] if (self.bos if bos is None else bos) else []
-        if text:
-            if self.tokenizer is None:
-                raise FeatoptError(f"model {self.name!r} has no tokenizer, so text cannot be encoded.")
-            ids += self.tokenizer.encode(text, add_special_tokens=False)
-        return torch.tensor(ids, dtype=torch.long)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else " ".join(map(str, ids))
-
     def unembed(self, resid: Tensor) -> Tensor:
         """Residual stream `[..., d_model]` -> logits `[..., vocab]` through final norm and LM head."""
         logits = self.lm_head(self.final_norm(resid))
@@ -238,28 +187,13 @@ class ModelAdapter:
     def mlp_up_weight(self, layer: int) -> Tensor:
         """Input weights of the MLP neurons of block `layer`, `[neurons, d_model]`: row n is what
         neuron n reads from the (normed) residual stream (the up-projection; GPT-2's `c_fc`)."""
-        return self._mlp_weight(layer, self.family.mlp_up, "up-projection")
+        return mlp_weight(self, layer, self.family.mlp_up, "up-projection", self._widths["mlp_hidden"])
 
     def mlp_gate_weight(self, layer: int) -> Tensor:
         """The gate-projection rows `[neurons, d_model]` of a gated MLP (Llama's `gate_proj`)."""
         if self.family.mlp_gate is None:
             raise FeatoptError(f"model {self.name!r} has no gated MLP, so there is no gate weight: use the up-projection.")
-        return self._mlp_weight(layer, self.family.mlp_gate, "gate-projection")
-
-    def _mlp_weight(self, layer: int, path: str, what: str) -> Tensor:
-        from transformers.pytorch_utils import Conv1D
-
-        self.site("mlp_hidden", layer)  # validates the layer
-        module = get_module(self.blocks[layer], path)
-        if module is None or not isinstance(getattr(module, "weight", None), Tensor):
-            raise FeatoptError(f"model {self.name!r} has no {what} weight at {path} of block {layer}.")
-        # Conv1D (GPT-2) stores [in, out]; nn.Linear stores [out, in]. Either way: a view, no copy.
-        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
-        expected = (self._widths["mlp_hidden"], self.d_model)
-        if tuple(weight.shape) != expected:
-            raise FeatoptError(f"the {what} weight of block {layer} has shape {tuple(weight.shape)}, not "
-                               f"[neurons, d_model] = {list(expected)}: this MLP layout is not supported.")
-        return weight.detach()
+        return mlp_weight(self, layer, self.family.mlp_gate, "gate-projection", self._widths["mlp_hidden"])
 
     # ----------------------------------------------------------------- hooks
     def hooks(self, read: Iterable[Site | str] = (), write: Mapping[Site | str, WriteFn] | None = None, *,
@@ -372,17 +306,3 @@ class ModelAdapter:
     def logits(self, input_ids: Tensor) -> Tensor:
         """The plain HF forward: `[batch, tokens]` -> `[batch, tokens, vocab]`."""
         return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
-
-    def _probe(self) -> tuple[int | None, dict[str, int]]:
-        """One token through block 0: learns the block's output convention and each site's width."""
-        block = self.blocks[0]
-        seen = {}
-        handle = block.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
-        try:
-            with torch.no_grad():
-                acts = self.run([Site(0, k) for k in SITE_KINDS], input_ids=torch.zeros(1, 1, dtype=torch.long))
-        finally:
-            handle.remove()
-        out = seen["out"]
-        tuple_len = len(out) if isinstance(out, (tuple, list)) else None
-        return tuple_len, {site.kind: act.shape[-1] for site, act in acts.items()}

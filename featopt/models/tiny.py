@@ -114,7 +114,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _config(name: str, vocab: int, eos_id: int):
     """The HF config for a tiny name; dropout is 0 so train() and eval() compute the same."""
-    ids = dict(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    # "eager" is plain matmul + softmax: deterministic on every device, and it can return
+    # attention weights; at seq <= 64 it is as fast as sdpa.
+    ids = dict(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, attn_implementation="eager")
     if name == "tiny-gpt2":
         return GPT2Config(
             vocab_size=vocab, n_positions=MAX_POSITIONS, n_embd=D_MODEL, n_layer=N_LAYERS,
@@ -149,9 +151,6 @@ def build_tiny(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTok
     """
     tok = tiny_tokenizer()
     config = _config(name, len(tok), tok.eos_token_id)
-    # "eager" is plain matmul + softmax: deterministic on every device, and it can return
-    # attention weights; at seq <= 64 it is as fast as sdpa.
-    config._attn_implementation = "eager"
     torch_seed = zlib.crc32(f"featopt:{name}:{seed}".encode())
     # fork_rng: seeding must not reset the caller's global random stream.
     with torch.random.fork_rng(devices=[]):

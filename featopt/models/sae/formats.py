@@ -1,10 +1,11 @@
 """SAEs on disk: featopt writes SAELens' format and reads SAELens, sparsify and Gemma Scope files.
 
 - **SAELens** (what :func:`save_sae` writes): a folder with `cfg.json` and `sae_weights.safetensors`
-  holding `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]` and, for
-  jumprelu, `threshold [d_sae]`. The cfg follows sae-lens 6: `architecture` ("standard" is
-  featopt's relu), `d_in`, `d_sae`, `dtype`, `device`, `apply_b_dec_to_input`,
-  `normalize_activations`, `reshape_activations`, `k` for topk, and `metadata` holding
+  holding `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]` and what the
+  architecture adds (its class' `saved_names`: jumprelu's `threshold [d_sae]`). The cfg follows
+  sae-lens 6: `architecture` (the class' `saelens_name`: "standard" is featopt's relu), `d_in`,
+  `d_sae`, `dtype`, `device`, `apply_b_dec_to_input`, `normalize_activations`,
+  `reshape_activations`, the architecture's own fields (`k` for topk), and `metadata` holding
   `hook_name` (TransformerLens' spelling, which sae-lens hooks by), `model_name` and
   `sae_lens_version`. featopt's own settings (its architecture name, its hook spelling, its
   metadata) go in `metadata.featopt`, which sae-lens keeps as an unknown metadata attribute.
@@ -20,33 +21,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 from featopt.errors import FeatoptError
+from featopt.models.sae.model import ARCHITECTURES, SAEConfig, SparseAutoencoder
 from featopt.models.sites import parse_site
-from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 CFG, WEIGHTS, SPARSIFY_WEIGHTS, GEMMA_SCOPE = "cfg.json", "sae_weights.safetensors", "sae.safetensors", "params.npz"
 FORMAT = "featopt-sae/1"  # metadata.featopt.format: marks a folder save_sae may replace
 # sae-lens reads a cfg by its 6.x rules only when metadata.sae_lens_version >= 6 (handle_config_defaulting);
 # this is the layout's version, not a claim about which sae-lens wrote the file.
 SAELENS_LAYOUT_VERSION = "6.0.0"
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
 _TL_KINDS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
              "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
-_FROM_SAELENS = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _KNOWN = ("a SAELens folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder (cfg.json + sae.safetensors)"
           " or a Gemma Scope params.npz")
 
 
 def _fail(message: str) -> NoReturn:
     raise FeatoptError(message)
+
+
+def _by_saelens_name() -> dict[str, type[SparseAutoencoder]]:
+    """Every architecture by the names SAELens' cfg.json gives it (its own, then its aliases)."""
+    names = {}
+    for cls in ARCHITECTURES.values():
+        for name in (cls.saelens_name, *cls.saelens_aliases):
+            names.setdefault(name, cls)
+    return names
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -65,10 +76,10 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     match = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out|mlp_hidden)$", cfg.hook_name)
     hook = f"blocks.{match[1]}.{_TL_KINDS[match[2]]}" if match else cfg.hook_name
     doc = {
-        "architecture": _TO_SAELENS[cfg.architecture], "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "architecture": type(sae).saelens_name, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none", "reshape_activations": "none",
-        **({"k": cfg.k, "rescale_acts_by_decoder_norm": False} if cfg.architecture == "topk" else {}),
+        **sae.saelens_fields(),
         # Top-level names too, for readers of sae-lens < 6 and people; sae-lens 6 ignores them.
         "hook_name": hook, "model_name": cfg.model_name,
         "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, "hook_name": hook, "model_name": cfg.model_name,
@@ -76,16 +87,38 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
                                  "metadata": cfg.metadata}},
     }
     text = json.dumps(doc, indent=2, default=str)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in type(sae).saved_names}
     from safetensors.torch import save_file
 
-    from featopt.results import atomic_folder
-
-    with atomic_folder(out) as tmp:
+    with _new_folder(out) as tmp:
         (tmp / CFG).write_text(text, encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS))
         os.chmod(tmp / WEIGHTS, (tmp / CFG).stat().st_mode)  # safetensors writes 0600; give it the umask's mode
     return out
+
+
+@contextlib.contextmanager
+def _new_folder(out: Path):
+    """Build a folder in a hidden sibling (yielded) and rename it into `out` at the end, replacing an
+    old `out` whole; on any error the sibling goes and `out` stays as it was. (The rule of
+    `featopt.results.atomic_folder`, which sits a layer above the models.)"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.parent / f".{out.name}.{secrets.token_hex(4)}.{end}" for end in ("tmp", "old"))
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the saved folder private
+    try:
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+        else:  # a folder cannot be renamed over a non-empty one: move the old aside, then drop it
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replaceable(out: Path) -> bool:
@@ -161,12 +194,17 @@ def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spar
     doc = _read_cfg(path)
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     ours = meta.get("featopt") if isinstance(meta.get("featopt"), dict) else {}
+    known = _by_saelens_name()
     arch = doc.get("architecture", "standard")
-    k = doc.get("k")
-    if doc.get("activation_fn_str", doc.get("activation_fn")) == "topk":  # sae-lens < 6 spelled topk so
-        arch, k = "topk", (doc.get("activation_fn_kwargs") or {}).get("k")
-    if arch not in _FROM_SAELENS:
-        _fail(f"{path / CFG} has architecture {arch!r}: featopt reads standard (relu), topk and jumprelu SAEs.")
+    activation = doc.get("activation_fn_str", doc.get("activation_fn"))
+    if arch == "standard" and activation in known and known[activation] is not known.get(arch):
+        # sae-lens < 6 called every SAE "standard" and named topk by its activation function
+        doc = {**doc, **(doc.get("activation_fn_kwargs") or {})}
+        arch = activation
+    if arch not in known:
+        readable = [cls.saelens_name + (f" ({name})" if cls.saelens_name != name else "") for name, cls in ARCHITECTURES.items()]
+        _fail(f"{path / CFG} has architecture {arch!r}: featopt reads "
+              f"{' and '.join([', '.join(readable[:-1]), readable[-1]] if len(readable) > 1 else readable)} SAEs.")
     if doc.get("normalize_activations") not in (None, "none", False):
         _fail(f"{path / CFG} has normalize_activations {doc['normalize_activations']!r}: featopt reads only 'none' "
               "(fold the scaling into the weights first, e.g. sae-lens' fold_activation_norm_scaling_factor).")
@@ -178,16 +216,15 @@ def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spar
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
             _fail(f"{path / CFG} sets rescale_acts_by_decoder_norm with decoder rows not of unit norm: "
                   "featopt reads topk SAEs without it (fold the norms into the weights first).")
-    if "log_threshold" in tensors:  # older sae-lens jumprelu checkpoints
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    cls = known[arch]
+    tensors = cls.tensors_from_saelens(tensors)
     scale = tensors.pop("scaling_factor", None)
     if scale is not None and not torch.all(scale == 1):
         _fail(f"{path / WEIGHTS} has a scaling_factor other than 1: featopt reads SAEs with it folded into the weights.")
-    arch = _FROM_SAELENS[arch]
     if ours.get("format") != FORMAT:
         ours = {"metadata": {"source_format": "sae_lens"}}
-    cfg = dict(d_in=_int(doc, "d_in", path), d_sae=_int(doc, "d_sae", path), architecture=arch,
-               k=_int({"k": k}, "k", path) if arch == "topk" else None,
+    cfg = dict(d_in=_int(doc, "d_in", path), d_sae=_int(doc, "d_sae", path), architecture=cls.name,
+               **cls.config_from_saelens(doc, path / CFG),
                hook_name=hook_name or ours.get("hook_name") or meta.get("hook_name") or doc.get("hook_name")
                or doc.get("hook_point") or "",  # hook_point: sae-lens < 6
                model_name=meta.get("model_name") or doc.get("model_name") or "",
@@ -251,7 +288,7 @@ def _build(file: Path, cfg: dict, tensors: dict[str, torch.Tensor], dtype: torch
     """Check names and shapes against `cfg`, then fill a new SAE (weights in `dtype`)."""
     config = SAEConfig(**cfg, dtype=str(tensors["W_enc"].dtype).removeprefix("torch.") if "W_enc" in tensors else "float32")
     sae = SparseAutoencoder(config)
-    expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
+    expected = {name: tuple(getattr(sae, name).shape) for name in type(sae).saved_names}
     if set(tensors) != set(expected):
         _fail(f"{file} holds tensors {', '.join(sorted(tensors))}, "
               f"but a {config.architecture} SAE needs exactly {', '.join(sorted(expected))}.")

@@ -1,15 +1,25 @@
-"""The sparse autoencoder: `encode(x) -> z`, `decode(z) -> x_hat`, three architectures.
+"""The sparse autoencoder: `encode(x) -> z`, `decode(z) -> x_hat`; one class per architecture.
 
 Weights follow SAELens' layout and names, so its files load without reshaping:
-`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`, and `threshold
-[d_sae]` for jumprelu. The encoder reads `x - b_dec` (the standard centring, SAELens'
-`apply_b_dec_to_input`):
+`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`, and whatever an
+architecture adds (jumprelu's `threshold [d_sae]`). The encoder reads `x - b_dec` (the standard
+centring, SAELens' `apply_b_dec_to_input`): `pre = (x - b_dec) W_enc + b_enc`, `z =
+activate(pre)`, and `decode(z) = z W_dec + b_dec`.
 
-- `relu`: `z = relu((x - b_dec) W_enc + b_enc)` (trained with an L1 penalty; document 002's kind);
-- `topk`: the k largest pre-activations kept (then relu), all others zero;
-- `jumprelu`: `z = relu(pre) * (pre > threshold)` (Gemma Scope, document 003).
+:class:`SparseAutoencoder` holds what every architecture shares (the weights, `pre_acts`, `decode`,
+the feature-map face, the training helpers, the content hash); an architecture is a subclass in a
+file of its own (`relu.py`, `topk.py`, `jumprelu.py`) that gives its `activate` rule, its training
+loss where the shared one does not do, and its names, and registers itself:
 
-`decode(z) = z W_dec + b_dec`. The SAE also works as a *feature map* for
+    @register("mine")
+    class MySAE(SparseAutoencoder):
+        saelens_name = "mine"  # cfg.json's "architecture"
+
+        def activate(self, pre):
+            return torch.relu(pre - 1)
+
+`SparseAutoencoder(cfg)` builds the class registered for `cfg.architecture`, so loaders and
+callers never name the classes. The SAE also works as a *feature map* for
 `ModelAdapter.with_features`: it maps a site's activation `[..., d_in]` to latents `[..., d_sae]`.
 """
 
@@ -18,13 +28,33 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from featopt.errors import FeatoptError
 
-ARCHITECTURES = ("relu", "topk", "jumprelu")
+#: Every architecture by featopt's name (`cfg.architecture`, `--architecture`), in registration order.
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {}
+
+
+def register(name: str):
+    """Class decorator: the class is architecture `name` (what `cfg.architecture` says)."""
+    def add(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
+        cls.name = name
+        cls.saelens_name = cls.saelens_name or name
+        ARCHITECTURES[name] = cls
+        return cls
+    return add
+
+
+def architecture(name: str) -> type[SparseAutoencoder]:
+    """The class of architecture `name`; one sentence naming the known ones otherwise."""
+    if name not in ARCHITECTURES:
+        raise FeatoptError(f"unknown SAE architecture {name!r}: allowed are {', '.join(ARCHITECTURES)}.")
+    return ARCHITECTURES[name]
 
 
 @dataclass
@@ -42,34 +72,102 @@ class SAEConfig:
     metadata: dict = field(default_factory=dict)  # training settings, provenance
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise FeatoptError(f"unknown SAE architecture {self.architecture!r}: allowed are {', '.join(ARCHITECTURES)}.")
+        cls = architecture(self.architecture)
         if self.d_in < 1 or self.d_sae < 1:
             raise FeatoptError(f"an SAE needs d_in and d_sae of at least 1, got d_in={self.d_in}, d_sae={self.d_sae}.")
-        if self.architecture == "topk":
-            if self.k is None or not 1 <= self.k <= self.d_sae:
-                raise FeatoptError(f"a topk SAE needs k between 1 and d_sae = {self.d_sae}, got k={self.k}.")
+        cls.check_config(self)
+
+
+@dataclass
+class LossTerms:
+    """What a training loss weighs besides the reconstruction (`featopt sae train`'s settings)."""
+
+    l1: float = 0.0  # relu: sparsity coefficient, on the scale of a fraction of variance
+    auxk_alpha: float = 0.0  # topk: weight of the AuxK loss on dead latents
+    dead: Tensor | None = None  # [d_sae] bool: latents unseen for --dead_tokens tokens
+    count: bool = True  # count L0 (a logging step); a loss may skip the pass otherwise
 
 
 class SparseAutoencoder(nn.Module):
-    """An SAE over `d_in`-wide activations with `d_sae` latents.
+    """An SAE over `d_in`-wide activations with `d_sae` latents: the base of every architecture.
 
-    Shapes: `x [..., d_in]`, `z [..., d_sae]`. Parameters are created zero (or from `init`); use
+    Shapes: `x [..., d_in]`, `z [..., d_sae]`. Parameters are created zero; use
     :meth:`init_weights` for a training start.
     """
 
+    #: featopt's name of the architecture (set by :func:`register`)
+    name: ClassVar[str] = ""
+    #: its name in SAELens' cfg.json ("standard" for relu); default: `name`
+    saelens_name: ClassVar[str] = ""
+    #: other cfg.json names read as this architecture
+    saelens_aliases: ClassVar[tuple[str, ...]] = ()
+    #: the tensors it saves and loads, by SAELens' names
+    saved_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
+    #: SAEConfig fields it uses beyond the sizes (topk: "k"), taken from the `sae train` flag of the same name
+    settings: ClassVar[tuple[str, ...]] = ()
+    #: `featopt sae train` can train it
+    trainable: ClassVar[bool] = True
+    #: training keeps its decoder rows at unit norm
+    unit_decoder: ClassVar[bool] = True
+
+    def __new__(cls, cfg: SAEConfig | None = None, *args, **kwargs):
+        if cls is SparseAutoencoder and cfg is not None:
+            cls = architecture(cfg.architecture)
+        return super().__new__(cls)
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
+        if cfg.architecture != self.name:
+            raise FeatoptError(f"a {self.name} SAE needs a config of architecture {self.name!r}, got {cfg.architecture!r}.")
         self.cfg = cfg
         d_in, d_sae = cfg.d_in, cfg.d_sae
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(d_sae))
         self.source: str | None = None  # where it was loaded from, for records
         self._hash: str | None = None
+
+    # ----------------------------------------------------------------- the architecture's parts
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise FeatoptError, one sentence, when `cfg` does not describe an SAE of this architecture."""
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Pre-activations `[..., d_sae]` -> latents `[..., d_sae]` by the architecture's rule."""
+        raise NotImplementedError(f"the {self.name} SAE defines no activate")
+
+    def saelens_fields(self) -> dict:
+        """What this architecture adds to SAELens' cfg.json (topk: its k)."""
+        return {}
+
+    @classmethod
+    def config_from_saelens(cls, doc: dict, where: Path) -> dict:
+        """The SAEConfig fields of `settings` read from a SAELens cfg.json `doc` (at `where`)."""
+        return {}
+
+    @classmethod
+    def tensors_from_saelens(cls, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors of a SAELens file in this class' names (older sae-lens spelled some otherwise)."""
+        return tensors
+
+    def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms) -> tuple[Tensor, dict]:
+        """The training loss on rows `x [n, d_in]` (not requiring grad), a sum over rows divided by the
+        global batch's total variance `total_var`, and its statistics: `fvu` (the summed squared
+        error), `l0` (nonzero latents, float64) and `fired` (`[d_sae]` bool). Here: the squared error
+        plus :meth:`sparsity_penalty`."""
+        z = self.activate(self.training_pre_acts(x))
+        x_hat = self.decode(z)
+        sq = (x - x_hat).pow(2).sum()
+        loss = sq / total_var
+        penalty = self.sparsity_penalty(z, terms)
+        if penalty is not None:
+            loss = loss + penalty / total_var
+        return loss, {"fvu": sq.detach(), "l0": (z > 0).sum().detach().double(), "fired": (z > 0).any(0)}
+
+    def sparsity_penalty(self, z: Tensor, terms: LossTerms) -> Tensor | None:
+        """A penalty on the latents `z [n, d_sae]` (summed over rows) added to the squared error; None: none."""
+        return None
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -93,16 +191,13 @@ class SparseAutoencoder(nn.Module):
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
 
-    def activate(self, pre: Tensor) -> Tensor:
-        """Pre-activations `[..., d_sae]` -> latents `[..., d_sae]` by the architecture's rule."""
-        arch = self.cfg.architecture
-        if arch == "relu":
-            return torch.relu(pre)
-        if arch == "topk":
-            top = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-        # relu too, as SAELens and Gemma Scope do: a negative threshold must not pass negative values.
-        return torch.relu(pre) * (pre > self.threshold)
+    def training_pre_acts(self, x: Tensor) -> Tensor:
+        """:meth:`pre_acts` of training rows `x [n, d_in]` that need no gradient: the centring on the
+        bias (`x W_enc + b_enc - b_dec W_enc`), so that backward skips the `[n, d_in]` matmul whose
+        only use would be the row sum reaching `b_dec`."""
+        if not self.cfg.apply_b_dec_to_input:
+            return x @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x.to(self.W_enc.dtype), self.W_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         """`x [..., d_in]` -> latents `z [..., d_sae]`."""
@@ -156,6 +251,10 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= scale
 
     # ----------------------------------------------------------------- identity
+    def label(self) -> str:
+        """Its architecture's settings as a name part (topk: `-k32`; the others: empty)."""
+        return "".join(f"-{name}{getattr(self.cfg, name)}" for name in self.settings)
+
     def content_hash(self) -> str:
         """sha256 of the config and weights (16 hex digits): records name the SAE they used."""
         digest = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True, default=str).encode())
@@ -172,13 +271,13 @@ class SparseAutoencoder(nn.Module):
         return {"kind": "sae", "path": self.source, "sha256": self._hash, "architecture": self.cfg.architecture,
                 "hook_name": self.cfg.hook_name, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.cfg.k}
 
-    def pre_activation_map(self) -> "PreActivations":
+    def pre_activation_map(self) -> PreActivations:
         """This SAE's encoder pre-activations as a feature map (see :class:`PreActivations`)."""
         return PreActivations(self)
 
     def extra_repr(self) -> str:
-        k = f", k={self.cfg.k}" if self.cfg.architecture == "topk" else ""
-        return f"{self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{k}, hook={self.cfg.hook_name!r}"
+        settings = "".join(f", {name}={getattr(self.cfg, name)}" for name in self.settings)
+        return f"{self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{settings}, hook={self.cfg.hook_name!r}"
 
 
 class PreActivations:
