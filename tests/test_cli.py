@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from featopt.cli import build_parser, main
+from featopt.results import read_results
 
 RECIPES = sorted(r for r in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml") if not r.name.startswith("sae-"))
 SAE_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("sae-*.yaml"))
@@ -73,7 +74,15 @@ def test_demo_without_the_real_model_says_so(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "tiny-llama" in out and "FEATOPT_MODEL_PATH" in out
-    assert len(list((tmp_path / "demo").glob("*/results.json"))) == 3
+    # the same features answered three ways: the sweep's exact optimum, gradient ascent and GCG
+    document = json.loads((tmp_path / "demo" / "1-compare" / "compare.json").read_text())
+    assert set(document["features"][0]["methods"]) == {"embedding-pinv", "simplex-argmax", "gcg"}
+    _, ascent = read_results(tmp_path / "demo" / "2-ascent")
+    _, gcg = read_results(tmp_path / "demo" / "2-gcg")
+    assert [r.spec for r in ascent] == [r.spec for r in gcg] == [f"[:, :, {f}]" for f in range(5)]
+    for a, g in zip(ascent, gcg):  # the printed side-by-side table holds the re-measured activations
+        assert f"{a.activation:.4g}" in out and f"{g.activation:.4g}" in out
+    assert out.count("results:") == 0 or "Runs:" in out
 
 
 def test_compare_runs_with_its_default_methods(tmp_path):

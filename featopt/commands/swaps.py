@@ -210,6 +210,7 @@ def epo(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
         found = spawned(epo, config, adapter)
         return EPORun(found.results, found.out)
     adapter, objective, sites, allowed, prefix, init = prepare(config, adapter)
+    epo_method.check_length(prefix, init)  # before anything is written
     out = out_folder(config.out)
     log = Trajectory(out, [f"epo/{site}/{spec}/lambda={v:g}/activation" for site, spec in labels(objective)
                            for v in config.lambdas])

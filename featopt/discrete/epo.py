@@ -21,6 +21,7 @@ from featopt.discrete.candidates import CandidateModel, prompt_xent
 from featopt.discrete.measure import remeasure
 from featopt.discrete.objective_scoring import ObjectiveLoss, check_discrete
 from featopt.discrete.swap_search import SwapSettings, SwapState, swap_search
+from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.objectives import Objective
 from featopt.objectives.problems import descriptions, labels
@@ -63,17 +64,20 @@ class Front:
         return out
 
 
+def check_length(prefix: Tensor, init: Tensor) -> None:
+    """EPO's fluency needs a token predicted from one before it: two searched tokens, or a prefix."""
+    if len(prefix) == 0 and init.shape[1] < 2:
+        raise FeatoptError("EPO scores fluency as the model's prediction of each token from those before it: "
+                           "search at least 2 tokens, or give a --prefix.")
+
+
 def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Tensor, allowed: Tensor,
         settings: SwapSettings, lambdas: list[float], batch_size: int = 0,
         on_step: Callable | None = None) -> tuple[SwapState, list[Front]]:
     """Search every problem with one member per lambda from `init [P, N]` after `prefix [L]`; the
     final state (rows problem-major: every lambda of a problem) and each problem's whole front."""
     check_discrete(objective, "EPO")
-    if len(prefix) == 0 and init.shape[1] < 2:
-        from featopt.errors import FeatoptError
-
-        raise FeatoptError("EPO scores fluency as the model's prediction of each token from those before it: "
-                           "search at least 2 tokens, or give a --prefix.")
+    check_length(prefix, init)
     n, n_lam = objective.n_problems, len(lambdas)
     model = CandidateModel(adapter, list(objective.sites), ObjectiveLoss(objective, adapter), prefix, xent=True,
                            batch_size=batch_size)
