@@ -4,7 +4,7 @@ One topk SAE (4x = 2304 latents, k = 32) on SmolLM2-135M-Instruct's `blocks.6.re
 output of decoder layer 6, HF `hidden_states[7]`), contexts of 128 tokens from the shared corpora,
 `--tokens` training tokens in batches of 4096, position 0 of every context left out, Adam at
 featopt's default learning rate with each library's nearest schedule. featopt trains in this
-process (`run_train`); sae-lens and sparsify each in their own environment
+process (`featopt.commands.sae_train.train`); sae-lens and sparsify each in their own environment
 (`benchmarks/.peers/<lib>/bin/python benchmarks/peers/<lib>_train.py`, whose docstrings say
 exactly how each library is set up), all from the same token contexts (featopt's
 `corpus_contexts(split="train")`, written to `<out>/train_contexts.safetensors` in a seeded random
@@ -20,7 +20,7 @@ evaluated by featopt's `evaluate` on the same held-out contexts (`split="eval"`)
 fraction, CE loss recovered.
 
 featopt alone: four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x SAE, same tokens
-(time ratio; target < 1.5x), and the topk SAE trained from an activation cache (`run_cache` first,
+(time ratio; target < 1.5x), and the topk SAE trained from an activation cache (`sae_train.cache` first,
 timed apart) vs from the model (tokens/s ratio; target >= 5x).
 
     . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_sae.py [--tokens 303104]
@@ -96,9 +96,9 @@ class FeatoptTimers:
 
 
 def memoize_contexts() -> None:
-    """Tokenize the corpus once per process: `run_train` / `run_cache` look `corpus_contexts` up in
-    `featopt.data` when called, so this keeps tokenizing out of every timed run (the peers get
-    their contexts ready-made too)."""
+    """Tokenize the corpus once per process: `train` and `cache` (`featopt.commands.sae_train`) look
+    `corpus_contexts` up in `featopt.data` when called, so this keeps tokenizing out of every timed
+    run (the peers get their contexts ready-made too)."""
     import inspect
 
     import featopt.data
@@ -121,7 +121,7 @@ def memoize_contexts() -> None:
 
 def featopt_train(adapter, args, out: Path, *, architecture: str = "topk", expansion: str = str(EXPANSION),
                   activations: str | None = None) -> dict:
-    from featopt.commands.sae_train import TrainConfig, run_train
+    from featopt.commands.sae_train import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
     config = TrainConfig(model=args.model, site=SITE, corpus=None if activations else args.corpus, activations=activations,
@@ -129,7 +129,7 @@ def featopt_train(adapter, args, out: Path, *, architecture: str = "topk", expan
                          context_length=CONTEXT, eval_contexts=0, seed=args.seed, progress=False, out=str(out))
     with FeatoptTimers() as t:
         start = time.perf_counter()
-        run = run_train(config, adapter=adapter)
+        run = train(config, adapter=adapter)
         wall = time.perf_counter() - start
     tokens = json.loads((run.out / "training.json").read_text())["run"]["tokens"]
     import featopt
@@ -312,7 +312,7 @@ def main() -> None:
         featopt_only.append(f"| four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x, same {four['tokens']:,} tokens | "
                             f"{four['wall_s']:.1f} s vs {one['wall_s']:.1f} s | **{ratio:.2f}x** the time | < 1.5x |")
     if "cache" not in skip:
-        from featopt.commands.sae_train import CacheConfig, run_cache
+        from featopt.commands.sae_train import CacheConfig, cache
 
         if args.cache_dir:  # an existing cache of the same split (`featopt sae cache`): not rebuilt, not timed
             from featopt.dictionaries.activations import CacheSource
@@ -324,7 +324,7 @@ def main() -> None:
             shutil.rmtree(cache_dir, ignore_errors=True)
             print("[featopt] caching activations", flush=True)
             start = time.perf_counter()
-            cached = run_cache(CacheConfig(model=args.model, site=SITE, corpus=args.corpus, context_length=CONTEXT,
+            cached = cache(CacheConfig(model=args.model, site=SITE, corpus=args.corpus, context_length=CONTEXT,
                                            max_tokens=args.cache_tokens, out=str(cache_dir), progress=False), adapter=adapter)
             cache_s = time.perf_counter() - start
         print("[featopt] topk from the cache", flush=True)

@@ -81,12 +81,12 @@ def test_train_with_bos_reads_bos_contexts_and_eval_with_bos_agrees(tmp_path, co
     the tokenizer's stream) and evaluates on such held-out contexts: `sae eval --bos` finds the
     same numbers there, and the SAE records the setting."""
     from featopt.models import load_model
-    from featopt.commands.sae_train import TrainConfig, run_train
+    from featopt.commands.sae_train import TrainConfig, train
 
     out = tmp_path / "sae"
     config = TrainConfig(model="tiny-llama", bos=True, site="blocks.1.resid_post", corpus=str(corpus), context_length=16,
                          batch_size=128, tokens=1280, buffer_batches=2, k=4, eval_contexts=4, progress=False, out=str(out))
-    run = run_train(config)
+    run = train(config)
     tok = load_model("tiny-llama").tokenizer
     stream = []
     for name in ("a.txt", "b.txt"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from featopt.cli import main
+from featopt.commands.sae_dashboard import DashboardRun
 from featopt.models import load_model
 from featopt.models.sae.formats import load_sae, save_sae
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
@@ -50,6 +51,10 @@ def test_features_then_dashboard_reuses_the_statistics(files, tmp_path, capsys):
     records = json.loads((dash / "records.json").read_text())["latents"]
     assert [r["latent"] for r in records] == [0, 1, 2, 3]
     assert sorted(p.name for p in dash.glob("latent-*.html")) == [f"latent-{i}.html" for i in range(4)]
+    shown = DashboardRun(records, dash)._repr_html_()  # in a notebook: the table, then latent 0's page inline
+    assert "4 latents" in shown and "<iframe srcdoc=" in shown and "Latent 0" in shown and "style.css" not in shown
+    page = DashboardRun(records, dash).page(2)
+    assert "<h1>Latent 2</h1>" in str(page) and "<style>" in str(page) and "<iframe" in page._repr_html_()
     # The best exhaustive token after the prefix (the end-of-text token), and the optimized input,
     # re-measured here by a plain HF forward and the SAE.
     adapter, sae = load_model("tiny-llama"), load_sae(files["big"])

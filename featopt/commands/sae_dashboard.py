@@ -13,75 +13,129 @@ ablation runs on the example's full context and is shown on the window.
 
 from __future__ import annotations
 
+import html
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from featopt.commands.fields import check_at_least, check_choice, record_of
+from featopt.commands.result import CommandResult
+from featopt.commands.sae_contexts import bos_id, check_context
+from featopt.commands.sae_read import load_model_and_sae, parse_latents
+from featopt.commands.settings import CorpusSettings, InputSettings, OutputSettings
+from featopt.dictionaries.ablation import MODES
 from featopt.errors import FeatoptError
-from featopt.models import ModelAdapter, model_options
+from featopt.models import ModelAdapter
 from featopt.results import atomic_write, versions
-from featopt.commands.sae_read import MODES, load_model_and_sae, parse_latents
-from featopt.commands.sae_train import _check_context, _check_positive, _out, bos_id
+from featopt.runs.outdir import out_folder
 
 
 @dataclass
-class DashboardConfig:
+class DashboardConfig(OutputSettings, CorpusSettings, InputSettings):
     """Settings of `featopt sae dashboard`."""
 
-    model: str = "tiny-llama"
-    bos: bool = False  # start every context, ablated window and maximizing input with the model's BOS token (off: as the source documents encode)
-    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
+    bos: bool = False
+    """start every context, ablated window and maximizing input with the model's BOS token (off: as the source
+    documents encode)"""
     sae: str = ""
-    corpus: str = ""
-    features: str = "[:, :, 0-49]"  # the latents to show
-    stats: str | None = None  # a `featopt sae features` folder to read instead of a new pass
-    split: str = "all"
-    eval_fraction: float = 0.05
+    """the SAE folder"""
+    features: str = "[:, :, 0-49]"
+    """latents to show, e.g. "[:, :, 0-49]" """
+    stats: str | None = None
+    """a featopt sae features folder to reuse"""
     tokens: int = 1_000_000
-    context_length: int = 128
+    """corpus tokens for the statistics"""
     batch_contexts: int = 8
-    top_k: int = 10  # top examples per latent (a new pass keeps this many)
+    """contexts per forward"""
+    top_k: int = 10
+    """top examples per latent (a new pass keeps this many)"""
     n_bins: int = 10
+    """equal-width activation bins, one uniform example sampled in each"""
     window_before: int = 24
+    """tokens kept before each example"""
     window_after: int = 8
-    skip_first: int = 1
+    """tokens kept after each example"""
     lens_k: int = 10
-    norm: str = "weight"  # logit lens: none, weight or apply (see `featopt sae lens`)
+    """logit lens: top and bottom tokens"""
+    norm: str = "weight"
+    """logit lens: none, weight or apply (see `featopt sae lens`)"""
     drop_z: float | None = 3.0
-    ablate_examples: int = 3  # top examples that get ablated text and direction ablation (0: none)
-    mode: str = "contribution"  # direction ablation: contribution or projection
-    search_top: int = 10  # exhaustive: best single tokens shown (0: no sweep)
-    ascent_tokens: int = 4  # gradient ascent: input length
-    ascent_steps: int = 100  # 0: no gradient-optimized input
-    ascent_prior: str = "simplex"  # simplex or embedding (see `featopt optimize --prior`)
+    """logit lens: drop tokens whose unembedding-row norm has a z-score above this"""
+    ablate_examples: int = 3
+    """top examples that get ablated text and direction ablation"""
+    mode: str = "contribution"
+    """direction ablation: contribution (x - z_i W_dec[i]) or projection (remove the direction)"""
+    search_top: int = 10
+    """best single tokens from the exhaustive sweep (0: none)"""
+    ascent_tokens: int = 4
+    """gradient ascent: input length"""
+    ascent_steps: int = 100
+    """gradient-ascent steps for the optimized input (0: none)"""
+    ascent_prior: str = "simplex"
+    """simplex (softmax over the vocabulary) or embedding (free embeddings)"""
     ascent_lr: float = 0.1
-    prefix: str | None = None  # text before the maximizing inputs (default: the end-of-text token)
+    """learning rate of the optimized input"""
+    prefix: str | None = None
+    """text before the exhaustive sweep's token (default: the end-of-text token; none with --bos, whose BOS token
+    comes first)"""
     seed: int = 0
-    dtype: str = "float32"
+    """random seed (the statistics' uniform examples, the gradient-ascent start)"""
     out: str | None = None
-    progress: bool = True
+    """the dashboard folder (new, or an old dashboard to replace; default featopt-runs/<time>)"""
 
 
 @dataclass
-class DashboardRun:
+class DashboardRun(CommandResult):
     records: list[dict]
     out: Path = field(default_factory=Path)
 
+    def table(self) -> str:
+        return f"{len(self.records)} latents; open {self.out / 'index.html'}"
+
+    def page(self, latent: int | None = None) -> LatentPage:
+        """A latent's page (default: the first shown); a notebook shows it inline."""
+        latent = self.records[0]["latent"] if latent is None else latent
+        shown = [r["latent"] for r in self.records]
+        if latent not in shown:
+            raise FeatoptError(f"latent {latent} has no page in this dashboard: it shows latents {shown}.")
+        text = (self.out / f"latent-{latent}.html").read_text(encoding="utf-8")
+        css = (self.out / "style.css").read_text(encoding="utf-8")
+        return LatentPage(latent, text.replace('<link rel="stylesheet" href="style.css">', f"<style>{css}</style>"))
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the table, then the first latent's page inline."""
+        shown = super()._repr_html_()
+        return shown + self.page()._repr_html_() if self.records else shown
+
+
+@dataclass
+class LatentPage:
+    """One latent's dashboard page: `html` is the whole document (its style inlined), `str()` too;
+    a notebook shows it inline."""
+
+    latent: int
+    html: str
+
+    def __str__(self) -> str:
+        return self.html
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.html)}" title="latent {self.latent}" '
+                'style="width:100%;height:640px;border:1px solid #ddd"></iframe>')
+
 
 def _check(config: DashboardConfig, out: Path) -> None:
-    _check_positive(config, ("tokens", "context_length", "batch_contexts", "top_k", "n_bins", "lens_k"))
+    check_at_least(config, ["tokens", "context_length", "batch_contexts", "top_k", "n_bins", "lens_k"])
     for name in ("window_before", "window_after", "ablate_examples", "search_top", "ascent_steps", "ascent_tokens"):
         if getattr(config, name) < 0:
             raise FeatoptError(f"--{name} must be 0 or more, got {getattr(config, name)}.")
     if config.ascent_steps and config.ascent_tokens < 1:
         raise FeatoptError("--ascent_tokens must be at least 1 when --ascent_steps is above 0.")
-    if config.mode not in MODES:
-        raise FeatoptError(f"--mode {config.mode!r} is not known: allowed are {', '.join(MODES)}.")
-    if config.ascent_prior not in ("simplex", "embedding"):
-        raise FeatoptError(f"--ascent_prior {config.ascent_prior!r} is not known: allowed are simplex, embedding.")
+    check_choice(config, "mode", MODES)
+    check_choice(config, "ascent_prior", ("simplex", "embedding"))
     if not config.ascent_lr > 0 or config.ascent_lr == float("inf"):
         raise FeatoptError(f"--ascent_lr must be positive and finite, got {config.ascent_lr}.")
     if not config.corpus and not config.stats:
@@ -93,16 +147,17 @@ def _check(config: DashboardConfig, out: Path) -> None:
                            "dashboard to replace.")
 
 
-def run_dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) -> DashboardRun:
+def dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) -> DashboardRun:
     """Compute every view for the latents of `config.features` and write the site into `out`."""
     from featopt.data import corpus_contexts
-    from featopt.dictionaries.corpus_stats import FeatureStats, corpus_stats
+    from featopt.dictionaries.corpus_stats import corpus_stats
     from featopt.dictionaries.dashboard import write_dashboard
+    from featopt.dictionaries.feature_stats import FeatureStats
     from featopt.dictionaries.lens import logit_lens
 
-    out = _out(config.out)
+    out = out_folder(config.out)
     _check(config, out)
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
+    adapter, sae = load_model_and_sae(config, adapter)
     latents = parse_latents(config.features, sae.d_sae)
     if config.ascent_steps:
         adapter.check_positions(config.ascent_tokens + int(adapter.bos), f"--ascent_tokens {config.ascent_tokens}",
@@ -117,7 +172,7 @@ def run_dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) 
         if bool(stats.meta.get("config", {}).get("bos", False)) != adapter.bos:
             raise FeatoptError(f"--stats {config.stats!r} was computed {'with' if not adapter.bos else 'without'} "
                                f"--bos, so its examples index other contexts: give the same --bos or drop --stats.")
-    _check_context(adapter, settings.context_length)
+    check_context(adapter, settings.context_length)
     contexts, sources = corpus_contexts(adapter.tokenizer, settings.corpus, settings.context_length, split=settings.split,
                                         eval_fraction=settings.eval_fraction, max_tokens=settings.tokens,
                                         with_sources=True, bos=bos_id(adapter))
@@ -132,7 +187,7 @@ def run_dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) 
     if config.ablate_examples:
         _ablations(adapter, sae, contexts, latents, records, config)
     _max_inputs(adapter, sae, config, latents, records)
-    run = {"command": "sae dashboard", "config": asdict(config), "model": adapter.name, "sae": sae.describe(),
+    run = {"command": "sae dashboard", "config": record_of(config), "model": adapter.name, "sae": sae.describe(),
            "corpus": settings.corpus, "tokens": stats.tokens, "seed": config.seed,
            "dtype": str(adapter.dtype).replace("torch.", ""), "versions": versions()}
     write_dashboard(out, run, records)
@@ -207,11 +262,9 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
     one gradient-optimized input per latent (all latents in one batched run, the simplex prior by
     default; it maximizes the pre-activation, see `PreActivations`), each re-measured on the latent
     at its last token."""
-    from featopt.gradient.ascent import AscentConfig
-    from featopt.gradient.ascent import run as ascent
+    from featopt.commands.optimize import AscentConfig, optimize
+    from featopt.commands.search import ExhaustiveConfig, exhaustive
     from featopt.models.sae.attach import attach
-    from featopt.discrete.exhaustive import ExhaustiveConfig
-    from featopt.discrete.exhaustive import run as exhaustive
 
     prefix = _prefix(adapter, config)
     prefix_ids = adapter.encode(prefix)  # [BOS, prefix...] with --bos
@@ -230,7 +283,7 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
         if config.ascent_steps:
             pre = adapter.with_features(site, sae.pre_activation_map())
             last = config.ascent_tokens - 1
-            run = ascent(AscentConfig(
+            run = optimize(AscentConfig(
                 model=config.model, bos=adapter.bos, layer=site.layer, site=site.kind,
                 features=f"[:, {last}, [{listed}]]", tokens=config.ascent_tokens, steps=config.ascent_steps,
                 prior=config.ascent_prior, lr=config.ascent_lr, objective="maximize", seed=config.seed, out=f"{work}/ascent",
@@ -246,7 +299,3 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
                             + "); activation re-measured on the latent there"}
     for latent, record in zip(latents, records):
         record["max_inputs"] = found[latent]
-
-
-def format_dashboard(run: DashboardRun) -> str:
-    return f"{len(run.records)} latents; open {run.out / 'index.html'}"

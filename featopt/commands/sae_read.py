@@ -1,45 +1,46 @@
-"""The `featopt sae ...` commands that read what latents mean (source document 002): `features`
-(corpus statistics of every latent, one pass), `lens` (logit lens), `ablate` (ablated text and
-direction ablation) and `mcs` (max cosine similarity between dictionaries). Each is a flat config
-dataclass and a `run_*` function; each writes a JSON record (and tensors where they are large)
-with the run's settings, the SAE's hash and the versions, so a notebook gets the numbers the
-dashboard (`featopt.commands.sae_dashboard`) shows.
+"""`featopt sae features|lens|mcs`: what latents mean (source document 002): corpus statistics of
+every latent in one pass, the logit lens, and max cosine similarity between dictionaries. Each
+writes a JSON record (and tensors where they are large) with the run's settings, the SAE's hash
+and the versions, so a notebook gets the numbers the dashboard (`featopt sae dashboard`) shows.
+
+Also the two helpers every command reading one SAE's latents shares: the model and the SAE,
+checked to fit (:func:`load_model_and_sae`), and latents named in feature notation
+(:func:`parse_latents`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from featopt.commands.fields import check_at_least, record_of
+from featopt.commands.result import CommandResult
+from featopt.commands.sae_contexts import ContextSettings, bos_id, check_context, load_plain
+from featopt.commands.settings import CorpusSettings, ModelSettings, OutputSettings
 from featopt.errors import FeatoptError
-from featopt.specs import parse_features
-from featopt.models import ModelAdapter, load_model, model_options
+from featopt.models import ModelAdapter, dtype_of
 from featopt.results import atomic_write, versions
-from featopt.commands.sae_train import _check_context, _check_positive, _out, bos_id
-from featopt.discrete.common import DTYPES
+from featopt.runs.outdir import out_folder
+from featopt.specs import parse_features
 
 
 # ----------------------------------------------------------------------------- shared
-def load_model_and_sae(model: str, sae_path: str, dtype: str, adapter: ModelAdapter | None = None, **options):
-    """`(adapter, sae)`: the model and the SAE at `sae_path`, checked to fit each other; `options`
-    are :func:`~featopt.models.model_options` of the command's config (a given `adapter` is
-    seen with their `bos`)."""
+def load_model_and_sae(config, adapter: ModelAdapter | None = None):
+    """`(adapter, sae)`: the config's model (or `adapter`, seen with the config's `--bos`) and the
+    SAE at `config.sae`, checked to fit each other. The adapter is the plain model: the commands
+    run the SAE on its activations themselves."""
     from featopt.models.sae.attach import attach
     from featopt.models.sae.formats import load_sae
 
-    if not sae_path:
+    if not config.sae:
         raise FeatoptError("--sae is required: give an SAE folder (SAELens, sparsify or Gemma Scope).")
-    if dtype not in DTYPES:
-        raise FeatoptError(f"--dtype {dtype!r} is not known: allowed are {', '.join(DTYPES)}.")
-    sae = load_sae(sae_path)
-    if adapter is None:
-        adapter = load_model(model, dtype=DTYPES[dtype], **options)
-    else:
-        adapter = adapter.with_bos(options.get("bos", adapter.bos))
-    attach(adapter, sae, sae_path)  # validates the site and its width
+    dtype_of(config.dtype)
+    sae = load_sae(config.sae)
+    adapter = load_plain(config, adapter)
+    attach(adapter, sae, config.sae)  # validates the site and its width
     return adapter, sae
 
 
@@ -59,52 +60,61 @@ def parse_latents(spec: str, d_sae: int) -> list[int]:
     return list(dict.fromkeys(latents))
 
 
-def _record(out: Path, name: str, document: dict) -> Path:
+def write_record(out: Path, name: str, document: dict) -> Path:
+    """`document` as `out/name` (indented JSON, written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=2, ensure_ascii=False)
     atomic_write(out / name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / name
 
 
-def _run_meta(command: str, config, adapter: ModelAdapter, sae) -> dict:
-    return {"command": command, "config": asdict(config), "model": adapter.name, "sae": sae.describe(),
+def record_meta(command: str, config, adapter: ModelAdapter, sae) -> dict:
+    """The `run` block of a record: the command, its settings, the model, the SAE, the versions."""
+    return {"command": command, "config": record_of(config), "model": adapter.name, "sae": sae.describe(),
             "dtype": str(adapter.dtype).replace("torch.", ""), "versions": versions()}
 
 
 # ----------------------------------------------------------------------------- features
 @dataclass
-class FeaturesConfig:
+class FeaturesConfig(OutputSettings, CorpusSettings, ContextSettings):
     """Settings of `featopt sae features`: statistics of every latent over a corpus, one pass."""
 
-    model: str = "tiny-llama"
-    bos: bool = False  # start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)
-    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
-    corpus: str = ""
-    split: str = "all"  # all, train or eval (the text `sae train` held out)
-    eval_fraction: float = 0.05
-    tokens: int = 1_000_000  # at most this many corpus tokens
-    context_length: int = 128
+    """the SAE folder"""
+    tokens: int = 1_000_000
+    """corpus tokens to read (at most)"""
     batch_contexts: int = 8
-    top_k: int = 20  # top activating examples kept per latent
-    n_bins: int = 10  # equal-width activation bins, one uniform example each
-    window_before: int = 24  # context tokens kept before an example
+    """contexts per forward"""
+    top_k: int = 20
+    """top activating examples kept per latent"""
+    n_bins: int = 10
+    """equal-width activation bins, one uniform example sampled in each"""
+    window_before: int = 24
+    """tokens kept before each example"""
     window_after: int = 8
-    skip_first: int = 1  # leading positions left out (position 0: an attention sink)
+    """tokens kept after each example"""
     seed: int = 0
-    dtype: str = "float32"
+    """seed of the uniform examples"""
     out: str | None = None
-    progress: bool = True
+    """output folder for features.safetensors and features.json (default featopt-runs/<time>)"""
 
 
 @dataclass
-class FeaturesRun:
-    stats: object  # featopt.dictionaries.corpus_stats.FeatureStats
+class FeaturesRun(CommandResult):
+    stats: object  # featopt.dictionaries.feature_stats.FeatureStats
     out: Path = field(default_factory=Path)
+
+    def table(self) -> str:
+        stats = self.stats
+        alive = int((stats.freq > 0).sum())
+        order = torch.argsort(stats.freq, descending=True)[:5].tolist()
+        lines = [f"{stats.tokens:,} tokens; {alive} of {len(stats.freq)} latents fired at least once",
+                 "most frequent: " + ", ".join(f"{i} ({float(stats.freq[i]) / max(stats.tokens, 1):.2%})" for i in order)]
+        return "\n".join(lines)
 
 
 def _check_features(config: FeaturesConfig) -> None:
-    _check_positive(config, ("tokens", "context_length", "batch_contexts", "top_k", "n_bins"))
+    check_at_least(config, ["tokens", "context_length", "batch_contexts", "top_k", "n_bins"])
     for name in ("window_before", "window_after"):
         if getattr(config, name) < 0:
             raise FeatoptError(f"--{name} must be 0 or more, got {getattr(config, name)}.")
@@ -114,7 +124,7 @@ def _check_features(config: FeaturesConfig) -> None:
         raise FeatoptError("--corpus is required: give a folder of .txt files or one .txt file.")
 
 
-def run_features(config: FeaturesConfig, adapter: ModelAdapter | None = None) -> FeaturesRun:
+def features(config: FeaturesConfig, adapter: ModelAdapter | None = None) -> FeaturesRun:
     """Stream up to `config.tokens` corpus tokens through the model and the SAE; keep, for every
     latent, its top examples, frequency, histogram and one uniform example per bin; write
     `features.safetensors` + `features.json` into `out`."""
@@ -122,160 +132,74 @@ def run_features(config: FeaturesConfig, adapter: ModelAdapter | None = None) ->
     from featopt.dictionaries.corpus_stats import corpus_stats
 
     _check_features(config)
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
-    _check_context(adapter, config.context_length)
+    adapter, sae = load_model_and_sae(config, adapter)
+    check_context(adapter, config.context_length)
     contexts, sources = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
                                         eval_fraction=config.eval_fraction, max_tokens=config.tokens, with_sources=True,
                                         bos=bos_id(adapter))
-    out = _out(config.out)
+    out = out_folder(config.out)
     stats = corpus_stats(adapter, sae, contexts, sources=sources, batch_contexts=config.batch_contexts,
                          top_k=config.top_k, n_bins=config.n_bins, window=(config.window_before, config.window_after),
                          seed=config.seed, skip_first=config.skip_first, progress=config.progress)
-    stats.meta.update(_run_meta("sae features", config, adapter, sae))
+    stats.meta.update(record_meta("sae features", config, adapter, sae))
     stats.save(out)
     return FeaturesRun(stats, out)
 
 
-def format_features(run: FeaturesRun) -> str:
-    stats = run.stats
-    alive = int((stats.freq > 0).sum())
-    order = torch.argsort(stats.freq, descending=True)[:5].tolist()
-    lines = [f"{stats.tokens:,} tokens; {alive} of {len(stats.freq)} latents fired at least once",
-             "most frequent: " + ", ".join(f"{i} ({float(stats.freq[i]) / max(stats.tokens, 1):.2%})" for i in order)]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- lens
 @dataclass
-class LensConfig:
+class LensConfig(ModelSettings):
     """Settings of `featopt sae lens`: decoder directions through the unembedding."""
 
-    model: str = "tiny-llama"
-    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
     sae: str = ""
-    features: str = "[:, :, 0-9]"  # the latents
-    k: int = 10  # top and bottom tokens
-    norm: str = "weight"  # none (the raw LM head), weight (the final norm's gain), apply (the norm module)
-    drop_z: float | None = 3.0  # drop tokens whose unembedding norm has z-score above this (None: keep)
-    drop_top: int | None = None  # or drop the n largest-norm tokens
-    dtype: str = "float32"
+    """the SAE folder"""
+    features: str = "[:, :, 0-9]"
+    """latents, e.g. "[:, :, 0-9]" or 3,17"""
+    k: int = 10
+    """top and bottom tokens"""
+    norm: str = "weight"
+    """none (raw LM head), weight (the final norm's gain) or apply (the final norm module)"""
+    drop_z: float | None = 3.0
+    """drop tokens whose unembedding-row norm has a z-score above this"""
+    drop_top: int | None = None
+    """or drop the n largest-norm tokens"""
     out: str | None = None
+    """output folder (default featopt-runs/<time>)"""
 
 
 @dataclass
-class LensRun:
+class LensRun(CommandResult):
     records: list[dict]
     out: Path = field(default_factory=Path)
 
+    def table(self) -> str:
+        lines = []
+        for r in self.records:
+            top = " ".join(repr(t) for t, _ in r["top"])
+            bottom = " ".join(repr(t) for t, _ in r["bottom"])
+            lines.append(f"latent {r['latent']}: top {top} | bottom {bottom}")
+        if self.records:
+            lines.append(f"removed high-norm tokens: {' '.join(repr(t) for t in self.records[0]['removed']) or '(none)'}")
+        return "\n".join(lines)
 
-def run_lens(config: LensConfig, adapter: ModelAdapter | None = None) -> LensRun:
+
+def lens(config: LensConfig, adapter: ModelAdapter | None = None) -> LensRun:
+    """Each latent's decoder direction through the unembedding: its top and bottom tokens, the
+    high-norm tokens removed; written to `out/lens.json`."""
     from featopt.dictionaries.lens import logit_lens
 
-    _check_positive(config, ("k",))
+    check_at_least(config, ["k"])
     if config.drop_top is not None and config.drop_top < 0:
         raise FeatoptError(f"--drop_top must be 0 or more, got {config.drop_top}.")
     if config.drop_z is not None and not config.drop_z == config.drop_z:
         raise FeatoptError("--drop_z must be a number (a z-score such as 3), not nan.")
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
+    adapter, sae = load_model_and_sae(config, adapter)
     latents = parse_latents(config.features, sae.d_sae)
-    lens = logit_lens(adapter, sae, latents, k=config.k, norm=config.norm, drop_z=config.drop_z, drop_top=config.drop_top)
-    records = lens.records(adapter.decode)
-    out = _out(config.out)
-    _record(out, "lens.json", {"run": _run_meta("sae lens", config, adapter, sae), "latents": records})
+    found = logit_lens(adapter, sae, latents, k=config.k, norm=config.norm, drop_z=config.drop_z, drop_top=config.drop_top)
+    records = found.records(adapter.decode)
+    out = out_folder(config.out)
+    write_record(out, "lens.json", {"run": record_meta("sae lens", config, adapter, sae), "latents": records})
     return LensRun(records, out)
-
-
-def format_lens(run: LensRun) -> str:
-    lines = []
-    for r in run.records:
-        top = " ".join(repr(t) for t, _ in r["top"])
-        bottom = " ".join(repr(t) for t, _ in r["bottom"])
-        lines.append(f"latent {r['latent']}: top {top} | bottom {bottom}")
-    if run.records:
-        lines.append(f"removed high-norm tokens: {' '.join(repr(t) for t in run.records[0]['removed']) or '(none)'}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- ablate
-@dataclass
-class AblateConfig:
-    """Settings of `featopt sae ablate`: which earlier tokens a latent depends on (ablated text),
-    and what removing its direction does to the next-token log-probs (direction ablation)."""
-
-    model: str = "tiny-llama"
-    bos: bool = False  # run the model's BOS token first, at position 0, never removed (off: as the source documents encode)
-    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
-    sae: str = ""
-    latent: int = 0
-    text: str = ""
-    position: int | None = None  # the target token, 0-based in the model input (default: where the latent is largest)
-    mode: str = "contribution"  # contribution (x - z_i W_dec[i]) or projection (remove the direction)
-    top: int = 10  # tokens whose log-prob changed most
-    dtype: str = "float32"
-    out: str | None = None
-
-
-@dataclass
-class AblateRun:
-    record: dict
-    out: Path = field(default_factory=Path)
-
-
-MODES = ("contribution", "projection")
-
-
-def run_ablate(config: AblateConfig, adapter: ModelAdapter | None = None) -> AblateRun:
-    from featopt.dictionaries.ablation import ablated_text, direction_ablation
-    from featopt.models.sae.attach import site_of
-
-    _check_positive(config, ("top",))
-    if config.mode not in MODES:
-        raise FeatoptError(f"--mode {config.mode!r} is not known: allowed are {', '.join(MODES)}.")
-    adapter, sae = load_model_and_sae(config.model, config.sae, config.dtype, adapter, **model_options(config))
-    if not 0 <= config.latent < sae.d_sae:
-        raise FeatoptError(f"--latent {config.latent} is out of range: this SAE has {sae.d_sae} latents (0-{sae.d_sae - 1}).")
-    if not config.text.strip():
-        raise FeatoptError("--text is empty: give a text of at least two tokens.")
-    ids = adapter.encode(config.text)  # [BOS, text...] with --bos: positions count the model input
-    kept = int(adapter.bos)  # the BOS token at position 0 is never removed
-    if len(ids) - kept < 2:
-        raise FeatoptError(f"--text {config.text!r} is {len(ids) - kept} token: give at least two tokens.")
-    adapter.check_positions(len(ids), f"--text of {len(ids) - kept} tokens", "shorten it")
-    site = adapter.site(site_of(sae))
-    with torch.inference_mode():
-        z = sae.encode(adapter.run([site], input_ids=ids[None])[site])[0, :, config.latent].float()
-    first = kept + 1  # the first token with an earlier (removable) token
-    position = int(z[first:].argmax()) + first if config.position is None else config.position
-    if not first <= position < len(ids):
-        after = " after the BOS token at position 0" if kept else ""
-        raise FeatoptError(f"--position {position} is out of range: the text has {len(ids) - kept} tokens{after}, so "
-                           f"give {first} to {len(ids) - 1} (a token with earlier tokens to remove).")
-    decode = adapter.decode  # ids -> text
-    ablated = ablated_text(adapter, sae, config.latent, ids, position, first=kept)
-    direction = direction_ablation(adapter, sae, config.latent, ids[None], mode=config.mode, top=config.top)
-    record = {"latent": config.latent, "position": position, "activations": z.tolist(),
-              "ablated_text": ablated.record(decode), "direction_ablation": direction.record(decode)}
-    out = _out(config.out)
-    _record(out, "ablate.json", {"run": _run_meta("sae ablate", config, adapter, sae), **record})
-    return AblateRun(record, out)
-
-
-def format_ablate(run: AblateRun) -> str:
-    text = run.record["ablated_text"]
-    first = text.get("first", 0)  # 1 with --bos: the BOS token at position 0 is kept
-    kept = " (the BOS token at position 0 kept)" if first else ""
-    lines = [f"latent {run.record['latent']} at position {text['target']} ({text['tokens'][text['target']]!r}): "
-             f"{text['base']:.4g}; removing each earlier token{kept} changes it by"]
-    if max(run.record["activations"][first:]) <= 0:
-        lines[0] = f"latent {run.record['latent']} is 0 at every position of this text; nothing to ablate."
-        return lines[0]
-    for token, change, rel in zip(text["tokens"][first:], text["change"], text["relative"]):
-        lines.append(f"  {token!r:<20} {change:+.4g}" + (f"  ({rel:+.1%})" if rel is not None else ""))
-    direction = run.record["direction_ablation"]
-    lines.append(f"direction ablation ({direction['mode']}), next-token log-prob changes: "
-                 + " ".join(f"{d:+.2f}" for d in direction["delta"][0]))
-    lines.append("most decreased: " + ", ".join(f"{t!r} {v:+.3g}" for t, v in direction["decreased"]))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- mcs
@@ -283,23 +207,33 @@ def format_ablate(run: AblateRun) -> str:
 class MCSConfig:
     """Settings of `featopt sae mcs`: each latent's max cosine similarity with another dictionary."""
 
-    sae: str = ""  # two or more SAE folders at the same site, comma-separated (e.g. 1x,2x,4x,8x)
-    threshold: float = 0.9  # count latents whose MCS is at least this
+    sae: str = ""
+    """two or more SAE folders at one site, comma-separated"""
+    threshold: float = 0.9
+    """count latents with MCS at least this"""
     bins: int = 20
+    """histogram bins over [0, 1]"""
     out: str | None = None
+    """output folder (default featopt-runs/<time>)"""
 
 
 @dataclass
-class MCSRun:
+class MCSRun(CommandResult):
     rows: list[dict]
     out: Path = field(default_factory=Path)
 
+    def table(self) -> str:
+        return mcs_text(self.rows)
 
-def run_mcs(config: MCSConfig) -> MCSRun:
-    from featopt.models.sae.formats import load_sae
+
+def mcs(config: MCSConfig) -> MCSRun:
+    """Every ordered pair of the SAEs: each latent's max cosine similarity with the other's decoder
+    rows, summarized (mean, median, count above the threshold, histogram) in `out/mcs.json` and
+    drawn in `out/mcs.png`."""
     from featopt.dictionaries.mcs import mcs_table
+    from featopt.models.sae.formats import load_sae
 
-    _check_positive(config, ("bins",))
+    check_at_least(config, ["bins"])
     if not 0.0 <= config.threshold <= 1.0:
         raise FeatoptError(f"--threshold must be a cosine between 0 and 1, got {config.threshold}.")
     paths = [p.strip() for p in str(config.sae).split(",") if p.strip()]
@@ -308,21 +242,19 @@ def run_mcs(config: MCSConfig) -> MCSRun:
     saes = [load_sae(p) for p in paths]
     names = [Path(p).name or p for p in paths]
     rows = mcs_table(saes, names, threshold=config.threshold, bins=config.bins)
-    out = _out(config.out)
-    document = {"run": {"command": "sae mcs", "config": asdict(config), "versions": versions(),
+    out = out_folder(config.out)
+    document = {"run": {"command": "sae mcs", "config": record_of(config), "versions": versions(),
                         "saes": [{"path": p, **s.describe()} for p, s in zip(paths, saes)]}, "rows": rows}
-    _record(out, "mcs.json", document)
-    _mcs_png(out / "mcs.png", rows, names, config.threshold)
+    write_record(out, "mcs.json", document)
+    _mcs_png(out / "mcs.png", rows, config.threshold)
     return MCSRun(rows, out)
 
 
-def _mcs_png(path: Path, rows: list[dict], names: list[str], threshold: float) -> None:
+def _mcs_png(path: Path, rows: list[dict], threshold: float) -> None:
     """One histogram line per compared pair, drawn next to the JSON."""
-    import matplotlib
+    from featopt.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for row in rows:
         counts = row["histogram"]
@@ -334,12 +266,26 @@ def _mcs_png(path: Path, rows: list[dict], names: list[str], threshold: float) -
     ax.set_xlabel("max cosine similarity with the other dictionary")
     ax.set_ylabel("fraction of latents")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, plt, path)
 
 
-def format_mcs(run: MCSRun) -> str:
-    from featopt.dictionaries.mcs import format_mcs as table
-
-    return table(run.rows)
+def mcs_text(rows: list[dict]) -> str:
+    """A plain-text table of :func:`featopt.dictionaries.mcs.mcs_table` rows: dictionary a down, b across, each cell
+    `mean MCS (latents of a with MCS >= threshold)`; the diagonal is `-`."""
+    if not rows:
+        raise FeatoptError("no MCS rows to format: give the output of mcs_table.")
+    names, sizes = [], {}
+    for row in rows:
+        for key in ("a", "b"):
+            if row[key] not in sizes:
+                names.append(row[key])
+                sizes[row[key]] = row[f"d_sae_{key}"]
+    cells = {(row["a"], row["b"]): f"{row['mean']:.3f} ({row['above']})" for row in rows}
+    labels = [f"{name} [{sizes[name]}]" for name in names]
+    table = [["a \\ b", *labels]]
+    table += [[label, *(cells.get((a, b), "-") for b in names)] for label, a in zip(labels, names)]
+    widths = [max(len(line[c]) for line in table) for c in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    threshold = rows[0].get("threshold", "threshold")
+    lines.append(f"cell: mean max cosine similarity of a's decoder rows to b's (latents of a with MCS >= {threshold})")
+    return "\n".join(lines)

@@ -18,27 +18,22 @@ larger activation arrives `w` doubles as often as needed and bins `2i, 2i+1` mer
 (exact: the old edges are among the new ones), so the final `w` and counts do not depend on the
 order of the data. Each positive activation gets an i.i.d. uniform key (seeded) and each bin
 keeps its smallest-key entry: an exactly uniform draw, and a merge keeps the smaller minimum.
+
+The result is a :class:`~featopt.dictionaries.feature_stats.FeatureStats` (saved, read back and
+turned into each latent's record there).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from featopt.data import ContextSources
+from featopt.dictionaries.feature_stats import TENSORS, FeatureStats, locate
 from featopt.errors import FeatoptError
-
-FORMAT, VERSION = "featopt-feature-stats", 1
-_TENSORS = ("top_values", "top_index", "top_tokens", "top_acts", "top_doc", "top_pos", "bin_width", "bin_counts",
-            "bin_index", "bin_values", "bin_tokens", "bin_acts", "bin_doc", "bin_pos", "freq", "max", "sum")
-
 
 def _pow2_width(m: Tensor, n_bins: int) -> Tensor:
     """The smallest power of two `w` with `n_bins * w > m`, elementwise, for `m > 0` (float64)."""
@@ -223,117 +218,12 @@ class StatsAccumulator:
             for name in ("top_values", "top_index", "top_tokens", "top_acts"):
                 s[name] = s[name].gather(1, order if s[name].dim() == 2 else order[..., None].expand_as(s[name]))
             s["top_values"] = torch.where(s["top_index"] >= 0, s["top_values"], 0.0)
-            top_doc, top_pos = _locate(s["top_index"], sources, self.context_length)
-            bin_doc, bin_pos = _locate(s["bin_index"], sources, self.context_length)
-            tensors = {name: s[name] for name in _TENSORS if name in s}
+            top_doc, top_pos = locate(s["top_index"], sources, self.context_length)
+            bin_doc, bin_pos = locate(s["bin_index"], sources, self.context_length)
+            tensors = {name: s[name] for name in TENSORS if name in s}
             return FeatureStats(**tensors, top_doc=top_doc, top_pos=top_pos, bin_doc=bin_doc, bin_pos=bin_pos,
                                 tokens=self.tokens, documents=list(sources.documents) if sources else [],
                                 meta=dict(meta or {}), window=self.window, context_length=self.context_length)
-
-
-def _locate(index: Tensor, sources: ContextSources | None, length: int) -> tuple[Tensor, Tensor]:
-    """Document index and position `[...]` (int32, -1 unknown) of global token indices `index [...]`."""
-    if sources is None:
-        return torch.full(index.shape, -1, dtype=torch.int32), torch.full(index.shape, -1, dtype=torch.int32)
-    if sources.doc.dim() != 2 or sources.doc.shape[1] != length or int(index.max()) >= sources.doc.numel():
-        raise FeatoptError(f"the sources ({tuple(sources.doc.shape)}) are not those of the contexts of {length} tokens "
-                           f"the statistics were taken on: give the sources corpus_contexts returned with them.")
-    safe = index.clamp(min=0)
-    return tuple(torch.where(index >= 0, t.reshape(-1).cpu()[safe], -1).to(torch.int32) for t in (sources.doc, sources.pos))
-
-
-@dataclass
-class FeatureStats:
-    """Per-latent corpus statistics (see the module docstring). Shapes, `W = before + 1 + after`:
-    `top_*` `[d_sae, k]` (windows `[d_sae, k, W]`), `bin_*` `[d_sae, n_bins]` (windows
-    `[d_sae, n_bins, W]`), `freq`, `max`, `sum`, `bin_width` `[d_sae]`. Index -1 marks an empty
-    slot (value 0); doc/pos -1 an unknown source; window tokens -1 lie outside the context."""
-
-    top_values: Tensor  # float32, descending
-    top_index: Tensor  # int64 global token index c * L + p
-    top_tokens: Tensor  # int32
-    top_acts: Tensor  # float32
-    top_doc: Tensor  # int32, into documents
-    top_pos: Tensor  # int32, position in the document
-    bin_width: Tensor  # float32, a power of two (0: never fired)
-    bin_counts: Tensor  # int64
-    bin_index: Tensor
-    bin_values: Tensor
-    bin_tokens: Tensor
-    bin_acts: Tensor
-    bin_doc: Tensor
-    bin_pos: Tensor
-    freq: Tensor  # int64, tokens with z > 0
-    max: Tensor  # float32
-    sum: Tensor  # float64
-    tokens: int
-    documents: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    window: tuple[int, int] = (24, 8)
-    context_length: int = 0
-
-    @property
-    def d_sae(self) -> int:
-        return self.freq.shape[0]
-
-    def save(self, folder: str | Path) -> Path:
-        """Write `features.safetensors` and `features.json` into `folder`, each atomically."""
-        from safetensors.torch import save_file
-
-        from featopt.results import atomic_write
-
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
-        header = {"format": FORMAT, "version": VERSION, "d_sae": self.d_sae, "top_k": self.top_values.shape[1],
-                  "n_bins": self.bin_counts.shape[1], "window": list(self.window), "context_length": self.context_length,
-                  "tokens": self.tokens, "documents": self.documents, "meta": self.meta}
-        text = json.dumps(header, indent=2, ensure_ascii=False, default=str)
-        atomic_write(out / "features.safetensors", lambda tmp: save_file(tensors, tmp))
-        atomic_write(out / "features.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        return out
-
-    @classmethod
-    def load(cls, folder: str | Path) -> FeatureStats:
-        """Read back what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        files = folder / "features.json", folder / "features.safetensors"
-        if not all(f.is_file() for f in files):
-            raise FeatoptError(f"{str(folder)!r} holds no corpus statistics (features.json and features.safetensors): "
-                               f"give a folder written by FeatureStats.save.")
-        header = json.loads(files[0].read_text(encoding="utf-8"))
-        tensors = load_file(str(files[1]))
-        if header.get("format") != FORMAT or header.get("version") != VERSION or set(tensors) != set(_TENSORS):
-            raise FeatoptError(f"{str(files[0])!r} is not version {VERSION} of featopt's corpus statistics: write it again.")
-        return cls(**tensors, tokens=header["tokens"], documents=header["documents"], meta=header["meta"],
-                   window=tuple(header["window"]), context_length=header["context_length"])
-
-    def _example(self, kind: str, i: int, j: int, decode: Callable[[int], str]) -> dict:
-        index, doc, pos = (int(getattr(self, f"{kind}_{name}")[i, j]) for name in ("index", "doc", "pos"))
-        tokens, acts = getattr(self, f"{kind}_tokens")[i, j].tolist(), getattr(self, f"{kind}_acts")[i, j].tolist()
-        return {"activation": float(getattr(self, f"{kind}_values")[i, j]), "context": index // self.context_length,
-                "index": index % self.context_length, "document": self.documents[doc] if doc >= 0 else None,
-                "position": pos if pos >= 0 else None, "tokens": [decode(t) for t in tokens if t >= 0],
-                "acts": [a for t, a in zip(tokens, acts) if t >= 0],
-                "target": self.window[0] - sum(t < 0 for t in tokens[: self.window[0]])}  # padding lies only before or after
-
-    def record(self, latent: int, decode: Callable[[int], str]) -> dict:
-        """Latent `latent`'s JSON-able record; `decode(id)` spells one token."""
-        if not 0 <= latent < self.d_sae:
-            raise FeatoptError(f"latent {latent} is out of range: this SAE has latents 0 .. {self.d_sae - 1}.")
-        i, fires, width = latent, int(self.freq[latent]), float(self.bin_width[latent])
-        counts = self.bin_counts[i].tolist()
-        return {
-            "latent": i, "tokens": self.tokens, "fires": fires, "frequency": fires / self.tokens if self.tokens else 0.0,
-            "max": float(self.max[i]), "mean_when_active": float(self.sum[i]) / fires if fires else 0.0,
-            "histogram": {"bin_width": width, "counts": counts},
-            "top_examples": [self._example("top", i, j, decode) for j in range(self.top_index.shape[1])
-                             if self.top_index[i, j] >= 0],
-            "uniform_examples": [{"bin": [b * width, (b + 1) * width], "count": counts[b], **self._example("bin", i, b, decode)}
-                                 for b in range(len(counts)) if self.bin_index[i, b] >= 0],
-        }
 
 
 def corpus_stats(

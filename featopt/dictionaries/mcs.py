@@ -83,25 +83,3 @@ def mcs_table(saes: Sequence, names: Sequence[str], *, threshold: float = 0.9, b
                          "above_fraction": above / len(mcs), "threshold": threshold,
                          "histogram": torch.histc(mcs.clamp(0, 1), bins, 0, 1).long().tolist()})
     return rows
-
-
-def format_mcs(rows: list[dict]) -> str:
-    """A plain-text table of :func:`mcs_table` rows: dictionary a down, b across, each cell
-    `mean MCS (latents of a with MCS >= threshold)`; the diagonal is `-`."""
-    if not rows:
-        raise FeatoptError("no MCS rows to format: give the output of mcs_table.")
-    names, sizes = [], {}
-    for row in rows:
-        for key in ("a", "b"):
-            if row[key] not in sizes:
-                names.append(row[key])
-                sizes[row[key]] = row[f"d_sae_{key}"]
-    cells = {(row["a"], row["b"]): f"{row['mean']:.3f} ({row['above']})" for row in rows}
-    labels = [f"{name} [{sizes[name]}]" for name in names]
-    table = [["a \\ b", *labels]]
-    table += [[label, *(cells.get((a, b), "-") for b in names)] for label, a in zip(labels, names)]
-    widths = [max(len(line[c]) for line in table) for c in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
-    threshold = rows[0].get("threshold", "threshold")
-    lines.append(f"cell: mean max cosine similarity of a's decoder rows to b's (latents of a with MCS >= {threshold})")
-    return "\n".join(lines)

@@ -1,8 +1,9 @@
 """SAE training as a LightningModule over streamed activations; several SAEs from one pass.
 
 Every SAE of a run (several dictionary sizes, several sites) is fed from the same activations,
-so the model's forward, the expensive part, is paid once. Losses (sparsify's conventions, which
-put every term on the scale of a fraction of variance):
+so the model's forward, the expensive part, is paid once. Each SAE's loss is its architecture's
+(`SparseAutoencoder.training_loss`, sparsify's conventions, which put every term on the scale of
+a fraction of variance):
 
 - all: `fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2` over the global batch;
 - relu: `+ l1 * sum_i z_i ||W_dec[i]|| / sum ||x - mean(x)||^2`;
@@ -17,35 +18,23 @@ raw activations. Decoder rows stay at unit norm (relu, topk); b_dec starts at th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featopt.models import ModelAdapter, Site, parse_site
-from featopt.runs.handle import ModelHandle
 from featopt.dictionaries.activations import ActivationStream
-from featopt.models.sae.model import SAEConfig, SparseAutoencoder
-from featopt.models.sae.relu_loss import relu_loss
+from featopt.models import ModelAdapter, parse_site
+from featopt.models.sae import LossTerms, SAEConfig, SparseAutoencoder
+from featopt.runs.handle import ModelHandle
 
 
 def auto_lr(d_sae: int) -> float:
     """sparsify's default: 2e-4 at 2^14 latents, scaled by 1/sqrt(d_sae / 2^14)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
-
-
-def _pre_acts(sae: SparseAutoencoder, x: Tensor) -> Tensor:
-    """`sae.pre_acts` for training rows `x [n, d_in]` that need no gradient: the centring on the
-    bias (`x W_enc + b_enc - b_dec W_enc`), so that backward skips the `[n, d_in]` matmul whose
-    only use would be the row sum reaching `b_dec`."""
-    if not sae.cfg.apply_b_dec_to_input:
-        return x @ sae.W_enc + sae.b_enc
-    return torch.addmm(sae.b_enc - sae.b_dec @ sae.W_enc, x.to(sae.W_enc.dtype), sae.W_enc)
 
 
 class SAETraining(L.LightningModule):
@@ -136,42 +125,10 @@ class SAETraining(L.LightningModule):
     # ----------------------------------------------------------------- one step
     def _losses(self, i: int, sae: SparseAutoencoder, x: Tensor, total_var: Tensor) -> tuple[Tensor, dict]:
         """Loss of SAE i on this rank's rows `x [n, d_in]` (a sum over rows, as a share of the
-        global batch) and its statistics."""
-        cfg = sae.cfg
-        if cfg.architecture == "relu" and cfg.apply_b_dec_to_input:
-            loss, sq, l0, fired = relu_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, total_var, self.l1,
-                                             count=self._logs_this_step())
-            return loss, {"fvu": sq, "l0": l0.double(), "fired": fired}
-        pre = _pre_acts(sae, x)
-        if cfg.architecture == "topk":
-            top = pre.topk(cfg.k, dim=-1, sorted=False)
-            values, indices = torch.relu(top.values), top.indices
-            # The decoder reads k rows per token instead of a dense [n, d_sae] matmul.
-            x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values.to(sae.W_dec.dtype), mode="sum") + sae.b_dec
-            fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
-            fired[indices[values > 0]] = True
-            l0 = (values > 0).sum()
-        else:
-            z = sae.activate(pre)
-            x_hat = sae.decode(z)
-            fired = (z > 0).any(0)
-            l0 = (z > 0).sum()
-        e = x - x_hat
-        sq = e.pow(2).sum()
-        loss = sq / total_var
-        stats = {"fvu": sq.detach(), "l0": l0.detach().double()}
-        if cfg.architecture == "relu":
-            loss = loss + self.l1 * (z * sae.W_dec.norm(dim=1)).sum() / total_var
-        since = getattr(self, f"since_fired_{i}")
-        dead = since >= self.dead_tokens
-        if cfg.architecture == "topk" and self.auxk_alpha > 0 and bool(dead.any()):
-            k_aux = min(x.shape[-1] // 2, int(dead.sum()))
-            scale = min(int(dead.sum()) / (x.shape[-1] // 2), 1.0)
-            aux = torch.where(dead[None], pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1, sorted=False)
-            e_hat = F.embedding_bag(aux.indices, sae.W_dec, per_sample_weights=torch.relu(aux.values).to(sae.W_dec.dtype), mode="sum")
-            loss = loss + self.auxk_alpha * scale * (e_hat - e.detach()).pow(2).sum() / total_var
-        stats["fired"] = fired
-        return loss, stats
+        global batch) and its statistics: its architecture's `training_loss`."""
+        dead = getattr(self, f"since_fired_{i}") >= self.dead_tokens
+        terms = LossTerms(l1=self.l1, auxk_alpha=self.auxk_alpha, dead=dead, count=self._logs_this_step())
+        return sae.training_loss(x, total_var, terms)
 
     def training_step(self, batch, batch_idx) -> Tensor:
         step = self.global_step
@@ -227,20 +184,19 @@ class SAETraining(L.LightningModule):
         return self.global_step % every == 0 or self.global_step + 1 == self.trainer.max_steps
 
     def sae_name(self, i: int) -> str:
-        cfg = self.saes[i].cfg
-        k = f"-k{cfg.k}" if cfg.architecture == "topk" else ""
-        return f"{cfg.hook_name}-{cfg.architecture}-{cfg.d_sae}{k}"
+        sae = self.saes[i]
+        return f"{sae.cfg.hook_name}-{sae.cfg.architecture}-{sae.d_sae}{sae.label()}"
 
     # ----------------------------------------------------------------- optimization
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes:
-            if sae.cfg.architecture in ("relu", "topk"):
+            if sae.unit_decoder:
                 sae.remove_parallel_grads()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         for sae in self.saes:
-            if sae.cfg.architecture in ("relu", "topk"):
+            if sae.unit_decoder:
                 sae.normalize_decoder()
 
     def configure_optimizers(self):

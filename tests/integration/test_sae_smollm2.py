@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from featopt.models.sae.attach import attach
-from featopt.commands.sae_train import TrainConfig, run_train
-from featopt.discrete.exhaustive import ExhaustiveConfig, run
+from featopt.commands.sae_train import TrainConfig, train
+from featopt.commands.search import ExhaustiveConfig
+from featopt.commands.search import exhaustive as run
 from tests.integration.conftest import MODELS
 from tests.discrete.search_reference import resid_post
 
@@ -28,7 +29,7 @@ def trained(smollm, tmp_path_factory):
                          architecture="topk", expansion="1", k=16, tokens=24_576, context_length=64,
                          batch_size=2048, buffer_batches=4, warmup_steps=2, eval_contexts=16,
                          out=str(tmp_path_factory.mktemp("sae")), progress=False)
-    return run_train(config, smollm)
+    return train(config, smollm)
 
 
 def _latents(sae, x):

@@ -88,7 +88,7 @@ def test_bos_cache_holds_a_plain_forward_of_bos_then_the_corpus_and_training_che
     import pytest
 
     from featopt.errors import FeatoptError
-    from featopt.commands.sae_train import CacheConfig, TrainConfig, run_cache, run_train
+    from featopt.commands.sae_train import CacheConfig, TrainConfig, cache, train
 
     adapter = load_model("tiny-llama")
     text = tmp_path / "corpus"
@@ -108,17 +108,17 @@ def test_bos_cache_holds_a_plain_forward_of_bos_then_the_corpus_and_training_che
         hook.remove()
     settings = dict(model="tiny-llama", site="blocks.1.resid_post", corpus=str(text), split="all", context_length=16,
                     progress=False)
-    run_cache(CacheConfig(**settings, bos=True, batch_contexts=5, out=str(tmp_path / "bos")), adapter)
+    cache(CacheConfig(**settings, bos=True, batch_contexts=5, out=str(tmp_path / "bos")), adapter)
     assert not adapter.bos  # the caller's adapter is left as it was
-    cache = CacheSource(tmp_path / "bos")
-    assert cache.meta["bos"] is True and cache.meta["contexts_shape"] == [n, 16]
+    cached = CacheSource(tmp_path / "bos")
+    assert cached.meta["bos"] is True and cached.meta["contexts_shape"] == [n, 16]
     assert torch.equal(torch.load(tmp_path / "bos" / "contexts.pt"), ids)
-    torch.testing.assert_close(cache.acts[adapter.site("blocks.1.resid_post")], seen[0])
-    run_cache(CacheConfig(**settings, out=str(tmp_path / "plain")), adapter)
+    torch.testing.assert_close(cached.acts[adapter.site("blocks.1.resid_post")], seen[0])
+    cache(CacheConfig(**settings, out=str(tmp_path / "plain")), adapter)
     assert json.loads((tmp_path / "plain" / "activations.json").read_text())["bos"] is False
-    train = dict(model="tiny-llama", site="blocks.1.resid_post", tokens=64, context_length=16, batch_size=32,
-                 eval_contexts=0, progress=False, out=str(tmp_path / "sae"))
+    training = dict(model="tiny-llama", site="blocks.1.resid_post", tokens=64, context_length=16, batch_size=32,
+                    eval_contexts=0, progress=False, out=str(tmp_path / "sae"))
     for cached, bos in (("bos", False), ("plain", True)):
         with pytest.raises(FeatoptError, match="--bos"):
-            run_train(TrainConfig(**train, activations=str(tmp_path / cached), bos=bos), adapter)
+            train(TrainConfig(**training, activations=str(tmp_path / cached), bos=bos), adapter)
     assert not (tmp_path / "sae").exists()

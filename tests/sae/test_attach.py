@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from featopt.commands.optimize import AscentConfig, optimize
+from featopt.commands.search import ExhaustiveConfig, GreedyConfig, exhaustive, greedy
 from featopt.models import ModelAdapter
-from featopt.models.tiny import build_tiny
-from featopt.gradient import ascent
 from featopt.models.sae.attach import attach
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
-from featopt.discrete import exhaustive, greedy
+from featopt.models.tiny import build_tiny
 from tests.discrete.search_reference import resid_post
 
 LAYER = 1
@@ -55,9 +55,9 @@ def test_attach_reads_the_sae_site_and_refuses_a_wrong_width(tiny64, sae):
 
 def test_exhaustive_sweep_of_every_latent_equals_brute_force(tiny64, sae, tmp_path):
     view, site = attach(tiny64, sae)
-    config = exhaustive.ExhaustiveConfig(model="tiny-llama", layer=LAYER, features="[:, :, 0-39]",
-                                         top_k=3, progress=False, out=str(tmp_path), dtype="float64")
-    results = exhaustive.run(config, view).results
+    config = ExhaustiveConfig(model="tiny-llama", layer=LAYER, features="[:, :, 0-39]",
+                              top_k=3, progress=False, out=str(tmp_path), dtype="float64")
+    results = exhaustive(config, view).results
     ids = torch.arange(tiny64.vocab_size)[:, None]
     brute = _latents(tiny64, sae, ids)[:, 0]  # [vocab, 40]
     assert len(results) == 40
@@ -70,9 +70,9 @@ def test_exhaustive_sweep_of_every_latent_equals_brute_force(tiny64, sae, tmp_pa
 
 def test_greedy_with_an_sae_equals_brute_force(tiny64, sae, tmp_path):
     view, _ = attach(tiny64, sae)
-    config = greedy.GreedyConfig(model="tiny-llama", layer=LAYER, features="[:, :, 5]", tokens=2, variant="last",
-                                 progress=False, out=str(tmp_path), dtype="float64")
-    result = greedy.run(config, view).results[0]
+    config = GreedyConfig(model="tiny-llama", layer=LAYER, features="[:, :, 5]", tokens=2, variant="last",
+                          progress=False, out=str(tmp_path), dtype="float64")
+    result = greedy(config, view).results[0]
     first = int(torch.argmax(_latents(tiny64, sae, torch.arange(tiny64.vocab_size)[:, None])[:, -1, 5]))
     pairs = torch.stack([torch.full((tiny64.vocab_size,), first), torch.arange(tiny64.vocab_size)], 1)
     second = int(torch.argmax(_latents(tiny64, sae, pairs)[:, -1, 5]))
@@ -81,9 +81,9 @@ def test_greedy_with_an_sae_equals_brute_force(tiny64, sae, tmp_path):
 
 def test_embedding_ascent_on_a_latent_re_measures_the_decoded_tokens(tiny64, sae, tmp_path):
     view, _ = attach(tiny64, sae)
-    config = ascent.AscentConfig(model="tiny-llama", layer=LAYER, features="[:, :, 0-2]", tokens=3, steps=15,
-                                 progress=False, out=str(tmp_path), decode_every=100)
-    run = ascent.run(config, view)
+    config = AscentConfig(model="tiny-llama", layer=LAYER, features="[:, :, 0-2]", tokens=3, steps=15,
+                          progress=False, out=str(tmp_path), decode_every=100)
+    run = optimize(config, view)
     for f, result in enumerate(run.results):
         brute = _latents(tiny64, sae, torch.tensor([result.token_ids]))[0, :, f].mean()
         assert result.activation == pytest.approx(float(brute), abs=1e-6)

@@ -14,7 +14,8 @@ import torch
 from featopt.data import corpus_contexts
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.dictionaries.corpus_stats import FeatureStats, StatsAccumulator, corpus_stats
+from featopt.dictionaries.corpus_stats import StatsAccumulator, corpus_stats
+from featopt.dictionaries.feature_stats import FeatureStats
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D, L, N_CTX, D_SAE = 64, 12, 30, 24

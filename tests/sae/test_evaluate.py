@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from featopt.errors import FeatoptError
 from featopt.models import load_model
-from featopt.dictionaries.evaluate import (
+from featopt.commands.sae_eval import metrics_table
+from featopt.dictionaries.evaluate import evaluate
+from featopt.dictionaries.metrics import (
     DeadFraction, ExplainedVariance, FiringFrequency, FractionVarianceUnexplained, MeanCrossEntropy, MeanL0,
-    ReconstructionMSE, ce_loss_recovered, evaluate, format_metrics,
+    ReconstructionMSE, ce_loss_recovered,
 )
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
@@ -248,10 +250,10 @@ def test_rejects_bad_input(llama):
         evaluate(llama.with_features("blocks.1.resid_post", topk_sae()), [topk_sae()], ids)
 
 
-def test_format_metrics(llama):
+def test_metrics_table(llama):
     ids = contexts(llama)
     rows = evaluate(llama, [topk_sae(), identity_sae()], ids, batch_size=5, frequency=True)
-    text = format_metrics(rows, ["topk", "identity"])
+    text = metrics_table(rows, ["topk", "identity"])
     lines = text.splitlines()
     assert lines[0].split() == ["metric", "topk", "identity"]
     body = {line.split()[0]: line.split()[1:] for line in lines[2:]}
@@ -259,9 +261,9 @@ def test_format_metrics(llama):
     assert body["tokens"] == [str(N_CTX * (T - 1))] * 2
     assert float(body["fvu"][1]) == 0.0 and float(body["ce_loss_recovered"][1]) == pytest.approx(1.0)
     assert float(body["mse"][0]) == pytest.approx(rows[0]["mse"], rel=1e-5)
-    assert "-" in format_metrics([{"mse": 1.0}, {"fvu": 0.5}], ["a", "b"])
+    assert "-" in metrics_table([{"mse": 1.0}, {"fvu": 0.5}], ["a", "b"])
     with pytest.raises(FeatoptError, match="one name per SAE"):
-        format_metrics(rows, ["only one"])
+        metrics_table(rows, ["only one"])
 
 
 # ----------------------------------------------------------------- the Metric classes
@@ -341,7 +343,8 @@ def test_eval_command_with_bos_evaluates_bos_then_the_corpus(llama, tmp_path):
     stream, cut here), through a plain HF forward, the SAE in numpy and a hand-rolled splice."""
     import json
 
-    from featopt.commands.sae_train import EvalConfig, run_eval
+    from featopt.commands.sae_eval import EvalConfig
+    from featopt.commands.sae_eval import evaluate as eval_command
     from featopt.models.sae.formats import load_sae, save_sae
 
     corpus = tmp_path / "corpus"
@@ -352,7 +355,7 @@ def test_eval_command_with_bos_evaluates_bos_then_the_corpus(llama, tmp_path):
     ids = torch.tensor([[tok.bos_token_id] + stream[i * 11:(i + 1) * 11] for i in range(4)])
     save_sae(topk_sae(), tmp_path / "sae")
     sae = load_sae(tmp_path / "sae")
-    run = run_eval(EvalConfig(model="tiny-llama", bos=True, sae=str(tmp_path / "sae"), corpus=str(corpus), split="all",
+    run = eval_command(EvalConfig(model="tiny-llama", bos=True, sae=str(tmp_path / "sae"), corpus=str(corpus), split="all",
                               context_length=12, contexts=4, batch_contexts=3, out=str(tmp_path / "eval"),
                               progress=False), llama)
     assert not llama.bos  # the caller's adapter is left as it was

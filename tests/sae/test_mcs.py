@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from featopt.errors import FeatoptError
-from featopt.dictionaries.mcs import format_mcs, max_cosine, mcs_table
+from featopt.commands.sae_read import mcs_text
+from featopt.dictionaries.mcs import max_cosine, mcs_table
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 D = 8
@@ -84,7 +85,7 @@ def test_mcs_table_by_hand():
         assert row["histogram"] == expected and sum(row["histogram"]) == len(A)
     one_two = rows[0]
     assert one_two["above"] == 6 and one_two["mean"] == pytest.approx(1.0, abs=1e-6)
-    text = format_mcs(rows)
+    text = mcs_text(rows)
     lines = text.splitlines()
     assert lines[0].split() == ["a", "\\", "b", "1x", "[6]", "2x", "[16]", "rand", "[5]"]
     assert lines[1].split()[:4] == ["1x", "[6]", "-", f"{one_two['mean']:.3f}"] and "(6)" in lines[1]

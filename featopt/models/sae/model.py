@@ -41,10 +41,12 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {}
 
 
 def register(name: str):
-    """Class decorator: the class is architecture `name` (what `cfg.architecture` says)."""
+    """Class decorator: the class is architecture `name` (what `cfg.architecture` says); its SAELens
+    name is its own `saelens_name` (not one inherited from the class it extends), else `name`."""
     def add(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
         cls.name = name
-        cls.saelens_name = cls.saelens_name or name
+        cls.saelens_name = vars(cls).get("saelens_name") or name
+        cls.saelens_aliases = vars(cls).get("saelens_aliases", ())
         ARCHITECTURES[name] = cls
         return cls
     return add
