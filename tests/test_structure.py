@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / "featopt"
 #: import each other (without circles).
 LAYERS = [
     ["featopt.version", "featopt.errors"],
-    ["featopt.interrupt", "featopt.cache", "featopt.memory"],  # foundations: signals, cache folders, memory checks
+    ["featopt.interrupt", "featopt.cache", "featopt.memory", "featopt.atomic"],  # foundations: signals, cache
+    # folders, memory checks, atomic writes
     ["featopt.models"],  # the only code that knows a model's internals, and the feature maps on a site
     ["featopt.results"],  # one record per problem, written atomically
     ["featopt.specs", "featopt.data", "featopt.plots"],  # feature specs, corpora, figures

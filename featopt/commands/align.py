@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from featopt.commands.fields import check_at_least, record_of
+from featopt.commands.fields import record_of
 from featopt.commands.loading import load_for
 from featopt.commands.result import CommandResult
 from featopt.commands.search import ExhaustiveConfig, exhaustive

@@ -21,17 +21,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
+from featopt.atomic import atomic_folder
 from featopt.errors import FeatoptError
 from featopt.models.sae.model import ARCHITECTURES, SAEConfig, SparseAutoencoder
 from featopt.models.sites import parse_site
@@ -90,35 +88,11 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in type(sae).saved_names}
     from safetensors.torch import save_file
 
-    with _new_folder(out) as tmp:
+    with atomic_folder(out) as tmp:
         (tmp / CFG).write_text(text, encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS))
         os.chmod(tmp / WEIGHTS, (tmp / CFG).stat().st_mode)  # safetensors writes 0600; give it the umask's mode
     return out
-
-
-@contextlib.contextmanager
-def _new_folder(out: Path):
-    """Build a folder in a hidden sibling (yielded) and rename it into `out` at the end, replacing an
-    old `out` whole; on any error the sibling goes and `out` stays as it was. (The rule of
-    `featopt.results.atomic_folder`, which sits a layer above the models.)"""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.parent / f".{out.name}.{secrets.token_hex(4)}.{end}" for end in ("tmp", "old"))
-    tmp.mkdir()  # not mkdtemp: its 0700 would make the saved folder private
-    try:
-        yield tmp
-        if not out.exists():
-            os.replace(tmp, out)
-        else:  # a folder cannot be renamed over a non-empty one: move the old aside, then drop it
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replaceable(out: Path) -> bool:
