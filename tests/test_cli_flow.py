@@ -113,6 +113,25 @@ def test_steer_with_r_one_generates_the_baseline(files, tmp_path):
     assert (tmp_path / "steering.png").is_file() and (tmp_path / "graph" / "graph.json").is_file()
 
 
+
+def test_python_api_runs_on_a_loaded_model(files, tmp_path):
+    """`featopt.flow.*(adapter=...)`: the graph is labelled by that model without --model; a corpus
+    command sees it with its own --bos and leaves the caller's as it was; the records match the CLI's."""
+    import featopt.flow
+
+    adapter = load_model("tiny-llama")
+    run = featopt.flow.graph(saes=str(files["saes"]), feature="2/res/3", threshold="0.2", adapter=adapter,
+                             out=str(tmp_path / "g"))
+    assert run.graph.nodes and all(attrs["label"] for attrs in run.graph.nodes.values())
+    assert json.loads((tmp_path / "g" / "graph.json").read_text())["settings"]["run"]["model"] == "tiny-llama"
+    args = dict(saes=str(files["saes"]), corpus=str(files["corpus"]), tokens=512, context_length=16, progress=False)
+    run = featopt.flow.groups(**args, bos=True, adapter=adapter, out=str(tmp_path / "api"))
+    assert adapter.bos is False and "From RES" in run.table()
+    assert main(["flow", "groups", "--model", "tiny-llama", "--bos", "--saes", str(files["saes"]), "--corpus",
+                 str(files["corpus"]), *SMALL, "--out", str(tmp_path / "cli")]) == 0
+    api, cli = (json.loads((tmp_path / name / "groups.json").read_text()) for name in ("api", "cli"))
+    assert api["layers"] == cli["layers"]
+
 def _block_out(model, ids, layer):
     """The output of HF block `layer` for `ids [N, T]`, from a plain forward with a hook."""
     seen = []

@@ -13,57 +13,94 @@ from pathlib import Path
 
 import torch
 
+from featopt.commands.fields import check_at_least
+from featopt.commands.flow_match import (FlowSettings, corpus_for, flow_out, load_flow, meta, model_for, parse_floats,
+                                         parse_layers, parse_nodes, parse_threshold, write_json)
+from featopt.commands.result import CommandResult
+from featopt.commands.settings import InputSettings, OutputSettings, SeedSettings
 from featopt.errors import FeatoptError
-from featopt.commands.flow_match import (
-    check_at_least, corpus_for, load_flow, load_model_for, meta, out_dir, parse_floats, parse_layers, parse_nodes,
-    parse_threshold, write_json,
-)
+from featopt.feature_flow.graph import FlowGraph, flow_graph
+from featopt.feature_flow.saes import FlowSet, Node
+from featopt.feature_flow.steer import compare_single_multi, prompt_ids
+from featopt.feature_flow.steer_edits import reference_activations
+from featopt.feature_flow.steer_report import format_steering, plot_steering, save_steering
+from featopt.models import ModelAdapter
 
 DEFAULT_PROMPTS = ["I think that", "The most important thing is", "Yesterday, my friend and I", "In this article, we"]
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(OutputSettings, SeedSettings, FlowSettings, InputSettings):
     """Settings of `featopt flow steer`."""
 
-    model: str = "tiny-llama"
-    bos: bool = False  # start every prompt and --corpus context with the model's BOS token (off: the tokenizer's own special tokens)
-    trust_remote_code: bool = False  # let a model folder or hub id run its own Python code
-    saes: str = ""
-    feature: str = ""  # the initially chosen features (single-layer set), e.g. "6/res/123,6/res/7"
-    graph: str | None = None  # a `flow graph` folder or graph.json for the multi-layer set (default: built here)
-    k: int = 1  # the graph built here: matches per step,
-    threshold: str = "0.3"  # least cosine (a number or res=..,mlp=..,att=..),
-    direction: str = "backward"  # and direction (backward: the features' sources)
-    layers: str | None = None  # keep only these layers of the graph for multi-layer steering
-    targets: str | None = None  # features whose activation is the theme score (default: --feature)
+    bos: bool = False
+    """start every prompt and --corpus context with the model's BOS token (off: the tokenizer's own special tokens)"""
+    feature: str = ""
+    """the initially chosen features (the single-layer set) as LAYER/MODULE/INDEX, e.g. 6/res/123,6/res/7"""
+    graph: str | None = None
+    """a flow graph folder or graph.json: its features are the multi-layer set (default: built from --feature)"""
+    k: int = 1
+    """the graph built here: matches followed per feature and neighbouring SAE"""
+    threshold: str = "0.3"
+    """the graph built here: the least decoder cosine of a link (a number, or res=..,mlp=..,att=..)"""
+    direction: str = "backward"
+    """the graph built here: backward (the features' sources), forward or both"""
+    layers: str | None = None
+    """keep only these layers of the graph for multi-layer steering, comma-separated"""
+    targets: str | None = None
+    """features whose activation is the theme score (default: --feature)"""
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    mode: str = "add"  # add: x + r * a_max * W_dec[i]; scale: each feature's contribution times r
+    """prompts to continue (a list)"""
+    mode: str = "add"
+    """add (x + r a_max W_dec[i]) or scale (each feature's share times r)"""
     rs: str = "1,2,4,8"
-    tokens: int = 32  # new tokens per generation
-    theme_words: str = ""  # comma-separated words whose log-prob is also scored
-    temperature: float = 0.0  # 0: greedy
-    corpus: str | None = None  # add mode: reference activations (max over this text); default: the prompts
+    """r values, comma-separated: one setting of each strategy per value"""
+    tokens: int = 32
+    """new tokens per generation"""
+    theme_words: str = ""
+    """words whose log-prob is scored too, comma-separated"""
+    temperature: float = 0.0
+    """sampling temperature (0: greedy)"""
+    corpus: str | None = None
+    """add mode: a folder of .txt files or one .txt file whose max activations are the reference (default: the prompts)"""
     corpus_tokens: int = 20_000
+    """add mode: corpus tokens for the reference (max) activations"""
     context_length: int = 128
+    """tokens per --corpus context (the BOS token of --bos counted)"""
     seed: int = 0
-    dtype: str = "float32"
-    progress: bool = True
-    out: str | None = None
+    """seed of the sampling (with --temperature above 0)"""
 
 
 @dataclass
-class SteerRun:
+class SteerRun(CommandResult):
+    """The steering result (`SteeringResult`), the single- and multi-layer feature sets, the folder
+    and the picture."""
+
     result: object
     single: list
     multi: list
     out: Path
     png: Path | None = None
 
+    def table(self) -> str:
+        layers = sorted({n.layer for n in self.multi})
+        lines = [f"single-layer: {len(self.single)} features; multi-layer: {len(self.multi)} features on layers "
+                 f"{', '.join(map(str, layers))}", format_steering(self.result)]
+        lines += [f"note: {n}" for n in self.result.notes]
+        best = {}
+        for o in self.result.outcomes:
+            best.setdefault(o.setting.strategy, []).append(o)
+        for strategy, outcomes in best.items():
+            top = max(outcomes, key=lambda o: o.mean("theme"))
+            lines.append(f"{strategy}: highest theme {top.mean('theme'):.4g} at r={top.setting.r:g}: "
+                         f"{top.generations[0].text!r}")
+        lines.append(f"plot: {self.png}")
+        return "\n".join(lines)
 
-def _multi_nodes(config: SteerConfig, flow, single: list) -> tuple[list, object]:
-    from featopt.feature_flow.graph import FlowGraph, flow_graph
 
+def multi_nodes(config: SteerConfig, flow: FlowSet, single: list[Node]) -> tuple[list[Node], FlowGraph]:
+    """The multi-layer set (the features of `--graph`, or of the graph of `single` built here,
+    kept on `--layers`) and that graph."""
     if config.graph:
         path = Path(config.graph)
         if not path.exists():
@@ -85,20 +122,20 @@ def _multi_nodes(config: SteerConfig, flow, single: list) -> tuple[list, object]
     return nodes, graph
 
 
-def run_steer(config: SteerConfig) -> SteerRun:
-    from featopt.feature_flow.steer import prompt_ids, compare_single_multi, plot_steering, reference_activations, save_steering
-
+def steer(config: SteerConfig, adapter: ModelAdapter | None = None) -> SteerRun:
+    """Generate from every prompt unsteered, and steered on the single- and on the multi-layer set
+    at every `--rs`; `out/steering.json`, `out/steering.png`, `out/run.json` and `out/graph/`."""
     check_at_least(config, ["tokens", "corpus_tokens", "context_length"])
     rs = parse_floats(config.rs, "--rs")
     prompts = [p for p in (config.prompts or [])]
     if not prompts or any(not str(p).strip() for p in prompts):
         raise FeatoptError("--prompts must hold one or more non-empty texts.")
-    out = out_dir(config.out)
+    out = flow_out(config.out)
     flow = load_flow(config.saes)
     single = parse_nodes(config.feature, flow)
     targets = parse_nodes(config.targets, flow, "--targets") if config.targets else single
-    multi, graph = _multi_nodes(config, flow, single)
-    adapter = load_model_for(config, flow)
+    multi, graph = multi_nodes(config, flow, single)
+    adapter = model_for(config, flow, adapter)
     longest = max(len(prompt_ids(adapter, p)) for p in prompts)  # the ids generation starts from, BOS included
     adapter.check_positions(longest + config.tokens, f"--tokens {config.tokens} after a {longest}-token prompt",
                             f"use at most {max(0, (adapter.context_limit or 0) - longest)}")
@@ -118,21 +155,3 @@ def run_steer(config: SteerConfig) -> SteerRun:
     save_steering(result, out / "steering.json")
     write_json(out, "run.json", meta("flow steer", config, flow, adapter))
     return run
-
-
-def format_steer(run: SteerRun) -> str:
-    from featopt.feature_flow.steer import format_steering
-
-    layers = sorted({n.layer for n in run.multi})
-    lines = [f"single-layer: {len(run.single)} features; multi-layer: {len(run.multi)} features on layers "
-             f"{', '.join(map(str, layers))}", format_steering(run.result)]
-    lines += [f"note: {n}" for n in run.result.notes]
-    best = {}
-    for o in run.result.outcomes:
-        best.setdefault(o.setting.strategy, []).append(o)
-    for strategy, outcomes in best.items():
-        top = max(outcomes, key=lambda o: o.mean("theme"))
-        lines.append(f"{strategy}: highest theme {top.mean('theme'):.4g} at r={top.setting.r:g}: "
-                     f"{top.generations[0].text!r}")
-    lines.append(f"plot: {run.png}")
-    return "\n".join(lines)

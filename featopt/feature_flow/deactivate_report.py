@@ -1,13 +1,14 @@
 """Reports of a deactivation run (document 003, §5.1-5.2): plain-text tables, a JSON-able
 record, Figure 6-7 (:func:`plot_methods`) and Figure 8 (:func:`plot_sweep`), from the results of
-:mod:`featopt.feature_flow.deactivate`."""
+:mod:`featopt.feature_flow.deactivate` (and the events of :mod:`featopt.feature_flow.events`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from featopt.feature_flow.deactivate import DeactivationResult, Events, SweepResult
+from featopt.feature_flow.deactivate import DeactivationResult, SweepResult
+from featopt.feature_flow.events import Events
 from featopt.feature_flow.groups import GROUPS
 
 

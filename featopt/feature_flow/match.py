@@ -18,6 +18,7 @@ used, in groups and deactivation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -127,3 +128,21 @@ def match_predecessors(flow: FlowSet, target: tuple[int, str], k: int = 1, **kwa
     """:func:`match` of `target` against each of its predecessor SAEs present (document 003's
     inner-layer matching: `L-1/res`, `L/mlp`, `L/att` for `L/res`)."""
     return {cand: match(flow, target, cand, k, **kwargs) for cand in flow.predecessors(target)}
+
+
+def plot_matches(pairs: list[Matches], path: str | Path) -> Path:
+    """One histogram per pair of its features' top-1 decoder cosines, with the baseline's beside."""
+    from featopt.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 2.8), squeeze=False)
+    bins = torch.linspace(-0.2, 1.0, 49)
+    for ax, p in zip(axes[0], pairs):
+        ax.hist(p.scores[:, 0].float().cpu().numpy(), bins=bins.numpy(), alpha=0.8, label="top-1")
+        if p.baseline_scores is not None:
+            ax.hist(p.baseline_scores[:, 0].float().cpu().numpy(), bins=bins.numpy(), alpha=0.6, label=p.baseline)
+        ax.set_title(f"{p.target[0]}/{p.target[1]} <- {p.candidate[0]}/{p.candidate[1]}", fontsize=9)
+        ax.set_xlabel("decoder cosine")
+    axes[0][0].set_ylabel("features")
+    axes[0][0].legend(fontsize=8)
+    return save_figure(fig, plt, path)

@@ -4,7 +4,8 @@ A **setting** changes a set of features at every position of every forward while
 generates: mode `"scale"` multiplies each feature's contribution by `r` (`r = 0` deactivates a
 theme, `r > 1` amplifies an active feature, `r = 1` changes nothing, bit for bit); mode `"add"`
 adds `r * reference[node] * W_dec[i]` (activating a feature that is not active; the reference is
-a typical activation of the feature, its max over some text, :func:`reference_activations`).
+a typical activation of the feature, its max over some text,
+:func:`~featopt.feature_flow.steer_edits.reference_activations`).
 *Single-layer* steering acts on the initially chosen features; *multi-layer* steering on all
 features of their flow graph, across layers, so an edit at an early site also reaches every later
 one (the edits compose in one forward).
@@ -15,90 +16,28 @@ Each generation is scored against the unsteered model, by one clean forward of p
   (low: degenerate repetition);
 - **word log-prob** (with theme words): the mean over steps of `log sum_ids softmax(steered logits)`,
   `ids` the first token of each word with and without a leading space.
+
+The edits are built in :mod:`featopt.feature_flow.steer_edits`; the table, picture and JSON
+record of a result in :mod:`featopt.feature_flow.steer_report`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from featopt.errors import FeatoptError
 from featopt.feature_flow.saes import FlowSet, Node, parse_node
-from featopt.interventions.edits import Edit, add_direction, scale_latents
+from featopt.feature_flow.steer_edits import MODES, checked_nodes, reference_activations, steering_edits
 from featopt.interventions.generate import generate
 from featopt.models import ModelAdapter
 
-MODES = ("scale", "add")
 BASELINE = "unsteered"
-
-
-def _nodes(flow: FlowSet, nodes, what: str = "steering") -> list[Node]:
-    nodes = [flow.check_node(n) for n in nodes]
-    if not nodes:
-        raise FeatoptError(f"no feature given for {what}: give one or more features like 6/res/123.")
-    return list(dict.fromkeys(nodes))  # a feature given twice is steered once
-
-
-def _by_sae(nodes: Sequence[Node]) -> dict[tuple[int, str], list[Node]]:
-    groups: dict[tuple[int, str], list[Node]] = {}
-    for node in nodes:
-        groups.setdefault(node.key, []).append(node)
-    return groups
-
-
-def steering_edits(flow: FlowSet, nodes: Sequence[Node | str], r: float, *, mode: str = "scale",
-                   reference: dict[Node, float] | None = None) -> list[Edit]:
-    """One :class:`Edit` per SAE holding some of `nodes`: `"scale"` rescales the latents'
-    contributions by `r`; `"add"` adds `r * sum_i reference[node_i] * W_dec[i]` at every position."""
-    if mode not in MODES:
-        raise FeatoptError(f"unknown steering mode {mode!r}: allowed are {', '.join(MODES)}.")
-    if not math.isfinite(float(r)):
-        raise FeatoptError(f"the steering coefficient r must be a finite number, got {r}.")
-    edits = []
-    for key, group in _by_sae(_nodes(flow, nodes)).items():
-        sae, label = flow[key], f"{mode} r={r:g} " + ",".join(map(str, group))
-        index = [n.index for n in group]
-        if mode == "scale":
-            edits.append(Edit(group[0].site, scale_latents(sae, index, float(r)), label))
-            continue
-        missing = [str(n) for n in group if reference is None or n not in reference]
-        if missing:
-            raise FeatoptError(f"add-mode steering needs a reference activation of {', '.join(missing)}: "
-                               "pass reference=reference_activations(...).")
-        coef = torch.tensor([float(reference[n]) for n in group], dtype=sae.W_dec.dtype)
-        edits.append(Edit(group[0].site, add_direction(coef @ sae.W_dec.detach()[index], float(r)), label))
-    return edits
-
-
-@torch.no_grad()
-def reference_activations(flow: FlowSet, adapter: ModelAdapter, nodes: Sequence[Node | str], contexts: Tensor,
-                          *, batch_size: int = 16) -> dict[Node, float]:
-    """Each node's max activation over `contexts [N, T]` (token ids; position 0, often BOS, is
-    skipped); 1.0, with a warning, for a feature that never fires there."""
-    nodes = _nodes(flow, nodes, "reference activations")
-    flow.check_model(adapter)
-    if contexts.ndim != 2 or contexts.shape[0] < 1 or contexts.shape[1] < 2:
-        raise FeatoptError(f"contexts must be token ids [N, T] with N >= 1 and T >= 2, got {list(contexts.shape)}.")
-    groups = _by_sae(nodes)
-    best = {n: 0.0 for n in nodes}
-    for start in range(0, len(contexts), batch_size):
-        acts = adapter.run([g[0].site for g in groups.values()], input_ids=contexts[start:start + batch_size])
-        for key, group in groups.items():
-            z = flow[key].encode(acts[group[0].site][:, 1:])  # [B, T-1, d_sae]
-            for node in group:
-                best[node] = max(best[node], float(z[..., node.index].max()))
-    silent = [str(n) for n, v in best.items() if v <= 0]
-    if silent:
-        warnings.warn(f"features {', '.join(silent)} never fire on the {len(contexts)} contexts: their reference "
-                      "activation is set to 1.0.")
-    return {n: (v if v > 0 else 1.0) for n, v in best.items()}
 
 
 @dataclass
@@ -262,9 +201,9 @@ def steer(flow: FlowSet, adapter: ModelAdapter, prompts: Sequence[str | Sequence
     if len(set(names)) < len(names) or BASELINE in names:
         raise FeatoptError(f"setting names must be distinct and not {BASELINE!r}, got {names}.")
     flow.check_model(adapter)
-    targets = _nodes(flow, targets, "the theme score (targets)")
+    targets = checked_nodes(flow, targets, "the theme score (targets)")
     for s in settings:
-        _nodes(flow, s.nodes)
+        checked_nodes(flow, s.nodes)
     encoded = [prompt_ids(adapter, p) for p in prompts]
     theme_ids = _theme_ids(adapter, theme_words)
     notes = []
@@ -310,59 +249,3 @@ def compare_single_multi(flow: FlowSet, adapter: ModelAdapter, prompts, *, singl
     settings = [Setting(f"{strategy} r={r:g}", list(nodes), r, mode, strategy)
                 for strategy, nodes in (("single", single), ("multi", multi)) for r in rs]
     return steer(flow, adapter, prompts, settings, targets=list(single if targets is None else targets), **kwargs)
-
-
-def format_steering(result: SteeringResult) -> str:
-    """The rows as a plain-text table."""
-    def cell(v):
-        return "-" if v is None or v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    head = ["setting", "mode", "features", "theme", "perplexity", "distinct", "word_logprob"]
-    rows = [[cell(row[k]) for k in head] for row in result.rows()]
-    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
-
-
-def plot_steering(result: SteeringResult, path: str | Path) -> Path:
-    """Coherence (perplexity, log x) against theme score (y): one line per strategy through its r
-    values, each point annotated with r; the unsteered baseline in black, dashed (Figures 9-11)."""
-    from featopt.results import atomic_write
-    from featopt.plots import pyplot
-
-    plt, path = pyplot(), Path(path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    strategies: dict[str, list[Outcome]] = {}
-    for outcome in result.outcomes:
-        strategies.setdefault(outcome.setting.strategy, []).append(outcome)
-    for i, (strategy, outcomes) in enumerate(strategies.items()):
-        outcomes = sorted(outcomes, key=lambda o: o.setting.r)
-        xs, ys = [o.mean("perplexity") for o in outcomes], [o.mean("theme") for o in outcomes]
-        ax.plot(xs, ys, "o-", color=f"C{i}", label=strategy)
-        for o, x, y in zip(outcomes, xs, ys):
-            ax.annotate(f"r={o.setting.r:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
-    x0, y0 = result.baseline.mean("perplexity"), result.baseline.mean("theme")
-    ax.axhline(y0, color="black", ls="--", lw=0.8)
-    ax.plot([x0], [y0], "kx", ms=8, label=BASELINE)
-    ax.set_xscale("log")
-    ax.set_xlabel("perplexity of the generation, unsteered model (lower: more coherent)")
-    ax.set_ylabel("theme score (mean target activation)")
-    ax.set_title(f"steering {result.model}: targets {', '.join(map(str, result.targets[:4]))}"
-                 + (" ..." if len(result.targets) > 4 else ""), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
-
-
-def save_steering(result: SteeringResult, path: str | Path) -> Path:
-    """The record as JSON, written atomically."""
-    from featopt.results import atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result.record(), indent=1)))
-    return path

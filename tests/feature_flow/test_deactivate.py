@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from featopt.errors import FeatoptError
-from featopt.feature_flow.deactivate import deactivate, r_sweep, sample_events
+from featopt.feature_flow.deactivate import deactivate, r_sweep
 from featopt.feature_flow.deactivate_report import format_deactivation, plot_methods, plot_sweep, record
+from featopt.feature_flow.events import sample_events
 from featopt.feature_flow.groups import GROUPS as _GROUPS, ROLES as SLOTS, predecessor_key as slot_key
 
 N, T = 4, 10

@@ -1,6 +1,6 @@
-"""Steering during generation (featopt/feature_flow/steer.py) against hand-written generation loops:
-plain HF forwards without a cache, hooks registered directly on the HF modules, and a float64
-re-implementation of the topk SAE encoding."""
+"""Steering during generation (featopt/feature_flow/steer.py, steer_edits.py, steer_report.py)
+against hand-written generation loops: plain HF forwards without a cache, hooks registered
+directly on the HF modules, and a float64 re-implementation of the topk SAE encoding."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from tests.feature_flow.flow_reference import KEYS, make_sae
 
 from featopt.errors import FeatoptError
 from featopt.feature_flow.saes import FlowSet, parse_node
-from featopt.feature_flow.steer import (Setting, compare_single_multi, format_steering, plot_steering, reference_activations,
-                                steer, steering_edits)
+from featopt.feature_flow.steer import Setting, compare_single_multi, steer
+from featopt.feature_flow.steer_edits import reference_activations, steering_edits
+from featopt.feature_flow.steer_report import format_steering, plot_steering
 from featopt.interventions.generate import generate
 
 SINGLE = ["2/res/46"]

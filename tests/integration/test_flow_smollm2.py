@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featopt.feature_flow.saes import FlowSet, Node
-from featopt.commands.sae_train import TrainConfig, run_train
+from featopt.commands.sae_train import TrainConfig, train
 from tests.integration.conftest import MODELS
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def flow(smollm, tmp_path_factory):
     config = TrainConfig(model="smollm2-135m-instruct", site=SITES, corpus=str(CORPUS), architecture="topk",
                          expansion="1", k=16, tokens=16_384, context_length=64, batch_size=2048, buffer_batches=4,
                          warmup_steps=2, eval_contexts=8, out=str(tmp_path_factory.mktemp("flow")), progress=False)
-    run = run_train(config, smollm)
+    run = train(config, smollm)
     return FlowSet.load([str(p) for p in run.paths])
 
 
@@ -38,7 +38,8 @@ def _encode(sae, x):
 
 def test_deactivating_a_predecessor_equals_a_hand_hook(smollm, flow):
     from featopt.data import corpus_contexts
-    from featopt.feature_flow.deactivate import deactivate, sample_events
+    from featopt.feature_flow.deactivate import deactivate
+    from featopt.feature_flow.events import sample_events
 
     contexts = corpus_contexts(smollm.tokenizer, CORPUS, 32, split="eval")[:6]
     with torch.inference_mode():
