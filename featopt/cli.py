@@ -57,12 +57,8 @@ def build_parser() -> ArgumentParser:
     # jsonargparse wants nested subcommands added after their parent is attached.
     nested = {name: group.add_subcommands(dest="task", required=True) for name, group in groups.items()}
     for command in COMMANDS:
-        try:
-            config_cls = command.config
-        except (ImportError, AttributeError):  # TRANSITION: a command not yet moved onto the registry
-            continue
         leaf = _Parser(description=command.summary)
-        add_config_arguments(leaf, config_cls)
+        add_config_arguments(leaf, command.config)
         (nested[command.group] if command.group else sub).add_subcommand(command.leaf, leaf, help=command.summary)
     return parser
 

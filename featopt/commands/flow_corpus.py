@@ -15,7 +15,7 @@ from featopt.commands.fields import check_at_least, check_choice
 from featopt.commands.flow_match import (FlowSettings, corpus_for, flow_out, load_flow, meta, model_for, parse_floats,
                                          parse_layers, write_json)
 from featopt.commands.result import CommandResult
-from featopt.commands.settings import CorpusSettings, InputSettings, OutputSettings, SeedSettings
+from featopt.commands.settings import CorpusSettings, ContextSettings, OutputSettings, SeedSettings
 from featopt.errors import FeatoptError
 from featopt.feature_flow import deactivate_report, groups as groups_method, transition as transition_method
 from featopt.feature_flow.deactivate import deactivate as deactivate_events, r_sweep
@@ -24,11 +24,8 @@ from featopt.models import ModelAdapter
 
 
 @dataclass
-class FlowCorpusSettings(OutputSettings, SeedSettings, CorpusSettings, FlowSettings, InputSettings):
+class FlowCorpusSettings(OutputSettings, SeedSettings, CorpusSettings, FlowSettings, ContextSettings):
     """The settings every corpus command of `featopt flow` shares (its own follow, after these)."""
-
-    bos: bool = False
-    """start every context with the model's BOS token, counted in --context_length (off: as the source documents encode)"""
     tokens: int = 100_000
     """corpus tokens to read (at most)"""
     batch_size: int = 8

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from featopt.commands.fields import check_at_least, check_choice, record_of
-from featopt.commands.loading import load_for
+from featopt.commands.loading import bos_id, check_context, load_for
 from featopt.commands.result import CommandResult
 from featopt.commands.settings import ModelSettings, OutputSettings, SeedSettings
 from featopt.errors import FeatoptError
@@ -137,9 +137,9 @@ def corpus_for(adapter: ModelAdapter, corpus: str | None, *, tokens: int, contex
         raise FeatoptError("--corpus is required: give a folder of .txt files or one .txt file.")
     if not Path(corpus).exists():
         raise FeatoptError(f"--corpus {corpus!r} does not exist: give a folder of .txt files or one .txt file.")
-    adapter.check_positions(context_length, f"--context_length {context_length}", f"give at most {adapter.context_limit}")
+    check_context(adapter, context_length)
     return corpus_contexts(adapter.tokenizer, corpus, context_length, split=split, eval_fraction=eval_fraction,
-                           max_tokens=tokens, bos=adapter.bos_token_id() if adapter.bos else None)
+                           max_tokens=tokens, bos=bos_id(adapter))
 
 
 def meta(command: str, config, flow: FlowSet, adapter: ModelAdapter | None = None) -> dict:

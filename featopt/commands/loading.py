@@ -65,3 +65,21 @@ def site_list(adapter: ModelAdapter, settings) -> list[Site]:
     if getattr(settings, "sae", None):
         return list(adapter.feature_sites)
     return parse_sites(adapter, settings.site, settings.layer)
+
+
+def load_plain(config, adapter: ModelAdapter | None = None) -> ModelAdapter:
+    """The config's model (or `adapter`, seen with its `--bos`) without its `--sae` attached: for
+    commands that run their SAEs themselves on the model's activations."""
+    import dataclasses
+
+    return load_for(dataclasses.replace(config, sae=""), adapter)
+
+
+def bos_id(adapter: ModelAdapter) -> int | None:
+    """The id that starts every corpus context under the run's `--bos` (None without it)."""
+    return adapter.bos_token_id() if adapter.bos else None
+
+
+def check_context(adapter: ModelAdapter, length: int) -> None:
+    """One sentence when contexts of `length` tokens do not fit the model's positions."""
+    adapter.check_positions(length, f"--context_length {length}", f"give at most {adapter.context_limit}")

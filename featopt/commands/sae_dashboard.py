@@ -23,7 +23,7 @@ import torch
 
 from featopt.commands.fields import check_at_least, check_choice, record_of
 from featopt.commands.result import CommandResult
-from featopt.commands.sae_contexts import bos_id, check_context
+from featopt.commands.loading import bos_id, check_context
 from featopt.commands.sae_read import load_model_and_sae, parse_latents
 from featopt.commands.settings import CorpusSettings, InputSettings, OutputSettings
 from featopt.dictionaries.ablation import MODES

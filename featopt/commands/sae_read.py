@@ -18,8 +18,8 @@ import torch
 
 from featopt.commands.fields import check_at_least, record_of
 from featopt.commands.result import CommandResult
-from featopt.commands.sae_contexts import ContextSettings, bos_id, check_context, load_plain
-from featopt.commands.settings import CorpusSettings, ModelSettings, OutputSettings
+from featopt.commands.settings import ContextSettings, CorpusSettings, ModelSettings, OutputSettings
+from featopt.commands.loading import bos_id, check_context, load_plain
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, dtype_of
 from featopt.results import atomic_write, versions

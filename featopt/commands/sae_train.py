@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featopt.commands.fields import check_at_least, check_choice, record_of
-from featopt.commands.loading import handle_for, load_for
+from featopt.commands.settings import ContextSettings, OutputSettings, SeedSettings, TrainerSettings
+from featopt.commands.loading import bos_id, check_context, handle_for, load_for
 from featopt.commands.result import CommandResult
-from featopt.commands.sae_contexts import ContextSettings, bos_id, check_context
 from featopt.commands.sae_eval import metrics_table
-from featopt.commands.settings import OutputSettings, SeedSettings, TrainerSettings
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site, dtype_of
 from featopt.models.sae import ARCHITECTURES, SAEConfig, architecture

@@ -36,6 +36,15 @@ class InputSettings(ModelSettings):
 
 
 @dataclass
+class ContextSettings(InputSettings):
+    """A model run on corpus contexts."""
+
+    bos: bool = False
+    """start every context with the model's BOS token, counted in --context_length (off: as the source documents
+    encode)"""
+
+
+@dataclass
 class SeedSettings:
     seed: int = 0
     """random seed"""
