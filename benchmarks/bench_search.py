@@ -28,8 +28,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from featopt.errors import FeatoptError
 from featopt.specs import parse_features
 from featopt.models import ModelAdapter, load_model
-from featopt.discrete import exhaustive, greedy
-from featopt.discrete.scoring import Scorer
+from featopt.commands.search import ExhaustiveConfig, GreedyConfig, exhaustive, greedy
+from featopt.discrete.objective_scoring import sweep_scorers
+from featopt.objectives import Selection, maximize
 from featopt.discrete.sweep import AUTO_BATCH, sweep
 
 from sweep_throughput import bare_forward, truncated  # benchmarks/ is on sys.path when run as a script
@@ -37,6 +38,14 @@ from sweep_throughput import bare_forward, truncated  # benchmarks/ is on sys.pa
 MODELS = ("gpt2-small-shaped", "smollm2-135m-instruct")
 device = "cpu"
 
+
+
+def sweep_scorer(adapter: ModelAdapter, site, problems):
+    """The sweep's scorer for maximizing `problems` at `site` on one-token inputs: the fast path
+    `featopt search exhaustive` takes for a plain maximize (checked to be the fast one)."""
+    (found_site, scorer), = sweep_scorers(maximize(Selection(site, problems)).bind(adapter), adapter, 1)
+    assert found_site == site, "a plain maximize must take the sweep's fast path"
+    return scorer
 
 def gpt2_small_shaped(seed: int) -> ModelAdapter:
     """GPT2Config() defaults (12 layers, d=768, vocab 50257), random weights, no tokenizer."""
@@ -105,9 +114,9 @@ def bench(adapter: ModelAdapter, layer: int, args, out: str) -> dict:
     cands = torch.arange(v_e)
 
     def fo_exhaustive(spec):
-        config = exhaustive.ExhaustiveConfig(model=name, layer=layer, features=spec, candidates=f"0-{v_e - 1}",
+        config = ExhaustiveConfig(model=name, layer=layer, features=spec, candidates=f"0-{v_e - 1}",
                                              progress=False, out=out)
-        return [r.token_ids[-1] for r in exhaustive.run(config, adapter).results]
+        return [r.token_ids[-1] for r in exhaustive(config, adapter).results]
 
     # Warm-up and the all-features reference: every feature's argmax from a bare forward.
     reference = bare(adapter, site, cands, keep=True).argmax(0).tolist()
@@ -131,7 +140,7 @@ def bench(adapter: ModelAdapter, layer: int, args, out: str) -> dict:
         t, tokens = timed(lambda: fo_exhaustive(spec))
         t_all.append(t)
         assert tokens == reference, f"{name} layer {layer}: all-features sweep differs from the bare forward's argmax"
-    scorer = Scorer([p.features for p in problems], d, exhaustive.weights_for(problems, 1))  # as `run` builds it
+    scorer = sweep_scorer(adapter, site, problems)  # as `featopt search exhaustive` builds it
     for i in range(args.throughput_repeats):  # cheap, and the noisiest figure: more repeats, order alternated
         for what in ("sweep", "bare") if i % 2 else ("bare", "sweep"):
             if what == "sweep":
@@ -141,11 +150,11 @@ def bench(adapter: ModelAdapter, layer: int, args, out: str) -> dict:
             else:
                 t_bare.append(timed(lambda: bare_forward(cut, cands, AUTO_BATCH["cpu"]))[0])
     # Greedy, N tokens, last position (the document's variant), feature 0.
-    config = greedy.GreedyConfig(model=name, layer=layer, features="[:, :, 0]", tokens=args.tokens, variant="last",
+    config = GreedyConfig(model=name, layer=layer, features="[:, :, 0]", tokens=args.tokens, variant="last",
                                  candidates=f"0-{v_g - 1}", progress=False, out=out)
     t_greedy = []
     for _ in range(args.repeats):
-        t, run = timed(lambda: greedy.run(config, adapter))
+        t, run = timed(lambda: greedy(config, adapter))
         t_greedy.append(t)
     t_gbase, base_tokens = timed(lambda: search_maximal(a_model, v_g, args.tokens, 0))
     fo_tokens = run.results[0].token_ids

@@ -48,12 +48,21 @@ from torch import nn
 import featopt
 from featopt.specs import parse_features
 from featopt.models import ModelAdapter, load_model
-from featopt.discrete import exhaustive
-from featopt.discrete.scoring import Scorer
+from featopt.commands.search import ExhaustiveConfig, exhaustive
+from featopt.discrete.objective_scoring import sweep_scorers
+from featopt.objectives import Selection, maximize
 from featopt.discrete.sweep import sweep
 
 __all__ = ["measure", "interleaved", "paired", "truncated", "bare_forward", "main"]
 
+
+
+def sweep_scorer(adapter: ModelAdapter, site, problems):
+    """The sweep's scorer for maximizing `problems` at `site` on one-token inputs: the fast path
+    `featopt search exhaustive` takes for a plain maximize (checked to be the fast one)."""
+    (found_site, scorer), = sweep_scorers(maximize(Selection(site, problems)).bind(adapter), adapter, 1)
+    assert found_site == site, "a plain maximize must take the sweep's fast path"
+    return scorer
 
 def truncated(adapter: ModelAdapter, layer: int) -> nn.Module:
     """The adapter's HF base model (embeddings, blocks, final norm; no LM head) with its blocks cut to
@@ -100,12 +109,12 @@ def measure(adapter: ModelAdapter, layer: int, repeats: int = 3, batch: int = 51
     candidates = torch.arange(adapter.vocab_size, device=adapter.device)
     model = truncated(adapter, layer)
     problems = parse_features(spec, n_tokens=1, width=d)
-    scorer = Scorer([p.features for p in problems], d, exhaustive.weights_for(problems, 1))  # as `run` builds it
-    k = exhaustive.ExhaustiveConfig.top_k
+    scorer = sweep_scorer(adapter, site, problems)  # as `featopt search exhaustive` builds it
+    k = ExhaustiveConfig.top_k
     times: dict[str, list[float]] = {"bare": [], "sweep": [], "run": []}
     load_before = _load()
     with tempfile.TemporaryDirectory() as tmp:
-        config = exhaustive.ExhaustiveConfig(model=adapter.name, layer=layer, features=spec, top_k=k,
+        config = ExhaustiveConfig(model=adapter.name, layer=layer, features=spec, top_k=k,
                                              batch_size=batch, progress=False, out=os.path.join(tmp, "run"),
                                              dtype=str(adapter.dtype).replace("torch.", ""),
                                              device=str(adapter.device))
@@ -121,7 +130,7 @@ def measure(adapter: ModelAdapter, layer: int, repeats: int = 3, batch: int = 51
                 tops["sweep"].append(topk.ids[0].tolist())
                 return t
             c = dataclasses.replace(config, candidates=f"0-{len(ids) - 1}") if warm else config
-            t, result = _timed(lambda: exhaustive.run(c, adapter))
+            t, result = _timed(lambda: exhaustive(c, adapter))
             assert (result.out / "results.json").exists()
             tops["run"].append([r.token_ids[-1] for r in result.results])
             return t
@@ -152,10 +161,10 @@ def interleaved(adapter: ModelAdapter, layer: int, tokens: int = 4096, repeats: 
     site = adapter.site("resid_post", layer)
     d = adapter.width(site)
     problems = parse_features(f"[:, :, 0-{d - 1}]", n_tokens=1, width=d)
-    scorer = Scorer([p.features for p in problems], d, exhaustive.weights_for(problems, 1))
+    scorer = sweep_scorer(adapter, site, problems)  # as `featopt search exhaustive` builds it
     ids = torch.arange(5000, 5000 + tokens) if tokens else torch.arange(adapter.vocab_size)
     model, ids = truncated(adapter, layer), ids.to(adapter.device)
-    k = exhaustive.ExhaustiveConfig.top_k
+    k = ExhaustiveConfig.top_k
     bare, swept, bare_cpu, swept_cpu = [], [], [], []
     pair = ((bare, bare_cpu, lambda: bare_forward(model, ids, batch)),
             (swept, swept_cpu, lambda: sweep(adapter, [(site, scorer)], candidates=ids, k=k, batch_size=batch,
@@ -188,8 +197,8 @@ def paired(adapter: ModelAdapter, layer: int, repeats: int = 4, batch: int = 512
     site = adapter.site("resid_post", layer)
     d = adapter.width(site)
     problems = parse_features(f"[:, :, 0-{d - 1}]", n_tokens=1, width=d)
-    scorer = Scorer([p.features for p in problems], d, exhaustive.weights_for(problems, 1))
-    model, k = truncated(adapter, layer), exhaustive.ExhaustiveConfig.top_k
+    scorer = sweep_scorer(adapter, site, problems)  # as `featopt search exhaustive` builds it
+    model, k = truncated(adapter, layer), ExhaustiveConfig.top_k
     inner = adapter.run
     bare_s: list[float] = []
 
