@@ -50,13 +50,13 @@ def add_config_arguments(parser: ArgumentParser, config_cls) -> None:
 def build_parser() -> ArgumentParser:
     parser = _Parser(prog="featopt", description="Find the inputs that make a feature of a language model fire.")
     sub = parser.add_subcommands(dest="command", required=True)
-    groups: dict[str, ArgumentParser] = {}
-    for name, description in GROUPS.items():
-        groups[name] = _Parser(description=description)
-        sub.add_subcommand(name, groups[name], help=description)
-    # jsonargparse wants nested subcommands added after their parent is attached.
-    nested = {name: group.add_subcommands(dest="task", required=True) for name, group in groups.items()}
+    nested = {}  # group -> its subcommands, in the registry's order
     for command in COMMANDS:
+        if command.group and command.group not in nested:
+            group = _Parser(description=GROUPS[command.group])
+            sub.add_subcommand(command.group, group, help=GROUPS[command.group])
+            # jsonargparse wants nested subcommands added after their parent is attached.
+            nested[command.group] = group.add_subcommands(dest="task", required=True)
         leaf = _Parser(description=command.summary)
         add_config_arguments(leaf, command.config)
         (nested[command.group] if command.group else sub).add_subcommand(command.leaf, leaf, help=command.summary)
