@@ -16,7 +16,7 @@ from torch import Tensor
 from featopt.commands.fields import record_of
 from featopt.commands.loading import load_for
 from featopt.commands.result import CommandResult
-from featopt.commands.settings import InputSettings, UntrainedSettings
+from featopt.commands.settings import FolderSettings, InputSettings, UntrainedSettings
 from featopt.errors import FeatoptError
 from featopt.interventions.clamp import chat_prompt, check_neuron, clamp_sweep, parse_values, sequence_probs, target_ids
 from featopt.interventions.generate import generate
@@ -26,7 +26,7 @@ from featopt.runs.outdir import out_folder
 
 
 @dataclass
-class ClampConfig(UntrainedSettings, InputSettings):
+class ClampConfig(FolderSettings, UntrainedSettings, InputSettings):
     """Settings of `featopt neurons clamp`."""
 
     bos: bool = False
@@ -53,8 +53,6 @@ class ClampConfig(UntrainedSettings, InputSettings):
     """write clamp.png (the paper's Figure 3)"""
     device: str = "auto"
     """auto (cuda when there is one), cpu, cuda, cuda:N or mps"""
-    out: str | None = None
-    """output folder (default featopt-runs/<time>)"""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from featopt.commands.fields import check_at_least, check_choice
 from featopt.commands.result import CommandResult
 from featopt.commands.sae_read import load_model_and_sae, record_meta, write_record
-from featopt.commands.settings import InputSettings
+from featopt.commands.settings import FolderSettings, InputSettings
 from featopt.dictionaries.ablation import MODES, ablated_text, direction_ablation
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
@@ -20,7 +20,7 @@ from featopt.runs.outdir import out_folder
 
 
 @dataclass
-class AblateConfig(InputSettings):
+class AblateConfig(FolderSettings, InputSettings):
     """Settings of `featopt sae ablate`: which earlier tokens a latent depends on (ablated text),
     and what removing its direction does to the next-token log-probs (direction ablation)."""
 
@@ -38,8 +38,6 @@ class AblateConfig(InputSettings):
     """contribution (x - z_i W_dec[i]) or projection (remove the direction)"""
     top: int = 10
     """tokens whose log-prob changed most"""
-    out: str | None = None
-    """output folder (default featopt-runs/<time>)"""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from featopt.commands.fields import check_at_least, record_of
 from featopt.commands.result import CommandResult
-from featopt.commands.settings import ContextSettings, CorpusSettings, ModelSettings, OutputSettings
+from featopt.commands.settings import ContextSettings, CorpusSettings, FolderSettings, ModelSettings, OutputSettings
 from featopt.commands.loading import bos_id, check_context, load_plain
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, dtype_of
@@ -148,7 +148,7 @@ def features(config: FeaturesConfig, adapter: ModelAdapter | None = None) -> Fea
 
 # ----------------------------------------------------------------------------- lens
 @dataclass
-class LensConfig(ModelSettings):
+class LensConfig(FolderSettings, ModelSettings):
     """Settings of `featopt sae lens`: decoder directions through the unembedding."""
 
     sae: str = ""
@@ -163,8 +163,6 @@ class LensConfig(ModelSettings):
     """drop tokens whose unembedding-row norm has a z-score above this"""
     drop_top: int | None = None
     """or drop the n largest-norm tokens"""
-    out: str | None = None
-    """output folder (default featopt-runs/<time>)"""
 
 
 @dataclass
@@ -204,7 +202,7 @@ def lens(config: LensConfig, adapter: ModelAdapter | None = None) -> LensRun:
 
 # ----------------------------------------------------------------------------- mcs
 @dataclass
-class MCSConfig:
+class MCSConfig(FolderSettings):
     """Settings of `featopt sae mcs`: each latent's max cosine similarity with another dictionary."""
 
     sae: str = ""
@@ -213,8 +211,6 @@ class MCSConfig:
     """count latents with MCS at least this"""
     bins: int = 20
     """histogram bins over [0, 1]"""
-    out: str | None = None
-    """output folder (default featopt-runs/<time>)"""
 
 
 @dataclass

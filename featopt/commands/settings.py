@@ -122,8 +122,14 @@ class CorpusSettings:
 
 
 @dataclass
-class OutputSettings:
+class FolderSettings:
+    """Where a command writes (a command that shows no progress)."""
+
     out: str | None = None
     """output folder (default featopt-runs/<time>)"""
+
+
+@dataclass
+class OutputSettings(FolderSettings):
     progress: bool = True
     """show progress"""
