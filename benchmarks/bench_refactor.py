@@ -140,10 +140,13 @@ def main() -> None:
     for workload, by in figures.items():
         med = {name: statistics.median(f["value"] for f in runs) for name, runs in by.items()}
         unit = by["after"][0]["unit"]
+        # the two runs of one repeat ran back to back: their ratio is the steadiest figure
+        pairs = [a["value"] / b["value"] for a, b in zip(by["after"], by["before"])]
         report[workload] = {"unit": unit, **med, "after/before": med["after"] / med["before"],
-                            "all": {name: [f["value"] for f in runs] for name, runs in by.items()}}
+                            "pair_ratios": pairs, "all": {name: [f["value"] for f in runs] for name, runs in by.items()}}
         print(f"{workload:7s} before {med['before']:.4g} {unit}, after {med['after']:.4g} {unit}: after/before "
-              f"{med['after'] / med['before']:.3f}")
+              f"{med['after'] / med['before']:.3f} (medians), {statistics.median(pairs):.3f} (median of the "
+              f"repeats' pairs: {', '.join(f'{r:.3f}' for r in pairs)})")
     if args.paired:
         for name, tree in trees.items():
             report[f"paired-{name}"] = _paired(tree, args.paired)
