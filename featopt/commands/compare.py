@@ -39,6 +39,8 @@ from featopt.errors import FeatoptError
 from featopt.gradient.ascent import train, trainer_for
 from featopt.gradient.readout import evaluate
 from featopt.models import ModelAdapter, Site
+from featopt.objectives import Objective
+from featopt.objectives.problems import primary
 from featopt.results import FeatureResult, atomic_write, versions, write_results
 from featopt.runs.outdir import out_folder
 from featopt.specs import parse_features
@@ -193,8 +195,16 @@ def compare(config: CompareConfig, adapter: ModelAdapter | None = None) -> Compa
     `out/simplex`, `out/gcg`)."""
     _check(config)
     adapter = load_for(config, adapter, move=False)  # every method below reads the run's --bos from the adapter
-    sites = site_list(adapter, config)
-    for site in sites:  # features out of range fail here, before any sweep
+    value = isinstance(config.objective, Objective)  # given from Python: its own selection names the problems
+    if value:
+        selection = primary(config.objective.bind(adapter))
+        if selection is None:
+            raise FeatoptError("compare needs an objective over a selection of features (its problems): "
+                               "give the objective a `selection` or use a built-in one.")
+        sites = [selection.site]
+    else:
+        sites = site_list(adapter, config)
+    for site in sites if not value else ():  # features out of range fail here, before any sweep
         parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))
     out = out_folder(config.out)
     prefix = adapter.encode("")  # [BOS] with --bos: the searched token is position 1 after it
@@ -213,12 +223,13 @@ def compare(config: CompareConfig, adapter: ModelAdapter | None = None) -> Compa
         best = [r for r in optima if r.site == str(site)]
         picks = _picks(config, adapter, site, out)
         scoring = dataclasses.replace(config, features=sweep_features)
-        objective = objective_for(scoring, adapter, [site], n_tokens=len(prefix) + 1)
+        objective = config.objective if value else objective_for(scoring, adapter, [site], n_tokens=len(prefix) + 1)
         tokens = torch.tensor([[b.token_ids[-1] for b in best]] + [picks[m] for m in config.methods])  # [1 + M, P]
         ids = torch.cat([prefix.expand(tokens.numel(), -1), tokens.reshape(-1, 1)], dim=1)
         scores = remeasure(adapter, objective, ids, torch.arange(len(best)).repeat(len(tokens)),
                            isolated=config.isolated).score.view(len(tokens), -1).tolist()
-        specs = [q.spec for q in parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))]
+        specs = [b.spec for b in best] if value else \
+            [q.spec for q in parse_features(config.features, n_tokens=1, width=adapter.width(site), site=str(site))]
         for p, b in enumerate(best):  # the searched token is the last (a --bos sweep's ids are [BOS, t])
             features.append(FeatureComparison(str(site), specs[p], b.token_ids[-1], b.tokens[-1], scores[0][p], {
                 m: _outcome(m, picks[m][p], scores[i + 1][p], scores[0][p], b, adapter)

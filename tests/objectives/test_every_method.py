@@ -147,3 +147,44 @@ def test_the_sweep_stops_at_the_deepest_site_the_objective_reads(tiny64, tmp_pat
         assert ran  # the composed objective reads block 2's MLP
     finally:
         hook.remove()
+
+
+def test_compare_scores_every_method_by_the_composed_objective(tiny64, tmp_path):
+    """compare's optimum is the brute-force best score, and every method's token carries its own
+    brute-force score (the gradient methods train on the objective itself here)."""
+    losses = _brute(tiny64.model, [])
+    found = featopt.compare(composed(), model="tiny-llama", steps=5, gcg_steps=2, gcg_topk=64, top_k=5,
+                            methods=["embedding-pinv", "simplex-argmax", "gcg"], adapter=tiny64, progress=False,
+                            out=str(tmp_path))
+    for p, feature in enumerate(found.features):
+        assert feature.optimum_token_id == int(losses[p].argmin())
+        assert feature.optimum_activation == pytest.approx(-float(losses[p].min()), rel=1e-9)
+        for method in feature.methods.values():
+            assert method.activation == pytest.approx(-float(losses[p, method.token_id]), rel=1e-9, abs=1e-12)
+            assert method.activation <= feature.optimum_activation + 1e-9
+
+
+@pytest.mark.parametrize("prior", ["embedding", "simplex"])
+def test_both_priors_record_the_composed_objectives_score_of_their_tokens(tiny64, tmp_path, prior):
+    found = featopt.optimize(composed(), tokens=2, steps=8, prior=prior, adapter=tiny64, progress=False,
+                             model="tiny-llama", out=str(tmp_path))
+    ids = torch.tensor([r.token_ids for r in found.results])
+    resid, mlp, _ = _acts(tiny64.model, ids)
+    expected = [-((C - resid[p, :, f]).abs().sum() + 0.5 * mlp[p, :, OTHER].mean()) for p, f in enumerate(FEATURES)]
+    assert [r.extra["score"] for r in found.results] == pytest.approx([float(e) for e in expected], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradient", "gcg"])
+def test_inversion_under_an_objective_with_an_extra_term(tiny64, tmp_path, method):
+    """`l1 + 0.1 * maximize(...)`: each text's recorded distance is the objective's loss of its
+    recovered tokens, recomputed from the plain forward."""
+    text = "the sea"
+    found = featopt.invert(texts=[text], objective="l1 + 0.1 * maximize(features='[:, :, 3]')", method=method,
+                           layer=1, steps=4, search_width=32, causal_topk=0, adapter=tiny64, progress=False,
+                           model="tiny-llama", out=str(tmp_path))
+    original = tiny64.encode(text, bos=False)[None]
+    recovered = torch.tensor([found.results[0].token_ids])
+    target, _, _ = _acts(tiny64.model, original)
+    resid, _, _ = _acts(tiny64.model, recovered)
+    expected = (resid - target).abs().sum() - 0.1 * resid[0, :, 3].mean()
+    assert found.results[0].extra["distance"] == pytest.approx(float(expected), rel=1e-6)
