@@ -11,6 +11,7 @@ from dataclasses import MISSING, Field, fields
 from functools import lru_cache
 
 from featopt.errors import FeatoptError
+from featopt.objectives import Objective
 from featopt.runs.outdir import check_out
 
 
@@ -77,5 +78,5 @@ def record_of(config) -> dict:
     out = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        out[f.name] = value.description if hasattr(value, "description") and hasattr(value, "loss") else value
+        out[f.name] = value.description if isinstance(value, Objective) else value
     return out
