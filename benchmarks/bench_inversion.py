@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
                                     "out": "featopt-runs/bench-inversion", "decode_every": 10**6, **setting})
         start = time.perf_counter()
         result = run(config, adapter)
-        print(format_results(result.results, result.metrics))
+        print(result.table())
         print(json.dumps(setting), {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)},
               f"{time.perf_counter() - start:.0f}s")
 

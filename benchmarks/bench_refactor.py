@@ -39,8 +39,8 @@ def _imports():
         from featopt.commands.sae_train import TrainConfig, train
         from featopt.commands.search import ExhaustiveConfig, exhaustive
         from featopt.commands.swaps import GCGConfig, gcg
-    except ImportError:
-        from featopt.sae.commands import TrainConfig
+    except ImportError:  # noqa: F401 - the tree before the refactor: its names, bound for locals()
+        from featopt.sae.commands import TrainConfig  # noqa: F401
         from featopt.sae.commands import run_train as train
         from featopt.search.exhaustive import ExhaustiveConfig
         from featopt.search.exhaustive import run as exhaustive

@@ -42,7 +42,7 @@ def _plans(adapter, spec, layer=1):
 def test_every_scored_swap_equals_a_plain_forward_of_its_sequence(tiny64, variant):
     plans, site = _plans(tiny64, "[:, :, [2, 5, 9:12]]")
     prefix = torch.tensor([17, 250, 3])
-    n_problems, n_tokens = 3, 3 + 4
+    n_problems = 3
     loss = feature_loss(tiny64, plans, variant)
     model = CandidateModel(tiny64, [site], loss, prefix, batch_size=7)
     gen = torch.Generator().manual_seed(1)

@@ -19,7 +19,6 @@ from featopt.discrete.swap_search import SwapSettings, swap_search
 def _model(adapter, prefix, variant="last", n_tokens=3, layers=(1,)):
     """Problems: features 2, 5 and the mean of 9-11 at every layer of `layers` (site-major)."""
     plans = [(Site(layer, "resid_post"), parse_features("[:, :, [2, 5, 9:12]]", width=adapter.d_model)) for layer in layers]
-    n_problems = 3 * len(layers)
     loss = feature_loss(adapter, plans, variant)
     return CandidateModel(adapter, [s for s, _ in plans], loss, prefix, batch_size=5)
 
