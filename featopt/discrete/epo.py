@@ -24,7 +24,7 @@ from featopt.discrete.swap_search import SwapSettings, SwapState, swap_search
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.objectives import Objective
-from featopt.objectives.problems import descriptions, labels
+from featopt.objectives.problems import descriptions, feature_maps, labels
 from featopt.results import FeatureResult, atomic_write, versions
 
 
@@ -104,7 +104,7 @@ def records(adapter: ModelAdapter, objective: Objective, state: SwapState, front
     member's answer; the answer is the front's best-scoring point (for maximize: its most active).
     Also `fronts.json`'s entries."""
     results, document, stamp, n_lam = [], [], versions(), len(lambdas)
-    described = descriptions(objective)
+    described, maps = descriptions(objective), feature_maps(objective, adapter)
     for p, (site, spec) in enumerate(labels(objective)):
         front = fronts[p].spread(front_size)
         ids = torch.cat([prefix.cpu().expand(len(front.ids), -1), front.ids], dim=1)
@@ -126,7 +126,7 @@ def records(adapter: ModelAdapter, objective: Objective, state: SwapState, front
             spec=spec, site=site, method="epo", objective=f"{described[p]} - lambda * xent, lambda in {lambdas}",
             token_ids=answer["token_ids"], tokens=[adapter.decode([t]) for t in answer["token_ids"]], text=answer["text"],
             activation=answer["activation"], model=adapter.name, bos=adapter.bos, seed=seed,
-            feature_map=adapter.describe_features(site) if site else None,
+            feature_map=maps[p],
             dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"prefix_length": len(prefix), "xent": answer["xent"], "score": answer["score"], "front": points,
                    "members": members, "forward_evaluations": int(state.evaluations[p]), "steps": state.steps_run,

@@ -18,7 +18,7 @@ from featopt.discrete.scoring import TopK
 from featopt.discrete.sweep import sweep
 from featopt.models import ModelAdapter
 from featopt.objectives import Maximize, Objective, Sum
-from featopt.objectives.problems import descriptions, labels, parts
+from featopt.objectives.problems import descriptions, feature_maps, labels, parts
 from featopt.results import FeatureResult, versions
 
 
@@ -68,11 +68,9 @@ def records(adapter: ModelAdapter, objective: Objective, topk: TopK, prefix: Ten
     plain = is_maximize(objective)
     stamp, dtype = versions(), str(adapter.dtype).replace("torch.", "")
     described = descriptions(objective)
-    maps = {}
+    maps = feature_maps(objective, adapter)
     results = []
     for p, ((site, spec), row) in enumerate(zip(labels(objective), inputs.tolist())):
-        if site not in maps:
-            maps[site] = adapter.describe_features(site) if site else None
         best_ids, best_values = top_ids[p], top_values[p]
         top = {"token_ids": best_ids, "tokens": [name(t) for t in best_ids], "scores": best_values}
         if plain:
@@ -81,7 +79,7 @@ def records(adapter: ModelAdapter, objective: Objective, topk: TopK, prefix: Ten
             spec=spec, site=site, method="exhaustive", objective=described[p],
             token_ids=row, tokens=[name(t) for t in row], text=text(row),
             activation=float(measured.activation[p]), model=adapter.name, bos=adapter.bos, seed=seed,
-            feature_map=None if maps[site] is None else dict(maps[site]), dtype=dtype, versions=stamp,
+            feature_map=maps[p], dtype=dtype, versions=stamp,
             extra={"prefix_length": len(prefix), "sweep_activation": best_values[0],
                    "score": float(measured.score[p]), "top_k": top},
         ))

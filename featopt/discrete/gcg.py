@@ -22,7 +22,7 @@ from featopt.discrete.objective_scoring import ObjectiveLoss, check_discrete
 from featopt.discrete.swap_search import SwapSettings, SwapState, swap_search
 from featopt.models import ModelAdapter
 from featopt.objectives import Objective
-from featopt.objectives.problems import descriptions, labels
+from featopt.objectives.problems import descriptions, feature_maps, labels
 from featopt.results import FeatureResult, versions
 
 
@@ -48,6 +48,7 @@ def records(adapter: ModelAdapter, objective: Objective, state: SwapState, prefi
     measured = remeasure(adapter, objective, ids, isolated=isolated)
     xent = prompt_xent(adapter, ids, len(prefix))
     results, stamp, described = [], versions(), descriptions(objective)
+    maps = feature_maps(objective, adapter)
     for r, (site, spec) in enumerate(labels(objective)):
         row = ids[r].tolist()
         buffer_ids, buffer_total = state.buffers[r]
@@ -55,7 +56,7 @@ def records(adapter: ModelAdapter, objective: Objective, state: SwapState, prefi
             spec=spec, site=site, method="gcg", objective=described[r],
             token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
             activation=float(measured.activation[r]), model=adapter.name, bos=adapter.bos, seed=seed,
-            feature_map=adapter.describe_features(site) if site else None,
+            feature_map=maps[r],
             dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"prefix_length": len(prefix), "per_position": measured.per_position[r],
                    "search_activation": -float(state.loss[r]), "score": float(measured.score[r]), "xent": float(xent[r]),

@@ -19,7 +19,7 @@ from featopt.discrete.objective_scoring import check_discrete, sweep_scorers
 from featopt.discrete.sweep import sweep
 from featopt.models import ModelAdapter
 from featopt.objectives import Objective
-from featopt.objectives.problems import descriptions, labels
+from featopt.objectives.problems import descriptions, feature_maps, labels
 from featopt.results import FeatureResult, versions
 
 VARIANTS = ("last", "sum", "both")
@@ -48,7 +48,7 @@ def records(adapter: ModelAdapter, objective: Objective, seqs: Tensor, steps: li
             methods: list[str], seed: int) -> list[FeatureResult]:
     """One result per problem (`methods[p]` names its variant), re-measured by a plain forward."""
     measured = remeasure(adapter, objective, seqs)
-    described = descriptions(objective)
+    described, maps = descriptions(objective), feature_maps(objective, adapter)
     stamp, results = versions(), []
     for p, (site, spec) in enumerate(labels(objective)):
         row = seqs[p].tolist()
@@ -56,7 +56,7 @@ def records(adapter: ModelAdapter, objective: Objective, seqs: Tensor, steps: li
             spec=spec, site=site, method=methods[p], objective=described[p],
             token_ids=row, tokens=[adapter.decode([t]) for t in row], text=adapter.decode(row),
             activation=float(measured.activation[p]), model=adapter.name, bos=adapter.bos, seed=seed,
-            feature_map=adapter.describe_features(site) if site else None,
+            feature_map=maps[p],
             dtype=str(adapter.dtype).replace("torch.", ""), versions=stamp,
             extra={"prefix_length": start_length, "per_position": measured.per_position[p],
                    "search_activation": steps[p][-1]["activations"][0], "score": float(measured.score[p]),

@@ -47,3 +47,19 @@ def labels(objective: Objective) -> list[tuple[str, str]]:
 def descriptions(objective: Objective) -> list[str]:
     """Each problem's objective, as its record names it: its part's description."""
     return [part.description for part in parts(objective) for _ in range(part.n_problems)]
+
+
+def feature_maps(objective: Objective, adapter) -> list[dict | None]:
+    """What each problem's features are when not the raw activation, as records name it: its
+    selection's own feature map (an SAE term, directions), else the model view's at the site
+    (`--sae`), else None."""
+    out = []
+    for part in parts(objective):
+        sel = primary(part)
+        if sel is not None and sel.feature_map is not None:
+            described = sel.feature_map.describe()
+        else:
+            site = sel.site if sel is not None else (part.sites[0] if part.sites else None)
+            described = adapter.describe_features(site) if site is not None else None
+        out += [None if described is None else dict(described)] * part.n_problems
+    return out

@@ -188,3 +188,31 @@ def test_inversion_under_an_objective_with_an_extra_term(tiny64, tmp_path, metho
     resid, _, _ = _acts(tiny64.model, recovered)
     expected = (resid - target).abs().sum() - 0.1 * resid[0, :, 3].mean()
     assert found.results[0].extra["distance"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_an_sae_latent_objective_matches_the_brute_force_encode(tiny64, tmp_path):
+    """`latent(sae, ...)` reads block 1's output through the SAE (a term with its own feature map),
+    and `--objective "latent(sae='DIR', ...)"` loads the same SAE from disk."""
+    from featopt.models.sae import SAEConfig, SparseAutoencoder
+    from featopt.models.sae.formats import save_sae
+    from featopt.objectives import latent
+
+    sae = SparseAutoencoder(SAEConfig(d_in=tiny64.d_model, d_sae=16, architecture="relu", hook_name="blocks.1.resid_post"))
+    sae.init_weights(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)  # some latents on for most tokens
+    sae = sae.double()
+    vocab = torch.arange(tiny64.vocab_size)
+    resid, _, _ = _acts(tiny64.model, vocab[:, None])
+    with torch.no_grad():
+        z = torch.relu((resid[:, -1] - sae.b_dec) @ sae.W_enc + sae.b_enc)  # [V, 16], by hand
+    found = featopt.search.exhaustive(latent(sae, "[:, :, 0-3]"), top_k=2, adapter=tiny64, progress=False,
+                                      model="tiny-llama", out=str(tmp_path / "value"))
+    assert [r.token_ids[0] for r in found.results] == z[:, :4].argmax(dim=0).tolist()
+    assert [r.activation for r in found.results] == pytest.approx(z[:, :4].max(dim=0).values.tolist(), rel=1e-9)
+    assert found.results[0].feature_map["kind"] == "sae" and found.results[0].feature_map["d_sae"] == 16  # recorded
+    save_sae(sae.float(), tmp_path / "sae")
+    text = featopt.search.exhaustive(f"latent(sae='{tmp_path / 'sae'}', features='[:, :, 0-3]')", top_k=2,
+                                     adapter=tiny64, progress=False, model="tiny-llama", out=str(tmp_path / "text"))
+    assert [r.token_ids[0] for r in text.results] == [r.token_ids[0] for r in found.results]
+    assert text.results[0].objective == "maximize(blocks.1.resid_post via sae)"
