@@ -13,9 +13,9 @@ as the command line (`featopt search gcg --tokens 8` is `featopt.search.gcg(toke
 from __future__ import annotations
 
 import inspect
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
-from featopt.commands.fields import check_config, field_docs
+from featopt.commands.fields import check_config, default_of, field_docs
 from featopt.commands.registry import BY_NAME
 
 
@@ -42,8 +42,7 @@ def function(name: str):
     params = []
     for f in fields(config_cls):
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in command.positional else inspect.Parameter.KEYWORD_ONLY
-        default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
-        params.append((f.name, kind, default))
+        params.append((f.name, kind, default_of(f)))
     params.sort(key=lambda p: (p[1] != inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                command.positional.index(p[0]) if p[0] in command.positional else 0))
     signature = [inspect.Parameter(n, k, default=d) for n, k, d in params]

@@ -24,8 +24,8 @@ from featopt.gradient.inversion import RecoveryCallback, evaluate
 from featopt.gradient.module import FeatureOptimization
 from featopt.gradient.priors import make_parametrization
 from featopt.models import ModelAdapter, Site
-from featopt.objectives import Defaults, Objective, Selection, parse_objective
-from featopt.objectives.matching import DISTANCES, Batch, check_texts, encode_texts, match
+from featopt.objectives import Defaults, Objective, Selection, Sum, parse_objective
+from featopt.objectives.matching import DISTANCES, Batch, Match, check_texts, encode_texts, match
 from featopt.results import FeatureResult, write_results
 from featopt.runs.outdir import out_folder
 from featopt.specs import Problem
@@ -113,8 +113,9 @@ def objective_of(config: InversionConfig, adapter: ModelAdapter, site: Site, bat
 
 
 def _kind(objective: Objective) -> str:
-    """The distance a run reports: its matching term's kind (l1 unless the objective says cosine)."""
-    return "cosine" if "match_cosine" in objective.description else "l1"
+    """The distance a run reports: its matching term's (l1 when it has none)."""
+    terms = [term for _, term in objective.terms] if isinstance(objective, Sum) else [objective]
+    return next((term.kind for term in terms if isinstance(term, Match)), "l1")
 
 
 def build(config: InversionConfig, adapter: ModelAdapter | None = None) -> tuple[FeatureOptimization, Batch, object]:
@@ -184,10 +185,9 @@ def _invert_gcg(config: InversionConfig, adapter: ModelAdapter | None) -> Invers
         objective=config.objective if config.objective in DISTANCES else None, steps=config.steps,
         search_width=config.search_width, topk=config.topk, n_replace=config.n_replace, causal_topk=config.causal_topk,
         batch_size=config.batch_size, seed=config.seed, progress=config.progress)
-    out = out_folder(config.out)
-    results, metrics = swap_inversion.invert(adapter, site, batch, target, objective,
-                                             allowed_ids(adapter, config.allow), how, out)
+    out, allowed = out_folder(config.out), allowed_ids(adapter, config.allow)
+    results, metrics = swap_inversion.invert(adapter, site, batch, target, objective, allowed, how, out)
     meta = {"method": "gcg-inversion", "config": record_of(config), "model": adapter.name, "site": str(site),
-            "objective": objective.description, "metrics": metrics, "allowed_tokens": len(allowed_ids(adapter, config.allow))}
+            "objective": objective.description, "metrics": metrics, "allowed_tokens": len(allowed)}
     write_results(out, results, meta)
     return InversionRun(results, metrics, out, None, None)

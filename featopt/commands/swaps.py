@@ -27,7 +27,7 @@ from featopt.discrete.swap_search import SwapSettings
 from featopt.discrete.tokens import ALLOW, allowed_ids, check_length
 from featopt.discrete.trajectory import Trajectory
 from featopt.errors import FeatoptError
-from featopt.models import ModelAdapter
+from featopt.models import ModelAdapter, dtype_of
 from featopt.results import atomic_write, write_results
 from featopt.runs.outdir import out_folder
 from featopt.runs.processes import distributed
@@ -72,13 +72,10 @@ def check_swaps(config) -> None:
     check_at_least(config, ["steps", "search_width", "topk", "n_replace", "buffer_size"])
     if config.tokens is not None and config.tokens < 1:
         raise FeatoptError(f"--tokens must be at least 1, got {config.tokens}.")
-    for name in ("max_evaluations",):
-        if getattr(config, name) < 0:
-            raise FeatoptError(f"--{name} must be 0 (none) or more, got {getattr(config, name)}.")
+    if config.max_evaluations < 0:
+        raise FeatoptError(f"--max_evaluations must be 0 (none) or more, got {config.max_evaluations}.")
     for name, allowed in (("variant", VARIANTS), ("allow", ALLOW)):
         check_choice(config, name, allowed)
-    from featopt.models import dtype_of
-
     dtype_of(config.dtype)
     if not isinstance(config.init, str) or not config.init.strip():
         raise FeatoptError("--init is empty: give 'random' or a text to start from.")

@@ -14,9 +14,7 @@ from torch import Tensor
 
 from featopt.models import ModelAdapter
 from featopt.objectives import Context, Objective
-from featopt.objectives.problems import labels, parts, primary
-
-__all__ = ["Measured", "labels", "parts", "primary", "remeasure"]
+from featopt.objectives.problems import parts, primary
 
 
 @dataclass

@@ -48,8 +48,6 @@ class ObjectiveScorer:
     objective's `loss_all` on the whole sequence (the prefix's cached activations, then the new
     token's), in float64."""
 
-    shortcut_ok = False
-
     def __init__(self, objective: Objective, adapter: ModelAdapter):
         self.objective, self.adapter = objective, adapter
         self.sites = tuple(objective.sites)

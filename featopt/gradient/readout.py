@@ -46,15 +46,15 @@ def measure(module: FeatureOptimization, *, input_ids: Tensor | None = None, inp
 
 
 @torch.no_grad()
-def score(module: FeatureOptimization, ids: Tensor) -> Tensor:
+def score(module: FeatureOptimization, ids: Tensor, acts: dict) -> Tensor:
     """The objective's score (minus its loss) of token ids `[problems, tokens]`, problem p on row p,
-    by a plain forward in full precision: the number a discrete search would report for them."""
+    from their activations `acts` (a plain forward in full precision, holding every site the
+    objective reads): the number a discrete search would report for them."""
     adapter, objective = module.adapter, module.objective
     rows = torch.arange(len(ids), device=adapter.device)
+    embeds = adapter.embedding[ids.to(adapter.device)].float()  # what a penalty on the input sees of real tokens
     with torch.autocast(adapter.device.type, enabled=False):
-        acts = adapter.run(objective.sites, input_ids=ids, isolated=module.isolated, bos=adapter.bos) if objective.sites else {}
-        embeds = adapter.embedding[ids.to(adapter.device)].float()  # what a penalty on the input sees of real tokens
-        return -objective.loss(Context({s: a.float() for s, a in acts.items()}, embeds, rows, adapter)).float()
+        return -objective.loss(Context({s: acts[s].float() for s in objective.sites}, embeds, rows, adapter)).float()
 
 
 @torch.no_grad()
@@ -72,8 +72,12 @@ def evaluate(
     ids = direct if direct is not None else (pinv if decoder == "pinv" else nearest)
     agree = agreement(pinv, nearest)
     cosine = token_cosine(embedding, embeds, ids)
-    discrete = measure(module, input_ids=ids)
-    scores = score(module, ids)
+    site = module.selection.site  # one forward of the answer for the selection and the objective
+    with torch.autocast(adapter.device.type, enabled=False):
+        found = adapter.run(list(dict.fromkeys((site, *module.objective.sites))), input_ids=ids,
+                            isolated=module.isolated, bos=adapter.bos)
+    discrete = module.selection.activation(found[site].float())
+    scores = score(module, ids, found)
     continuous = measure(module, inputs_embeds=embeds)
     # Every decoding is re-measured too, so decoders can be compared on the same run.
     alternatives = {"pinv": pinv, "nearest": nearest}

@@ -101,7 +101,9 @@ def token_matches(preds: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, 
     return correct, mask.sum(dim=1)
 
 
-class _Match(Objective):
+class Match(Objective):
+    """Base of the distances to the texts' outputs; `kind` names the distance ("l1", "cosine")."""
+
     kind = ""
 
     def __init__(self, site: Site, target: Tensor, token_mask: Tensor):
@@ -126,7 +128,7 @@ class _Match(Objective):
         return acts, self.target[rows], self.token_mask[rows]
 
 
-class MatchL1(_Match):
+class MatchL1(Match):
     """`sum over valid positions and features |O(e_n) - O(e)|` per problem."""
 
     kind = "l1"
@@ -135,7 +137,7 @@ class MatchL1(_Match):
         return masked_l1(*self._rows(ctx))
 
 
-class MatchCosine(_Match):
+class MatchCosine(Match):
     """`1 - cos(O(e_n)[valid].flatten(), O(e)[valid].flatten())` per problem."""
 
     kind = "cosine"
@@ -147,7 +149,7 @@ class MatchCosine(_Match):
 OBJECTIVES = DISTANCES  # ("l1", "cosine")
 
 
-def match(kind: str, site: Site, target: Tensor, token_mask: Tensor) -> _Match:
+def match(kind: str, site: Site, target: Tensor, token_mask: Tensor) -> Match:
     """The matching objective named `kind` ("l1" or "cosine")."""
     classes = {"l1": MatchL1, "cosine": MatchCosine}
     if kind not in classes:

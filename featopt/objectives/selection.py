@@ -155,9 +155,8 @@ class Selection:
     def activation(self, acts: Tensor, rows: Tensor | None = None) -> Tensor:
         """Each row's problem's activation `[B]` (float32 or wider): the weighted positions of
         the mean of its features. `rows` None: row p is problem p."""
-        x = self.read(acts)
         if rows is None:
-            rows = torch.arange(len(x), device=x.device)
+            rows = torch.arange(len(acts), device=acts.device)
         per_pos = self.per_position(acts, rows)
         weights = self.position_weights(per_pos.shape[1], per_pos.device, per_pos.dtype)[rows.to(per_pos.device)]
         return (per_pos * weights).sum(dim=1)
