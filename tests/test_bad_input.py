@@ -34,6 +34,7 @@ FEW = ["--features", "[:, :, 0-3]"]  # the SAEs here have 32 latents
 ROWS: dict[str, list[tuple[list[str], str]]] = {
     "optimize": [
         (GPT2 + ["--layer", "3"], "layer"),
+        (GPT2 + ["--objective", "l2"], "allowed are l1, maximize"),
         (GPT2 + ["--layer", "-1"], "layer"),
         (GPT2 + ["--site", "blocks.1.nowhere"], "nowhere"),
         (GPT2 + ["--features", "[:, :, 64]"], "64"),
@@ -75,6 +76,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (GPT2 + ["--text", "the sea", "--prior", "simplex", "--temperature", "0"], "--temperature"),
         (GPT2 + ["--text", "the sea", "--model", "{badconfig}"], "config.json"),
         (GPT2 + ["--text", "the sea", "--resume", "{text}"], "--resume"),
+        (GPT2 + ["--text", "the sea", "--objective", "l2"], "allowed are l1, cosine"),
     ],
     "search exhaustive": [
         (GPT2 + ["--layer", "3"], "layer"),
@@ -90,6 +92,9 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (GPT2 + ["--dtype", "float8"], "--dtype"),
         (GPT2 + ["--device", "tpu"], "--device"),
         (["--model", "{gguf}"], "{gguf}"),
+        (GPT2 + ["--objective", "l2"], "allowed are l1, maximize"),
+        (GPT2 + ["--objective", "maximize(site='blocks.9.resid_post')"], "layer 9"),
+        (GPT2 + ["--objective", "maximize + 0.1 * embedding_norm"], "embedding_norm"),
     ],
     "search greedy": [
         (GPT2 + ["--layer", "0", "--features", "[:,:,0]", "--tokens", "100000"], "--tokens"),
@@ -100,17 +105,20 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (GPT2 + ["--features", "[:, 9, 0]", "--tokens", "2"], "position"),
         (GPT2 + ["--top_k", "0"], "--top_k"),
         (GPT2 + ["--batch_size", "-1"], "--batch_size"),
+        (GPT2 + ["--objective", "maximize("], "malformed"),
     ],
     "search gcg": [  # more in tests/test_cli_gcg.py
         (GPT2 + ["--layer", "3"], "layer"),
         (GPT2 + ["--features", "[:, :, 64]"], "64"),
         (GPT2 + ["--max_evaluations", "-1"], "--max_evaluations"),
         (GPT2 + ["--prefix", LONG], "182-token prefix"),
+        (GPT2 + ["--objective", "maximize(features='[:, :, 64]')"], "64"),
     ],
     "search epo": [
         (GPT2 + ["--layer", "3"], "layer"),
         (GPT2 + ["--features", "[:, :, 64]"], "64"),
         (GPT2 + ["--lambdas", "[nan]"], "lambdas"),  # jsonargparse refuses it itself
+        (GPT2 + ["--objective", "maximize * maximize"], "a product needs a number"),
     ],
     "compare": [
         (GPT2 + ["--layer", "3"], "layer"),
@@ -122,6 +130,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (GPT2 + ["--gcg_width", "0"], "--gcg_width"),
         (GPT2 + ["--top_k", "0"], "--top_k"),
         (GPT2 + ["--temperature", "0"], "--temperature"),
+        (GPT2 + ["--objective", "logit(token='the sea')"], "give one token"),
     ],
     "neurons decode": [
         (GPT2 + ["--layers", "5"], "layer"),
@@ -255,6 +264,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (GPT2 + ["--features", "[:, :, 64]"], "64"),
         (GPT2 + ["--top_k", "0"], "--top_k"),
         (GPT2 + ["--from", "{text}"], "{text}"),
+        (GPT2 + ["--layer", "0,1", "--objective", "l2"], "allowed are l1, maximize"),
     ],
 }
 
