@@ -12,6 +12,7 @@ lens = function("sae lens")
 ablate = function("sae ablate")
 mcs = function("sae mcs")
 dashboard = function("sae dashboard")
+inputs = function("sae inputs")
 eval = evaluate  # noqa: A001 - the command line's name, `featopt sae eval`
 
-__all__ = ["train", "cache", "evaluate", "features", "lens", "ablate", "mcs", "dashboard", "eval"]
+__all__ = ["train", "cache", "evaluate", "features", "lens", "ablate", "mcs", "dashboard", "inputs", "eval"]

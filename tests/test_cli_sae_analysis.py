@@ -19,6 +19,7 @@ from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
 TEXT = ("The cat sat on the mat. The dog ran to the park and back again. " * 30)
 CTX = ["--context_length", "16"]
+INPUTS = ["--input_tokens", "3", "--input_steps", "2", "--input_width", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_features_then_dashboard_reuses_the_statistics(files, tmp_path, capsys):
     assert "latents fired" in capsys.readouterr().out
     dash = tmp_path / "dash"
     assert main(["sae", "dashboard", "--model", "tiny-llama", "--sae", str(files["big"]), "--stats", str(feats),
-                 "--features", "[:, :, 0-3]", "--ascent_steps", "3", "--search_top", "5", "--ablate_examples", "1",
+                 "--features", "[:, :, 0-3]", *INPUTS, "--search_top", "5", "--ablate_examples", "1",
                  "--out", str(dash), "--no_progress"]) == 0
     records = json.loads((dash / "records.json").read_text())["latents"]
     assert [r["latent"] for r in records] == [0, 1, 2, 3]
@@ -55,17 +56,18 @@ def test_features_then_dashboard_reuses_the_statistics(files, tmp_path, capsys):
     assert "4 latents" in shown and "<iframe srcdoc=" in shown and "Latent 0" in shown and "style.css" not in shown
     page = DashboardRun(records, dash).page(2)
     assert "<h1>Latent 2</h1>" in str(page) and "<style>" in str(page) and "<iframe" in page._repr_html_()
-    # The best exhaustive token after the prefix (the end-of-text token), and the optimized input,
-    # re-measured here by a plain HF forward and the SAE.
+    # The best exhaustive token after the prefix (the end-of-text token), and the searched input
+    # (its exact ids, the prefix first), re-measured here by a plain HF forward and the SAE.
     adapter, sae = load_model("tiny-llama"), load_sae(files["big"])
     checked = 0
     for record in records:
         token, value = record["max_inputs"]["exhaustive"][0]
         prefix = adapter.encode(record["max_inputs"]["prefix"])
         assert prefix.tolist() == [adapter.tokenizer.eos_token_id]
-        optimized = record["max_inputs"]["optimized"]
+        best = record["inputs"]["best"]
+        assert best["token_ids"][0] == adapter.tokenizer.eos_token_id and len(best["token_ids"]) == 4
         cases = ((torch.cat([prefix, adapter.encode(token)]), value, 2),
-                 (adapter.encode(optimized["text"]), optimized["activation"], len(optimized["tokens"])))
+                 (torch.tensor(best["token_ids"]), best["activation"], 4))
         for ids, want, length in cases:
             if len(ids) != length:
                 continue  # byte-level pieces that do not re-encode to the same tokens
@@ -123,7 +125,7 @@ def test_with_bos_ablate_and_dashboard_run_every_input_after_the_bos(files, tmp_
 
     dash = tmp_path / "dash"
     assert main(["sae", "dashboard", "--model", "tiny-llama", "--bos", "--sae", str(files["small"]), "--corpus",
-                 str(files["corpus"]), *CTX, "--features", "[:, :, 0-2]", "--ascent_steps", "3", "--search_top", "5",
+                 str(files["corpus"]), *CTX, "--features", "[:, :, 0-2]", *INPUTS, "--search_top", "5",
                  "--ablate_examples", "1", "--out", str(dash), "--no_progress"]) == 0
     document = json.loads((dash / "records.json").read_text())
     assert document["run"]["config"]["bos"] is True
@@ -132,9 +134,9 @@ def test_with_bos_ablate_and_dashboard_run_every_input_after_the_bos(files, tmp_
         latent, found = record["latent"], record["max_inputs"]
         assert found["prefix"] == ""  # the BOS token is the input's start: the sweep's token is at position 1
         token, value = found["exhaustive"][0]
-        optimized = found["optimized"]
-        cases = (([bos] + adapter.tokenizer.encode(token), value, 2),
-                 ([bos] + adapter.tokenizer.encode(optimized["text"]), optimized["activation"], 1 + len(optimized["tokens"])))
+        best = record["inputs"]["best"]
+        assert best["token_ids"][0] == bos  # the searched input follows the BOS token
+        cases = (([bos] + adapter.tokenizer.encode(token), value, 2), (best["token_ids"], best["activation"], 4))
         for run_ids, want, length in cases:
             if len(run_ids) == length:  # else byte-level pieces that do not re-encode to the same tokens
                 assert want == pytest.approx(float(_latent(adapter, sae, run_ids, latent)[-1]), abs=1e-4)

@@ -94,6 +94,8 @@ COMMANDS = [
             "Ablated text (drop each earlier token) and direction ablation (next-token log-probs) for one latent."),
     Command("sae mcs", _C + "sae_read", "MCSConfig", "mcs",
             "Max cosine similarity of each latent with the decoder rows of other dictionaries (1x/2x/4x/8x)."),
+    Command("sae inputs", _C + "sae_inputs", "InputsConfig", "inputs",
+            "Inputs that fire each latent (neuron, direction) hardest, and fluently, beside its corpus max (pooled EPO)."),
     Command("sae dashboard", _C + "sae_dashboard", "DashboardConfig", "dashboard",
             "A static site (file://) per latent: examples, histogram, logit lens, ablations, maximizing inputs."),
     Command("flow match", _C + "flow_match", "MatchConfig", "match",

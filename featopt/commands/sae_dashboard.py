@@ -2,9 +2,16 @@
 
 For each latent: the corpus statistics (top and uniform examples, frequency, histogram; computed
 here in one pass, or read from a `featopt sae features` folder with `--stats`), the logit lens,
-ablated text and direction ablation on its top examples, and what no corpus dashboard shows: the
-inputs that *maximize* it, from one exhaustive sweep over the vocabulary (every latent at once)
-and one batched gradient-ascent run. Every number also goes into `records.json` beside the pages.
+ablated text and direction ablation on its top examples, the best single tokens from one
+exhaustive sweep over the vocabulary (every latent at once), and what no corpus dashboard shows:
+the inputs that fire each latent hardest, and the most active of those that read as fluently as
+its corpus text, beside its corpus maximum (`featopt sae inputs`, run here for the shown latents,
+or read from its folder with `--inputs`). Every number also goes into `records.json` beside the
+pages.
+
+The former gradient-ascent input (4 tokens, softmax-simplex prior) is gone: on SmolLM2's topk SAE
+it fired 7 of 50 latents once decoded and none above the corpus maximum, where the searched inputs
+beat the corpus maximum for most latents (benchmarks/README.md, "Inputs that fire SAE latents").
 
 Ablated text runs on each example's window (the `window_before` tokens before it), the text the
 page shows, so its `base` can differ from the example's activation in the full context; direction
@@ -24,6 +31,7 @@ import torch
 from featopt.commands.fields import check_at_least, check_choice, record_of
 from featopt.commands.result import CommandResult
 from featopt.commands.loading import bos_id, check_context
+from featopt.commands.sae_inputs import default_prefix
 from featopt.commands.sae_read import load_model_and_sae, parse_latents
 from featopt.commands.settings import CorpusSettings, InputSettings, OutputSettings
 from featopt.dictionaries.ablation import MODES
@@ -70,19 +78,25 @@ class DashboardConfig(OutputSettings, CorpusSettings, InputSettings):
     """direction ablation: contribution (x - z_i W_dec[i]) or projection (remove the direction)"""
     search_top: int = 10
     """best single tokens from the exhaustive sweep (0: none)"""
-    ascent_tokens: int = 4
-    """gradient ascent: input length"""
-    ascent_steps: int = 100
-    """gradient-ascent steps for the optimized input (0: none)"""
-    ascent_prior: str = "simplex"
-    """simplex (softmax over the vocabulary) or embedding (free embeddings)"""
-    ascent_lr: float = 0.1
-    """learning rate of the optimized input"""
+    input_search: bool = True
+    """search the inputs that fire each latent hardest, and fluently (pooled EPO, as featopt sae inputs)"""
+    input_tokens: int = 8
+    """tokens per searched input"""
+    input_steps: int = 10
+    """search steps (0: the corpus windows alone)"""
+    input_width: int = 16
+    """candidates per member and step"""
+    input_lambdas: list[float] = field(default_factory=lambda: [0.0, 2.0])
+    """fluency weights, one member per latent each"""
+    input_warm: int = 8
+    """top corpus windows per latent that start the search"""
+    inputs: str | None = None
+    """a featopt sae inputs folder to show instead of searching (its latents and model must match)"""
     prefix: str | None = None
-    """text before the exhaustive sweep's token (default: the end-of-text token; none with --bos, whose BOS token
-    comes first)"""
+    """text before the searched inputs and the sweep's token (default: the end-of-text token; none with --bos,
+    whose BOS token comes first)"""
     seed: int = 0
-    """random seed (the statistics' uniform examples, the gradient-ascent start)"""
+    """random seed (the statistics' uniform examples, the input search)"""
     out: str | None = None
     """the dashboard folder (new, or an old dashboard to replace; default featopt-runs/<time>)"""
 
@@ -129,15 +143,12 @@ class LatentPage:
 
 def _check(config: DashboardConfig, out: Path) -> None:
     check_at_least(config, ["tokens", "context_length", "batch_contexts", "top_k", "n_bins", "lens_k"])
-    for name in ("window_before", "window_after", "ablate_examples", "search_top", "ascent_steps", "ascent_tokens"):
+    for name in ("window_before", "window_after", "ablate_examples", "search_top"):
         if getattr(config, name) < 0:
             raise FeatoptError(f"--{name} must be 0 or more, got {getattr(config, name)}.")
-    if config.ascent_steps and config.ascent_tokens < 1:
-        raise FeatoptError("--ascent_tokens must be at least 1 when --ascent_steps is above 0.")
     check_choice(config, "mode", MODES)
-    check_choice(config, "ascent_prior", ("simplex", "embedding"))
-    if not config.ascent_lr > 0 or config.ascent_lr == float("inf"):
-        raise FeatoptError(f"--ascent_lr must be positive and finite, got {config.ascent_lr}.")
+    if config.input_search and not config.inputs:
+        _input_settings(config).check(INPUT_FLAGS)
     if not config.corpus and not config.stats:
         raise FeatoptError("--corpus is required: give a folder of .txt files or one .txt file.")
     if out.exists() and not out.is_dir():
@@ -159,9 +170,11 @@ def dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) -> D
     _check(config, out)
     adapter, sae = load_model_and_sae(config, adapter)
     latents = parse_latents(config.features, sae.d_sae)
-    if config.ascent_steps:
-        adapter.check_positions(config.ascent_tokens + int(adapter.bos), f"--ascent_tokens {config.ascent_tokens}",
-                                f"give at most {(adapter.context_limit or 0) - int(adapter.bos)}")
+    if config.input_search and not config.inputs:
+        prefix_length = len(adapter.encode(default_prefix(adapter, config.prefix)))
+        adapter.check_positions(prefix_length + config.input_tokens, f"--input_tokens {config.input_tokens} after a "
+                                f"{prefix_length}-token prefix", f"give at most {(adapter.context_limit or 0) - prefix_length}")
+    found_inputs = _stored_inputs(config, adapter, sae, latents) if config.inputs else None
     settings = config
     if config.stats:
         stats = FeatureStats.load(config.stats)
@@ -187,6 +200,11 @@ def dashboard(config: DashboardConfig, adapter: ModelAdapter | None = None) -> D
     if config.ablate_examples:
         _ablations(adapter, sae, contexts, latents, records, config)
     _max_inputs(adapter, sae, config, latents, records)
+    if found_inputs is not None:
+        for record in records:
+            record["inputs"] = found_inputs[record["latent"]]
+    elif config.input_search:
+        _search_inputs(adapter, sae, config, stats, latents, records)
     run = {"command": "sae dashboard", "config": record_of(config), "model": adapter.name, "sae": sae.describe(),
            "corpus": settings.corpus, "tokens": stats.tokens, "seed": config.seed,
            "dtype": str(adapter.dtype).replace("torch.", ""), "versions": versions()}
@@ -237,40 +255,17 @@ def _ablations(adapter, sae, contexts, latents, records, config) -> None:
         record["ablated_text"] = texts
 
 
-def _prefix(adapter, config: DashboardConfig) -> str:
-    """The text before a maximizing input: by default the end-of-text token that separates the
-    corpus' documents, so the input sits where a document's first token does (position 1), not
-    at position 0, an attention sink the SAE never saw in training (`--skip_first`). With `--bos`
-    the BOS token is already there (the prefix follows it), so the default is no text."""
-    if config.prefix is not None:
-        return config.prefix
-    if adapter.bos:
-        return ""
-    token = getattr(adapter.tokenizer, "eos_token", None) or getattr(adapter.tokenizer, "bos_token", None)
-    return token or ""
-
-
-@torch.inference_mode()
-def _measure(view, site, ids: torch.Tensor, latents: list[int]) -> list[float]:
-    """Latent `latents[p]` at the last token of `ids[p]` (`[P, T]`), by a forward through the SAE."""
-    z = view.run([site], input_ids=ids, bos=view.bos)[site][:, -1]  # [P, d_sae]; after the BOS of --bos
-    return [float(z[p, latent]) for p, latent in enumerate(latents)]
-
-
 def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], records: list[dict]) -> None:
-    """The exhaustive sweep's best single tokens after the prefix (all latents in one sweep), and
-    one gradient-optimized input per latent (all latents in one batched run, the simplex prior by
-    default; it maximizes the pre-activation, see `PreActivations`), each re-measured on the latent
-    at its last token."""
-    from featopt.commands.optimize import AscentConfig, optimize
+    """The exhaustive sweep's best single tokens after the prefix (all latents in one sweep),
+    each re-measured on the latent at its token."""
     from featopt.commands.search import ExhaustiveConfig, exhaustive
     from featopt.models.sae.attach import attach
 
-    prefix = _prefix(adapter, config)
+    prefix = default_prefix(adapter, config.prefix)
     prefix_ids = adapter.encode(prefix)  # [BOS, prefix...] with --bos
     view, site = attach(adapter, sae)
     listed = ", ".join(map(str, latents))
-    found: dict[int, dict] = {latent: {"exhaustive": None, "optimized": None, "prefix": prefix} for latent in latents}
+    found: dict[int, dict] = {latent: {"exhaustive": None, "prefix": prefix} for latent in latents}
     with tempfile.TemporaryDirectory(prefix="featopt-dashboard-") as work:
         if config.search_top:
             sweep = exhaustive(ExhaustiveConfig(
@@ -280,22 +275,57 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
             for latent, result in zip(latents, sweep.results):
                 top = result.extra["top_k"]
                 found[latent]["exhaustive"] = [[t, float(a)] for t, a in zip(top["tokens"], top["activations"])]
-        if config.ascent_steps:
-            pre = adapter.with_features(site, sae.pre_activation_map())
-            last = config.ascent_tokens - 1
-            run = optimize(AscentConfig(
-                model=config.model, bos=adapter.bos, layer=site.layer, site=site.kind,
-                features=f"[:, {last}, [{listed}]]", tokens=config.ascent_tokens, steps=config.ascent_steps,
-                prior=config.ascent_prior, lr=config.ascent_lr, objective="maximize", seed=config.seed, out=f"{work}/ascent",
-                progress=config.progress, decode_every=max(1, config.ascent_steps)), adapter=pre)
-            ids = torch.tensor([r.token_ids for r in run.results], dtype=torch.long)
-            measured = _measure(view, site, ids, latents)
-            for latent, result, value in zip(latents, run.results, measured):
-                found[latent]["optimized"] = {
-                    "text": result.text, "tokens": result.tokens, "activation": value, "method": result.method,
-                    "steps": config.ascent_steps, "pre_activation": result.activation,
-                    "note": "ascent on the latent's pre-activation at the last of the input's tokens (the "
-                            + ("first follows the BOS token at position 0" if adapter.bos else "first is position 0")
-                            + "); activation re-measured on the latent there"}
     for latent, record in zip(latents, records):
         record["max_inputs"] = found[latent]
+
+
+INPUT_FLAGS = {"tokens": "--input_tokens", "steps": "--input_steps", "search_width": "--input_width",
+               "lambdas": "--input_lambdas", "warm": "--input_warm"}
+
+
+def _input_settings(config: DashboardConfig):
+    from featopt.dictionaries.inputs import InputSearch
+
+    return InputSearch(tokens=config.input_tokens, steps=config.input_steps, search_width=config.input_width,
+                       lambdas=list(config.input_lambdas), warm=config.input_warm, seed=config.seed,
+                       progress=config.progress)
+
+
+def _search_inputs(adapter, sae, config: DashboardConfig, stats, latents: list[int], records: list[dict]) -> None:
+    """`featopt sae inputs` for the shown latents, warm-started from the statistics' windows."""
+    from featopt.commands.sae_inputs import latent_objectives
+    from featopt.dictionaries import corpus_windows, inputs
+    from featopt.discrete.tokens import allowed_ids
+
+    settings = _input_settings(config)
+    prefix = adapter.encode(default_prefix(adapter, config.prefix))
+    windows = corpus_windows.from_stats(stats, latents, settings.tokens, bos=adapter.bos, flag="--input_tokens")
+    objective, measure = latent_objectives(adapter, sae, latents)
+    found = inputs.search(adapter, objective, measure, windows, prefix=prefix, allowed=allowed_ids(adapter), settings=settings)
+    for record, row in zip(records, inputs.records(adapter, measure, found, prefix, settings.front_size)):
+        record["inputs"] = row
+
+
+def _stored_inputs(config: DashboardConfig, adapter, sae, latents: list[int]) -> dict[int, dict]:
+    """Each latent's record from a `featopt sae inputs` folder; one sentence when it does not fit."""
+    from featopt.results import read_results
+
+    try:
+        run, results = read_results(config.inputs)
+    except (FeatoptError, OSError, ValueError):
+        raise FeatoptError(f"--inputs {config.inputs!r} is not a featopt sae inputs folder (no readable results.json): "
+                           "give the --out of a featopt sae inputs run.") from None
+    if run.get("command") != "sae inputs":
+        raise FeatoptError(f"--inputs {config.inputs!r} holds results of {run.get('command') or run.get('method')!r}, "
+                           "not of featopt sae inputs: give the --out of a featopt sae inputs run.")
+    by_latent = {}
+    for r in results:
+        if (r.feature_map or {}).get("sha256") not in (None, sae.describe()["sha256"]) or r.model != adapter.name:
+            raise FeatoptError(f"--inputs {config.inputs!r} was searched for another model or SAE: search it for "
+                               f"{config.sae!r} or drop --inputs.")
+        by_latent[int(r.spec.strip("[]").split(",")[-1])] = r.extra
+    missing = [i for i in latents if i not in by_latent]
+    if missing:
+        raise FeatoptError(f"--inputs {config.inputs!r} has no inputs for latent {missing[0]}: it holds latents "
+                           f"{sorted(by_latent)[:20]}; search those latents or show fewer.")
+    return by_latent

@@ -174,6 +174,8 @@ class EPOConfig(SwapSearchSettings):
     """candidates per member and step (a problem's pool is members x this)"""
     front_size: int = 64
     """most points reported per front (evenly spread along it; 1: the most active)"""
+    pool: bool = False
+    """score each candidate for every problem (its cross-entropy is shared): every member and front sees all"""
 
 
 class EPORun(SearchRun):
@@ -214,7 +216,7 @@ def epo(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     try:
         state, fronts = epo_method.epo(adapter, objective, prefix=prefix, init=init, allowed=allowed,
                                        settings=settings_of(config, "epo"), lambdas=list(config.lambdas),
-                                       batch_size=config.batch_size, on_step=log)
+                                       batch_size=config.batch_size, pool=config.pool, on_step=log)
     finally:
         log.close()
     results, document = epo_method.records(adapter, objective, state, fronts, prefix, lambdas=list(config.lambdas),

@@ -1,8 +1,10 @@
 """A static feature dashboard for SAE latents: plain HTML, CSS and inline SVG that opens from file://.
 
 :func:`write_dashboard` writes `index.html` (the run, and one row per latent), `latent-<i>.html`
-(one page per latent: activation histogram, top and uniform examples shaded by activation, logit
-lens, ablated text, direction ablation and the inputs that maximize the latent), `style.css` and
+(one page per latent: activation histogram, top examples, the searched inputs that fire the latent
+beside them (the most active and the most active fluent one shaded by activation, the front of
+activation against fluency as an SVG, a marker where an input beats every corpus example), uniform
+examples, logit lens, ablated text, direction ablation and the best single tokens), `style.css` and
 `dashboard.json` (the run and each latent's frequency and max; it marks the folder as a featopt
 dashboard, which a later call may replace). Nothing is fetched from anywhere. Every token and text
 is HTML-escaped, newlines show as ↵ and spaces as a faint ·. A section whose data is missing (the
@@ -17,20 +19,23 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 from pathlib import Path
 
+from featopt.dictionaries.inputs_page import inputs_section
+from featopt.dictionaries.page_parts import BLUE, MISSING, ORANGE, RED, finite as _finite, num as _num, span as _span
+from featopt.dictionaries.page_parts import strength as _strength, tok as _tok
 from featopt.errors import FeatoptError
 from featopt.results import atomic_folder
 
 MARKER = "dashboard.json"
-ORANGE, RED, BLUE = "255,128,0", "220,38,38", "37,99,235"
-_WHITESPACE = {"\r": "␍", "\n": "↵", "\t": "⇥", " ": "·"}
-MISSING = '<p class="missing">not computed</p>'
-MAXIMIZE_NOTE = ("These are inputs that maximize the latent, found by search rather than read from the corpus: "
-                 "corpus dashboards do not show them, and they may fire it far above anything in the corpus.")
 SCRIPT = ('<script>document.addEventListener("keydown", e => { const rel = {ArrowLeft: "prev", ArrowRight: "next"}[e.key];'
           ' const a = rel && document.querySelector(`a[rel="${rel}"]`); if (a) location.href = a.href; });</script>')
+SORT_SCRIPT = ('<script>document.querySelectorAll("button.sort").forEach(b => b.addEventListener("click", () => {'
+               ' const k = +b.dataset.column, body = document.querySelector("#latents tbody");'
+               ' const down = b.dataset.order !== "desc"; b.dataset.order = down ? "desc" : "asc";'
+               ' const value = r => { const v = r.children[k].dataset.value; return v === "" ? -Infinity : +v; };'
+               ' [...body.rows].sort((a, c) => down ? value(c) - value(a) : value(a) - value(c))'
+               '.forEach(r => body.appendChild(r)); }));</script>')
 CSS = """\
 body { font: 15px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 72em; padding: 0 1em; color: #1f2328; }
 h1 { font-size: 1.5em; margin: .3em 0; } h2 { font-size: 1.15em; margin: 1.6em 0 .5em; border-bottom: 1px solid #d0d7de; }
@@ -50,37 +55,12 @@ dl.run dt { font-weight: 600; } dl.run dd { margin: 0; word-break: break-all; }
 .val { color: #57606a; font-size: .85em; } .cols { display: flex; gap: 3em; flex-wrap: wrap; } .cols > div { flex: 1 1 20em; }
 svg.hist rect { fill: rgb(255,128,0); } svg.hist text { font: 11px system-ui, sans-serif; fill: #57606a; }
 svg.hist line { stroke: #57606a; }
+svg.front text { font: 11px system-ui, sans-serif; fill: #57606a; } svg.front line { stroke: #57606a; }
+svg.front line.corpus-max { stroke: rgb(220,38,38); stroke-dasharray: 5 3; } svg.front line.threshold { stroke: #1a7f37; stroke-dasharray: 2 3; }
+svg.front polyline.front { fill: none; stroke: rgb(37,99,235); stroke-width: 1.5; } svg.front circle.point { fill: rgb(37,99,235); }
+svg.front circle.window { fill: #8c959f; } .beats { color: #9a6700; font-weight: 600; margin-left: .4em; }
+button.sort { font: inherit; font-weight: 600; border: none; background: none; padding: 0; cursor: pointer; color: #0550ae; }
 """
-
-
-def _tok(t) -> str:
-    """A token made visible and safe: HTML-escaped, then whitespace drawn faintly (↵ newline, ⇥ tab, · space)."""
-    text = re.sub(r"[\r\n\t ]", lambda m: f'<span class="ws">{_WHITESPACE[m[0]]}</span>', html.escape(str(t)))
-    return text or '<span class="ws">∅</span>'
-
-
-def _num(x, digits: int = 4) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, int) and not isinstance(x, bool):
-        return f"{x:,}"
-    try:
-        return f"{float(x):.{digits}g}"
-    except (TypeError, ValueError):
-        return html.escape(str(x))
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _span(tok, colour: str, alpha: float, title: str, cls: str = "") -> str:
-    style = f' style="background:rgba({colour},{alpha:.3f})"' if alpha > 0 else ""
-    return f'<span class="tok{" " + cls if cls else ""}"{style} title="{html.escape(title)}">{_tok(tok)}</span>'
-
-
-def _strength(value, scale) -> float:
-    return min(1.0, abs(value) / scale) if _finite(value) and _finite(scale) and scale > 0 else 0.0
 
 
 def _example(ex: dict, kind: str, scale: float, k: int, extra: str = "") -> str:
@@ -182,14 +162,8 @@ def _direction_ablation(d: dict | None) -> str | None:
 def _max_inputs(m: dict | None) -> str | None:
     if not m:
         return None
-    opt = m.get("optimized")
-    optimized = MISSING if not opt else (
-        f'<div class="example" data-kind="optimized"><div class="meta">re-measured activation <b>{_num(opt.get("activation"))}</b>'
-        f' · {html.escape(str(opt.get("method")))}, {_num(opt.get("steps"))} steps</div>'
-        f'<div class="line">{"".join(_span(t, "", 0, repr(t)) for t in opt.get("tokens") or [])}</div>'
-        f'<pre>{html.escape(str(opt.get("text")))}</pre></div>')
-    return (f'<p class="note">{MAXIMIZE_NOTE}</p><h3>single tokens, exhaustive</h3>{_toklist(m.get("exhaustive"))}'
-            f'<h3>optimized input</h3>{optimized}')
+    return (f'<p class="note">Every vocabulary token as a one-token input after the prefix, best first (one exhaustive '
+            f'sweep).</p>{_toklist(m.get("exhaustive"))}')
 
 
 def _section(title: str, body: str | None) -> str:
@@ -225,11 +199,13 @@ def _latent_page(rec: dict, prev: int | None, nxt: int | None, model: str) -> st
                            for k, ex in enumerate(uniform)) if uniform else None
     body = (f'<nav>{"".join(nav)}</nav><h1>Latent {i}</h1><p class="stats">{html.escape(model)}<br>{stats}</p>'
             + _section("Activation histogram", _histogram(rec.get("histogram")))
-            + _section("Top examples", top_html) + _section("Uniform examples", uniform_html)
+            + _section("Inputs that fire the latent", inputs_section(rec.get("inputs")))
+            + _section("Top examples", top_html)
+            + _section("Uniform examples", uniform_html)
             + _section("Logit lens", _logit_lens(rec.get("logit_lens")))
             + _section("Ablated text", _ablated_text(rec.get("ablated_text")))
             + _section("Direction ablation", _direction_ablation(rec.get("direction_ablation")))
-            + _section("Inputs that maximize the latent", _max_inputs(rec.get("max_inputs"))))
+            + _section("Best single tokens", _max_inputs(rec.get("max_inputs"))))
     return _page(f"Latent {i} · featopt", body)
 
 
@@ -239,12 +215,20 @@ def _index_page(run: dict, latents: list[dict]) -> str:
     for rec in latents:
         i, lens = rec["latent"], rec.get("logit_lens") or {}
         tokens = _toklist((lens.get("top") or [])[:6]) if lens.get("top") else MISSING
-        rows.append(f'<tr class="latent-row" data-latent="{i}"><td><a href="latent-{i}.html">latent {i}</a></td>'
-                    f'<td class="num">{_num(rec.get("frequency"), 3)}</td><td class="num">{_num(rec.get("max"))}</td>'
-                    f'<td class="num">{_num(rec.get("mean_when_active"))}</td><td>{tokens}</td></tr>')
+        found = rec.get("inputs") or {}
+        cells = [(i, f'<a href="latent-{i}.html">latent {i}</a>', ""), (rec.get("frequency"), _num(rec.get("frequency"), 3), "num"),
+                 (rec.get("max"), _num(rec.get("max")), "num"), (rec.get("mean_when_active"), _num(rec.get("mean_when_active")), "num"),
+                 (found.get("best_ratio"), _num(found.get("best_ratio"), 3), "num best-ratio"),
+                 (found.get("best_fluent_ratio"), _num(found.get("best_fluent_ratio"), 3), "num fluent-ratio")]
+        tds = "".join(f'<td class="{cls}" data-value="{float(v) if _finite(v) else ""}">{text}</td>' for v, text, cls in cells)
+        rows.append(f'<tr class="latent-row" data-latent="{i}">{tds}<td>{tokens}</td></tr>')
+    heads = ["latent", "frequency", "max", "mean when active", "best input / max", "best fluent / max"]
+    th = "".join(f'<th><button class="sort" data-column="{k}" title="sort by {h}">{h}</button></th>' for k, h in enumerate(heads))
     body = (f'<h1>SAE latents</h1><dl class="run">{info}</dl><h2>{len(latents)} latents</h2>'
-            '<table><thead><tr><th>latent</th><th>frequency</th><th>max</th><th>mean when active</th>'
-            f'<th>top logit-lens tokens</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            '<p class="note">Click a column to sort by it (again: the other way). Best input / max: the most active searched '
+            'input over the latent\'s corpus maximum; best fluent / max: the same for inputs at least as fluent as its '
+            f'corpus text.</p><table id="latents"><thead><tr>{th}<th>top logit-lens tokens</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>{SORT_SCRIPT}')
     return _page("SAE latents · featopt", body)
 
 
@@ -255,7 +239,7 @@ def write_dashboard(out: str | Path, run: dict, latents: list[dict]) -> Path:
     ...); the library versions are added unless it holds `versions`. Each record in `latents` holds
     `latent` (its index) and any of `tokens`, `fires`, `frequency`, `max`, `mean_when_active`,
     `histogram`, `top_examples`, `uniform_examples`, `logit_lens`, `ablated_text`,
-    `direction_ablation` and `max_inputs` (the schema is the one the SAE analysis writes; see the
+    `direction_ablation`, `inputs` (a `featopt sae inputs` record) and `max_inputs` (the schema is the one the SAE analysis writes; see the
     module docstring). `out` may be new, empty or an old dashboard, which is replaced.
     """
     out = Path(out)

@@ -148,13 +148,14 @@ class CandidateModel:
     @property
     def scores_all(self) -> bool:
         """Whether one forward can score a candidate for every problem (`evaluate_all`)."""
-        return hasattr(self.loss, "all") and not self.xent
+        return hasattr(self.loss, "all")
 
-    def evaluate_all(self, ids: Tensor) -> Tensor:
-        """Every problem's exact loss of candidates `ids [C, N]` -> `[C, P]` (float64, CPU)."""
+    def evaluate_all(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Every problem's exact loss of candidates `ids [C, N]` -> `([C, P], xent [C] or None)`
+        (float64, CPU): the cross-entropy is the sequence's own, shared by every problem."""
         if not self.scores_all:
             raise TypeError("this loss scores one problem per candidate: use evaluate")
-        return self.evaluate(ids, None)[0]
+        return self.evaluate(ids, None)
 
     @torch.inference_mode()
     def evaluate(self, ids: Tensor, problems: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -41,17 +41,20 @@ class Front:
 
     def add(self, ids: Tensor, activation: Tensor, xent: Tensor) -> None:
         ids = torch.cat([self.ids, ids]) if len(self.ids) else ids
-        act, xe = torch.cat([self.activation, activation]), torch.cat([self.xent, xent])
-        # Sort by xent (then activation, higher first; stable, so the earlier of equal points
-        # first); a point is on the front when its activation beats every point of lower xent.
-        order = sorted(range(len(act)), key=lambda i: (float(xe[i]), -float(act[i])))
-        keep, best = [], -math.inf
-        for i in order:
-            if float(act[i]) > best:
-                keep.append(i)
-                best = float(act[i])
-        keep = torch.tensor(keep, dtype=torch.long)
+        act, xe = torch.cat([self.activation, activation.double()]), torch.cat([self.xent, xent.double()])
+        # Sort by xent, then activation (higher first), stable so the earlier of equal points comes
+        # first; a point is on the front when its activation beats every point before it.
+        order = torch.sort(-act, stable=True).indices
+        order = order[torch.sort(xe[order], stable=True).indices]
+        sorted_act = act[order]
+        before = torch.cat([sorted_act.new_full((1,), -math.inf), sorted_act.cummax(0).values[:-1]])
+        keep = order[sorted_act > before]
         self.ids, self.activation, self.xent = ids[keep], act[keep], xe[keep]
+
+    def best(self, max_xent: float = math.inf) -> int | None:
+        """The index of the most active point with xent at most `max_xent` (None: no such point)."""
+        fits = (self.xent <= max_xent).nonzero()[:, 0]
+        return int(fits[self.activation[fits].argmax()]) if len(fits) else None
 
     def spread(self, size: int) -> Front:
         """At most `size` points evenly spaced along the front (by rank), both ends included; with
@@ -72,29 +75,43 @@ def check_length(prefix: Tensor, init: Tensor) -> None:
 
 
 def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Tensor, allowed: Tensor,
-        settings: SwapSettings, lambdas: list[float], batch_size: int = 0,
+        settings: SwapSettings, lambdas: list[float], batch_size: int = 0, pool: bool = False,
+        seeds: Tensor | None = None, seed_problems: Tensor | None = None,
         on_step: Callable | None = None) -> tuple[SwapState, list[Front]]:
-    """Search every problem with one member per lambda from `init [P, N]` after `prefix [L]`; the
-    final state (rows problem-major: every lambda of a problem) and each problem's whole front."""
+    """Search every problem with one member per lambda from `init [P, N]` after `prefix [L]`
+    (`init [P * len(lambdas), N]`: each member its own start, problem-major); the final state
+    (rows problem-major: every lambda of a problem) and each problem's whole front.
+
+    Pooled (several problems), one forward scores a candidate for every problem: each member
+    ranks every candidate of every problem by its own problem's loss and lambda, and every
+    problem's front takes every candidate. `seeds [S, N]` (pooled) are scored at the start for
+    every problem and feed the buffers and fronts; `seed_problems [S]` says whose each is."""
     check_discrete(objective, "EPO")
     check_length(prefix, init)
     n, n_lam = objective.n_problems, len(lambdas)
+    pool = pool and n > 1
+    if seeds is not None and not pool:
+        raise FeatoptError("seeds are scored for every problem at once: they need a pooled search of several problems.")
     model = CandidateModel(adapter, list(objective.sites), ObjectiveLoss(objective, adapter), prefix, xent=True,
                            batch_size=batch_size)
     rows_problem = torch.arange(n).repeat_interleave(n_lam)  # problem-major: every lambda of a problem
     lam = torch.tensor(lambdas, dtype=torch.float64).repeat(n)
     fronts = [Front() for _ in range(n)]
+    starts = init if len(init) == n * n_lam else init.repeat_interleave(n_lam, dim=0)
 
     def grow(step, state, evaluated) -> None:
         for p, front in enumerate(fronts):
+            if evaluated.all is not None:
+                front.add(evaluated.ids, -evaluated.all[:, p], evaluated.xent)
+                continue
             mine = evaluated.problems == p
             if mine.any():
                 front.add(evaluated.ids[mine], -evaluated.loss[mine], evaluated.xent[mine])
         if on_step is not None:
             on_step(step, state, evaluated)
 
-    state = swap_search(model, init.repeat_interleave(n_lam, dim=0), rows_problem, allowed.to(adapter.device),
-                        settings, lam=lam, share=True, on_step=grow)
+    state = swap_search(model, starts, rows_problem, allowed.to(adapter.device), settings, lam=lam, share=not pool,
+                        pool=pool, seeds=seeds, seed_problems=seed_problems, on_step=grow)
     return state, fronts
 
 

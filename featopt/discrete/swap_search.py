@@ -12,6 +12,9 @@ differs), every candidate is scored for every problem, so each problem's buffer 
 all problems' candidates, and a sequence proposed by several problems is forwarded once (counted
 against the first that proposed it). Features that share an optimum (at deep layers of a model
 without BOS, a few tokens that escape the first position's attention-sink state) find it together.
+Pooled rows may carry fluency weights too (EPO over many features): a sequence's cross-entropy is
+its own, whatever the problem, so the one forward to the LM head serves every row of every problem,
+and each row ranks every candidate by its own problem's loss plus its own lambda times that xent.
 
 Multi-process: every rank proposes the same candidates (rank 0's are broadcast), scores a
 contiguous shard, and the shards' scores are gathered, so K processes follow the same path as one.
@@ -50,12 +53,14 @@ class SwapSettings:
 
 @dataclass
 class Evaluated:
-    """One step's scored candidates: `ids [C, N]`, `problems [C]`, `loss [C]`, `xent [C] or None`."""
+    """One step's scored candidates: `ids [C, N]`, `problems [C]` (who proposed each), `loss [C]`
+    (that problem's), `xent [C] or None`, and when pooled `all [C, P]`: every problem's loss."""
 
     ids: Tensor
     problems: Tensor
     loss: Tensor
     xent: Tensor | None
+    all: Tensor | None = None
 
 
 @dataclass
@@ -108,11 +113,13 @@ def _score(model: CandidateModel, ids: Tensor, problems: Tensor) -> tuple[Tensor
     return loss, (_gather(xent, len(ids)) if xent is not None else None)
 
 
-def _score_all(model: CandidateModel, ids: Tensor) -> Tensor:
-    """Every problem's loss of every candidate `[C, P]` (each rank scoring its shard)."""
+def _score_all(model: CandidateModel, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Every problem's loss of every candidate `[C, P]`, and each candidate's xent `[C]` when the
+    model computes it (each rank scoring its shard)."""
     rank, world = distributed()
     start, stop = shard(len(ids), rank, world)
-    return _gather(model.evaluate_all(ids[start:stop]).clone(), len(ids))
+    loss, xent = model.evaluate_all(ids[start:stop])
+    return _gather(loss.clone(), len(ids)), (_gather(xent.clone(), len(ids)) if xent is not None else None)
 
 
 def _keep(buffer: tuple[Tensor, Tensor], ids: Tensor, total: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -124,18 +131,24 @@ def _keep(buffer: tuple[Tensor, Tensor], ids: Tensor, total: Tensor, size: int) 
 
 def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: Tensor, settings: SwapSettings, *,
                 lam: Tensor | None = None, share: bool = False, editable: Tensor | None = None,
-                stop_below: Tensor | None = None, pool: bool = False,
+                stop_below: Tensor | None = None, pool: bool = False, seeds: Tensor | None = None,
+                seed_problems: Tensor | None = None,
                 on_step: Callable[[int, SwapState, Evaluated], None] | None = None) -> SwapState:
     """Run the search from `init [R, N]` (row r solving problem `problems[r]`, fluency weight
     `lam[r]`, default 0), swapping only `editable [R, N]` positions among `allowed [K]` ids.
 
     A row whose total falls to `stop_below[r]` or under (an exact inversion) stops searching; the
     search ends when every row has. `pool` scores every candidate for every problem (see the
-    module docstring; needs `model.evaluate_all`, and no `lam`, `share` or `editable`).
+    module docstring; needs `model.evaluate_all`, and no `share` or `editable`). `seeds [S, N]`
+    (pooled only) are scored with the starts and enter every row's buffer by their totals, but
+    no row starts from them (a corpus window for each example, where rows are one per lambda);
+    `seed_problems [S]` names who brought each (for the evaluation counts; default problem 0).
     `on_step(step, state, evaluated)` is called after every step (step 0: the initial sequences).
     """
-    if pool and (share or editable is not None or (lam is not None and bool((lam != 0).any()))):
-        raise ValueError("pool scores whole sequences for every problem: not with share, editable or lam")
+    if pool and (share or editable is not None):
+        raise ValueError("pool scores whole sequences for every problem: not with share or editable")
+    if seeds is not None and not pool:
+        raise ValueError("seeds are scored for every problem: only with pool")
     R, N = init.shape
     n_problems = int(problems.max()) + 1
     lam = torch.zeros(R, dtype=torch.float64) if lam is None else lam.double()
@@ -148,12 +161,19 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         # takes its first gradient step from its own start. (Starting every row from the best
         # start begins a spec's rows at one or two tokens, whose first proposals overlap: at
         # layer 8 of SmolLM2 that found the one-token optimum for 17 of 20 features, own starts 20.)
-        starts, owners = distinct(init, problems, across=True)
-        start_all = _score_all(model, starts)  # [S, P]
-        buffers = [_keep((starts[:0], start_all[:0, 0]), starts, start_all[:, problems[r]], settings.buffer_size) for r in range(R)]
+        first, first_problems = init, problems
+        if seeds is not None and len(seeds):
+            owners_of_seeds = torch.zeros(len(seeds), dtype=torch.long) if seed_problems is None else seed_problems.cpu()
+            first, first_problems = torch.cat([init, seeds.cpu()]), torch.cat([problems, owners_of_seeds])
+        starts, owners = distinct(first, first_problems, across=True)
+        start_all, start_xent = _score_all(model, starts)  # [S, P], [S] or None
+        fluency = start_xent if start_xent is not None else torch.zeros(len(starts), dtype=torch.float64)
+        buffers = [_keep((starts[:0], start_all[:0, 0]), starts, start_all[:, problems[r]] + lam[r] * fluency,
+                         settings.buffer_size) for r in range(R)]
         own = (init[:, None, :] == starts[None]).all(-1).long().argmax(1)  # [R] each row's start among starts
         loss = start_all[own, problems]
-        xent, evaluated = None, Evaluated(starts, owners, start_all[torch.arange(len(starts)), owners], None)
+        xent = start_xent[own] if start_xent is not None else None
+        evaluated = Evaluated(starts, owners, start_all[torch.arange(len(starts)), owners], start_xent, start_all)
     else:
         loss, xent = _score(model, init, problems)
         starts, owners = init, problems
@@ -197,15 +217,16 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         c_all = None  # [C, P] when pooled
         if len(cands):
             if pool:
-                c_all = _score_all(model, cands)
-                c_loss, c_xent = c_all[torch.arange(len(cands)), cand_problems], None
+                c_all, c_xent = _score_all(model, cands)
+                c_loss = c_all[torch.arange(len(cands)), cand_problems]
             else:
                 c_loss, c_xent = _score(model, cands, cand_problems)
             seen.add(cands, torch.zeros_like(cand_problems) if pool else cand_problems)
             state.evaluations += torch.bincount(cand_problems, minlength=n_problems)
             for r in range(R):
                 if pool:
-                    state.buffers[r] = _keep(state.buffers[r], cands, c_all[:, problems[r]], settings.buffer_size)
+                    c_total = c_all[:, problems[r]] + (lam[r] * c_xent if c_xent is not None else 0)
+                    state.buffers[r] = _keep(state.buffers[r], cands, c_total, settings.buffer_size)
                     continue
                 mine = (cand_problems == problems[r]) if share else (keys == r)
                 if not mine.any():
@@ -226,7 +247,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         state.steps_run = step
         bar.set_postfix(best=f"{float(-state.loss.mean()):.4g}")
         if on_step:
-            on_step(step, state, Evaluated(cands, cand_problems, c_loss, c_xent))
+            on_step(step, state, Evaluated(cands, cand_problems, c_loss, c_xent, c_all))
     bar.close()
     return state
 
@@ -248,7 +269,7 @@ def _adopt_best(state: SwapState, model: CandidateModel, problems: Tensor, cands
             loss, xent = _score(model, best[None], problems[r:r + 1])
             state.loss[r], xent_r = loss[0], (xent[0] if xent is not None else None)
         elif c_all is not None:
-            state.loss[r], xent_r = c_all[at, problems[r]], None
+            state.loss[r], xent_r = c_all[at, problems[r]], (c_xent[at] if c_xent is not None else None)
         else:
             state.loss[r], xent_r = c_loss[at], (c_xent[at] if c_xent is not None else None)
         if state.xent is not None and xent_r is not None:

@@ -199,3 +199,36 @@ def test_member_labels_merge_members_on_one_point_and_keep_the_others_apart():
     one = [{"xent": 3.0, "activation": 2.0}]
     same = [{"lambda": lam, "search_xent": 3.0, "search_activation": 2.0} for lam in (0.0, 1.0)]
     assert member_labels(same, one) == {(3.0, 2.0): [0.0, 1.0]}
+
+
+def test_pooled_members_rank_every_candidate_of_every_problem_by_their_own_lambda(tiny64, tmp_path, monkeypatch):
+    # --pool: one forward scores a candidate for both features and its own xent; each member keeps
+    # the best of ALL candidates under its feature and lambda (checked by plain forwards here).
+    from featopt.discrete import epo as epo_module
+
+    scored = []
+    original = epo_module.swap_search
+
+    def spy(*args, on_step=None, **kwargs):
+        def record(step, state, evaluated):
+            assert evaluated.all is not None  # every candidate scored for every problem
+            scored.append(evaluated.ids.clone())
+            on_step(step, state, evaluated)
+        return original(*args, on_step=record, **kwargs)
+
+    monkeypatch.setattr(epo_module, "swap_search", spy)
+    run = epo(EPOConfig(model="tiny-llama", layer=1, features="[:, :, 0-1]", tokens=3, steps=2, search_width=8, topk=8,
+                        lambdas=LAMBDAS, prefix=" the", pool=True, out=str(tmp_path), progress=False), tiny64)
+    prefix = tiny64.encode(" the")
+    seqs = torch.unique(torch.cat(scored), dim=0)
+    full = torch.cat([prefix.expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        acts = resid_post(tiny64.model, full, 1)[:, -1]
+        logp = torch.log_softmax(tiny64.model(input_ids=full).logits.double(), dim=-1)
+    L = len(prefix)
+    xent = torch.stack([-logp[:, t - 1].gather(1, full[:, t:t + 1])[:, 0] for t in range(L, L + 3)], 1).mean(1)
+    for result, feature in zip(run.results, FEATURES):
+        for m in result.extra["members"]:
+            best = float((-acts[:, feature].double() + m["lambda"] * xent).min())
+            assert -m["search_activation"] + m["lambda"] * m["search_xent"] == pytest.approx(best, rel=1e-9, abs=1e-9)
+        assert max(q["activation"] for q in result.extra["front"]) == pytest.approx(float(acts[:, feature].max()), rel=1e-9)

@@ -36,7 +36,7 @@ def test_every_problems_score_of_every_candidate_equals_a_plain_forward(tiny64, 
     prefix = torch.tensor([17, 250])
     model = _model(tiny64, prefix, variant, layers=(0, 2))
     cands = torch.randint(0, tiny64.vocab_size, (11, 3), generator=torch.Generator().manual_seed(3))
-    scored = model.evaluate_all(cands)  # [11, 6]
+    scored, _ = model.evaluate_all(cands)  # [11, 6]
     full = torch.cat([prefix.expand(11, -1), cands], dim=1)
     expected = torch.cat([_plain(tiny64, full, 0, variant), _plain(tiny64, full, 2, variant)], dim=1)
     torch.testing.assert_close(scored, -expected.double(), rtol=1e-9, atol=1e-9)

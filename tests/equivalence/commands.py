@@ -90,7 +90,7 @@ COMMANDS: list[Command] = [
        "--text", "The harbour was quiet in the early morning."),
     _c("sae-mcs", "sae", "mcs", "--sae", f"{RELU}-32,{RELU}-64"),
     _c("sae-dashboard", "sae", "dashboard", *LLAMA, "--sae", SAE, "--stats", "{runs}/sae-features",
-       "--features", "[:, :, 0-2]", "--ascent_steps", "3", "--search_top", "5", "--ablate_examples", "1",
+       "--features", "[:, :, 0-2]", "--no_input_search", "--search_top", "5", "--ablate_examples", "1",
        "--seed", "0", NP),
     # ---- SAE latents as the features of the methods
     _c("search-exhaustive-sae", "search", "exhaustive", *LLAMA, "--sae", SAE, "--features", "[:, :, 0-3]",

@@ -18,7 +18,7 @@ RUN = {"model": "smollm2-135m", "site": "blocks.2.resid_post", "sae": {"path": "
        "corpus": "pile-10k", "tokens": 1_000_000, "seed": 0, "versions": {"featopt": "0.1.0", "torch": "2.13.0"}}
 NASTY = ["<script>window.__pwned = 1</script>", "&amp;", '" onmouseover="window.__pwned=2', "'", "\n\n", " <img src=x onerror=window.__pwned=3>"]
 
-TAGS = {"html", "head", "meta", "title", "link", "body", "script", "nav", "a", "h1", "h2", "h3", "p", "br", "b", "section",
+TAGS = {"html", "button", "polyline", "circle", "head", "meta", "title", "link", "body", "script", "nav", "a", "h1", "h2", "h3", "p", "br", "b", "section",
         "div", "span", "ol", "li", "pre", "svg", "line", "text", "rect", "dl", "dt", "dd", "table", "thead", "tbody", "tr", "th", "td"}
 
 
@@ -48,10 +48,24 @@ def _full_latent(i: int) -> dict:
         "direction_ablation": {"mode": "contribution",
                                "examples": [{"example": 0, "tokens": german, "delta": [-0.2, -1.5, -4.0, -0.6, -2.2, 0.4, 0.1]}],
                                "decreased": [["ielen", -4.0], [" Garten", -2.2]], "increased": [[" the", 0.4]]},
-        "max_inputs": {"exhaustive": [[" und", 9.4], [" Kinder", 8.8], [" über", 8.1]],
-                       "optimized": {"text": " dann spielen die Kinder und", "tokens": [" dann", " spielen", " die", " Kinder", " und"],
-                                     "activation": 14.2, "method": "gcg", "steps": 200}},
+        "max_inputs": {"exhaustive": [[" und", 9.4], [" Kinder", 8.8], [" über", 8.1]]},
+        "inputs": _inputs_record(),
     }
+
+
+def _point(tokens, acts, xent):
+    return {"tokens": tokens, "token_ids": list(range(len(tokens))), "text": "".join(tokens[1:]), "acts": acts,
+            "activation": acts[-1], "xent": xent, "ratio": acts[-1] / 8.5}
+
+
+def _inputs_record() -> dict:
+    """What `featopt sae inputs` records for a latent whose corpus max is 8.5."""
+    best = _point(["<|endoftext|>", " dann", " spielen", " die", " Kinder", " und"], [0.0, 0.5, 2.0, 1.0, 6.0, 14.2], 7.9)
+    fluent = _point(["<|endoftext|>", " Die", " Kinder", " sp", "ielen"], [0.0, 0.1, 1.5, 2.0, 7.0], 3.1)
+    return {"corpus_max": 8.5, "corpus_windows": 3, "corpus_window_xent": [3.2, 3.6, 4.4],
+            "corpus_window_alone": [6.0, 5.1, 4.0], "fluency_threshold": 3.6, "best": best, "best_fluent": fluent,
+            "best_ratio": 14.2 / 8.5, "best_fluent_ratio": 7.0 / 8.5, "beats_corpus": True, "fluent_beats_corpus": False,
+            "front": [fluent, _point(["<|endoftext|>", " a"], [0.0, 9.0], 5.0), best], "forward_evaluations": 1234, "steps": 10}
 
 
 def _nasty_latent(i: int) -> dict:
@@ -61,14 +75,16 @@ def _nasty_latent(i: int) -> dict:
     rec["uniform_examples"] = [{"bin": [0.0, 1.0], "count": 3, **_ex(NASTY, acts, 0)}]
     rec["logit_lens"]["top"] = [[t, 1.0] for t in NASTY]
     rec["ablated_text"] = [{"example": 0, "tokens": NASTY, "target": 2, "base": 8.0, "change": [-1.0, 2.0], "relative": [-0.1, 0.2]}]
-    rec["max_inputs"]["optimized"]["text"] = "".join(NASTY)
+    rec["inputs"]["best"]["tokens"] = NASTY
+    rec["inputs"]["best"]["acts"] = acts
+    rec["inputs"]["front"][1]["text"] = "".join(NASTY)
     return rec
 
 
 def latents() -> list[dict]:
     bare = {"latent": 12}
     partial = {"latent": 40, "frequency": 0.02, "max": 3.0, "top_examples": [_ex(["a", " b"], [3.0, 1.0], 0)],
-               "uniform_examples": None, "max_inputs": {"exhaustive": [["a", 3.3]], "optimized": None}}
+               "uniform_examples": None, "max_inputs": {"exhaustive": [["a", 3.3]]}, "inputs": None}
     return [_full_latent(3), _nasty_latent(7), bare, partial]
 
 
@@ -138,10 +154,21 @@ def test_latent_page_sections(site):
     assert "not computed" not in page.text
     # Shading: the strongest token of the latent is fully shaded, the example token outlined.
     targets = [a for t, a in page.tags if t == "span" and a.get("class") == "tok target"]
-    assert targets[0]["style"] == "background:rgba(255,128,0,1.000)" and "8.5" in targets[0]["title"]
+    top_target = next(a for a in targets if "8.5" in a["title"])  # (the searched inputs' last tokens come first)
+    assert top_target["style"] == "background:rgba(255,128,0,1.000)"
     assert any(a.get("style") == "background:rgba(220,38,38,0.730)" for t, a in page.tags)  # ablated: red by |relative|
     assert "↵" in page.text and "·Kinder" in page.text  # whitespace made visible
     assert "inputs that maximize the latent" in page.text and "14.2" in page.text
+    # The searched inputs: both shaded by activation, the best marked as beating every corpus example
+    # (14.2 >= 8.5), the fluent one not (7.0); the front as an SVG with the corpus windows.
+    best = page.find("div", class_="example", **{"data-kind": "best-input"})
+    fluent = page.find("div", class_="example", **{"data-kind": "best-fluent-input"})
+    assert [b["data-beats"] for b in best] == ["true"] and [f["data-beats"] for f in fluent] == ["false"]
+    assert page.text.count("beats every corpus example") == 1
+    assert any(a.get("style") == "background:rgba(255,128,0,1.000)" and "14.2" in a.get("title", "") for t, a in page.tags)
+    assert len(page.find("circle", class_="point")) == 3 and len(page.find("circle", class_="window")) == 3
+    assert page.find("polyline", class_="front") and page.find("line", class_="corpus-max")
+    assert page.find("line", class_="threshold")
     nav = {a["rel"]: a["href"] for a in page.find("a") if "rel" in a}
     assert nav == {"next": "latent-7.html"}
     assert parse(site / "latent-12.html").find("a", rel="prev", href="latent-7.html")
@@ -149,20 +176,21 @@ def test_latent_page_sections(site):
 
 def test_missing_sections_say_not_computed(site):
     bare = parse(site / "latent-12.html")
-    assert bare.text.count("not computed") == 7  # histogram, top, uniform, logit lens, ablated, direction, maximizing
+    assert bare.text.count("not computed") == 8  # histogram, inputs, top, uniform, logit lens, ablated, direction, tokens
     assert "latent 12" in bare.text.lower()
     partial = parse(site / "latent-40.html")
     assert len(partial.find("div", class_="example", **{"data-kind": "top"})) == 1
-    assert partial.text.count("not computed") == 6  # ... and the optimized input
+    assert partial.text.count("not computed") == 6  # ... and the searched inputs
     assert "not computed" in parse(site / "index.html").text  # latent 12's logit lens
 
 
 def test_nasty_tokens_are_escaped(site):
     for name in ("latent-7.html", "index.html"):
         page = parse(site / name)
-        assert [t for t, _ in page.tags if t in ("script", "img", "i")] == ["script"], name  # only our own script
+        ours = [dashboard.SORT_SCRIPT] if name == "index.html" else []  # the index sorts its table
+        assert [t for t, _ in page.tags if t in ("script", "img", "i")] == ["script"] * (1 + len(ours)), name  # ours only
         assert {t for t, _ in page.tags} <= TAGS, name  # well-formed: no tag broken by a token's text
-        assert page.scripts == [dashboard.SCRIPT.removeprefix("<script>").removesuffix("</script>")]
+        assert page.scripts == [x.removeprefix("<script>").removesuffix("</script>") for x in ours + [dashboard.SCRIPT]]
         assert not any("onmouseover" in attrs or "onerror" in attrs for _, attrs in page.tags)
         assert "<script>window.__pwned = 1</script>" in page.text.replace("·", " ")
     page = parse(site / "latent-7.html")
@@ -282,6 +310,13 @@ def test_in_headless_chromium(site, tmp_path):
             page.goto((site / "index.html").as_uri())
             assert page.locator("tr.latent-row").count() == len(latents())
             screenshot(page, "index.png")
+            # Sorting by a ratio column: highest first, latents without inputs last; again: the other way.
+            page.click('button.sort[data-column="4"]')
+            order = page.eval_on_selector_all("tr.latent-row", "rows => rows.map(r => r.dataset.latent)")
+            assert order[:2] in (["3", "7"], ["7", "3"]) and set(order[2:]) == {"12", "40"}
+            page.click('button.sort[data-column="1"]')
+            page.click('button.sort[data-column="1"]')  # frequency, ascending: missing (12) first
+            assert page.eval_on_selector_all("tr.latent-row", "rows => rows.map(r => r.dataset.latent)")[0] == "12"
 
             page.click('a[href="latent-3.html"]')
             page.wait_for_load_state()
@@ -293,6 +328,9 @@ def test_in_headless_chromium(site, tmp_path):
             assert target.evaluate("e => getComputedStyle(e).outlineStyle") == "solid"
             assert target.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(255, 128, 0)"
             assert page.locator("svg.hist rect").count() == 9
+            assert page.locator("svg.front circle.point").count() == 3
+            assert page.locator('.example[data-kind="best-input"] .beats').is_visible()
+            assert page.locator("svg.front polyline.front").evaluate("e => getComputedStyle(e).fill") == "none"
             screenshot(page, "latent-3.png")
 
             page.keyboard.press("ArrowRight")  # the one bit of script: arrow keys step through latents

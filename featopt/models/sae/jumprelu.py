@@ -24,6 +24,9 @@ class JumpReluSAE(SparseAutoencoder):
         # relu too, as SAELens and Gemma Scope do: a negative threshold must not pass negative values.
         return torch.relu(pre) * (pre > self.threshold)
 
+    def firing_bar(self, pre: Tensor) -> Tensor:
+        return self.threshold.to(pre.dtype)
+
     @classmethod
     def tensors_from_saelens(cls, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         if "log_threshold" in tensors:  # older sae-lens jumprelu checkpoints

@@ -139,6 +139,11 @@ class SparseAutoencoder(nn.Module):
         """Pre-activations `[..., d_sae]` -> latents `[..., d_sae]` by the architecture's rule."""
         raise NotImplementedError(f"the {self.name} SAE defines no activate")
 
+    def firing_bar(self, pre: Tensor) -> Tensor:
+        """The pre-activation each latent must exceed to fire, `[..., d_sae]` (or broadcastable to
+        it) for pre-activations `pre [..., d_sae]`: 0 for relu; see :meth:`firing_score`."""
+        return pre.new_zeros(())
+
     def saelens_fields(self) -> dict:
         """What this architecture adds to SAELens' cfg.json (topk: its k)."""
         return {}
@@ -204,6 +209,19 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """`x [..., d_in]` -> latents `z [..., d_sae]`."""
         return self.activate(self.pre_acts(x))
+
+    def firing_score(self, x: Tensor) -> Tensor:
+        """`x [..., d_in]` -> `[..., d_sae]`: each latent where it fires, else how far its
+        pre-activation is from firing (`pre - bar <= 0`, the bar of :meth:`firing_bar`).
+
+        A search for inputs that fire a latent climbs this: an input that fires the latent scores
+        above every input that does not, and among those that do not, the nearer ones score
+        higher. For relu it is the pre-activation; for topk, a latent outside the k largest
+        first climbs towards the k-th largest pre-activation (and 0), then, inside, is itself; for
+        jumprelu it climbs towards its threshold, then is itself."""
+        pre = self.pre_acts(x)
+        z = self.activate(pre)
+        return torch.where(z > 0, z, pre - torch.clamp(self.firing_bar(pre), min=0))
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents `z [..., d_sae]` -> reconstruction `x_hat [..., d_in]`."""
@@ -277,6 +295,10 @@ class SparseAutoencoder(nn.Module):
         """This SAE's encoder pre-activations as a feature map (see :class:`PreActivations`)."""
         return PreActivations(self)
 
+    def firing_map(self) -> FiringScores:
+        """This SAE's :meth:`firing_score` as a feature map (see :class:`FiringScores`)."""
+        return FiringScores(self)
+
     def extra_repr(self) -> str:
         settings = "".join(f", {name}={getattr(self.cfg, name)}" for name in self.settings)
         return f"{self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{settings}, hook={self.cfg.hook_name!r}"
@@ -301,3 +323,19 @@ class PreActivations:
 
     def describe(self) -> dict:
         return {**self.sae.describe(), "readout": "pre-activation"}
+
+
+class FiringScores:
+    """An SAE's :meth:`~SparseAutoencoder.firing_score` `[..., d_sae]` as a feature map: equal to
+    each latent where it fires, and below zero, by the distance to firing, where it does not (the
+    searches for inputs that fire latents climb it; every answer is re-measured on the latent)."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        self.sae = sae
+        self.d_in, self.width = sae.d_in, sae.d_sae
+
+    def features(self, acts: Tensor) -> Tensor:
+        return self.sae.firing_score(acts).to(acts.dtype)
+
+    def describe(self) -> dict:
+        return {**self.sae.describe(), "readout": "firing score"}

@@ -32,6 +32,10 @@ class TopKSAE(SparseAutoencoder):
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
+    def firing_bar(self, pre: Tensor) -> Tensor:
+        # The k-th largest pre-activation: a latent below it is outside the top k (ties aside).
+        return pre.topk(self.cfg.k, dim=-1).values[..., -1:]
+
     def saelens_fields(self) -> dict:
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
 

@@ -1,0 +1,251 @@
+"""The inputs that make features fire, measured against the corpus: for every feature of a set at
+once (an SAE's latents, neurons, directions), a fluent input and a most active input, each set
+beside the feature's corpus maximum and its corpus text's fluency.
+
+One pooled EPO search (Thompson et al. 2024, "Fluent dreaming for language models";
+:mod:`featopt.discrete.epo`) over all features: each feature has one member per fluency weight
+lambda (member m minimizes `-activation + lambda_m * xent`), every candidate any member proposes
+is forwarded once, to the LM head, and scored for *every* feature (`Objective.loss_all`) and for
+its cross-entropy, which is the sequence's own. Each member ranks every candidate by its own
+feature and lambda; each feature's Pareto front (activation up, xent down) takes every candidate.
+Features that fire on related text find each other's inputs.
+
+Warm starts: each feature's strongest corpus windows (:mod:`featopt.dictionaries.corpus_windows`)
+are scored for every feature before the first step (the "seeds"), and member m starts from
+window m (`init="corpus"`; a feature short of windows, or `init` random or a text, starts from
+those). The search begins where the corpus left off.
+
+Per feature the answer is its front, the **best** input (the front's most active point) and the
+**best fluent** input (the most active point whose xent is at most the feature's fluency threshold,
+the median xent of its corpus windows), each re-measured by a plain forward on the feature itself
+(for SAE latents the searched score is the firing score, see `SparseAutoencoder.firing_score`;
+the latent is what is reported), with its per-token activation for shading.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from featopt.dictionaries.corpus_windows import CorpusWindows, Fluency, fluency
+from featopt.discrete.candidates import prompt_xent
+from featopt.discrete.epo import Front, check_length, epo
+from featopt.discrete.measure import remeasure
+from featopt.discrete.swap_search import SwapSettings
+from featopt.errors import FeatoptError
+from featopt.models import ModelAdapter
+from featopt.objectives import Objective
+from featopt.objectives.problems import labels
+
+
+@dataclass
+class InputSearch:
+    """How the inputs are searched (the flags of `featopt sae inputs` and the dashboard's)."""
+
+    tokens: int = 8  # N searched tokens after the prefix
+    steps: int = 30
+    search_width: int = 32  # candidates per member and step
+    topk: int = 64  # tokens per position that swaps are drawn from
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.5, 2.0])
+    warm: int = 8  # strongest corpus windows per feature scored before the first step
+    buffer_size: int = 4
+    pool: bool = True  # score every candidate for every feature
+    front_size: int = 16  # front points kept per feature (evenly spread)
+    batch_size: int = 0
+    seed: int = 0
+    progress: bool = True
+
+    def check(self, flags: dict[str, str] | None = None) -> None:
+        """One sentence on a setting that cannot run; `flags` renames settings to the flags a
+        command gives them (the dashboard's `input_tokens`)."""
+        flag = {name: f"--{name}" for name in ("tokens", "search_width", "topk", "buffer_size", "front_size", "steps",
+                                               "warm", "lambdas")} | (flags or {})
+        for name in ("tokens", "search_width", "topk", "buffer_size", "front_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FeatoptError(f"{flag[name]} must be a whole number of at least 1, got {value!r}.")
+        for name in ("steps", "warm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FeatoptError(f"{flag[name]} must be a whole number of 0 or more, got {value!r}.")
+        lambdas = self.lambdas
+        if (not isinstance(lambdas, (list, tuple)) or not lambdas
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                           for v in lambdas)):
+            raise FeatoptError(f"{flag['lambdas']} {lambdas!r} is not valid: give a list of finite, non-negative weights, "
+                               "like [0, 0.5, 2].")
+        if len(set(lambdas)) != len(lambdas):
+            raise FeatoptError(f"{flag['lambdas']} {lambdas!r} repeats a weight: give distinct weights.")
+
+    def swap_settings(self) -> SwapSettings:
+        return SwapSettings(steps=self.steps, search_width=self.search_width, topk=self.topk,
+                            buffer_size=self.buffer_size, seed=self.seed, progress=self.progress, desc="inputs")
+
+
+@dataclass
+class Found:
+    """What the search found for every feature, before re-measuring: the whole fronts, the
+    final members, the corpus yardstick and the cost."""
+
+    fronts: list[Front]
+    windows: CorpusWindows
+    fluency: Fluency
+    evaluations: int  # candidate sequences forwarded (each scored for every feature when pooled)
+    per_feature: list[int]  # sequences each feature's members brought
+    steps: int
+
+
+def starts(windows: CorpusWindows, n_members: int, init: Tensor | str, allowed: Tensor, n_tokens: int,
+           seed: int) -> Tensor:
+    """Each member's first sequence `[P * n_members, N]`, problem-major: member m of feature p
+    starts from `init` when it is ids `[N]`; with "corpus", from p's window m while there is one;
+    otherwise from random allowed tokens (drawn by `seed`)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for p in range(len(windows)):
+        for m in range(n_members):
+            if isinstance(init, Tensor):
+                rows.append(init)
+            elif init == "corpus" and m < len(windows.windows[p]):
+                rows.append(windows.windows[p][m])
+            else:
+                rows.append(allowed[torch.randint(0, len(allowed), (n_tokens,), generator=gen)])
+    return torch.stack(rows).long()
+
+
+def search(adapter: ModelAdapter, objective: Objective, measure: Objective, windows: CorpusWindows, *,
+           prefix: Tensor, allowed: Tensor, settings: InputSearch, init: Tensor | str = "corpus") -> Found:
+    """Search inputs of `settings.tokens` tokens after `prefix [L]` for every problem of
+    `objective` (read at the input's last token), with `windows` as warm starts and yardstick;
+    `measure` is what the corpus and the answers are measured on (the latents themselves when
+    `objective` climbs their firing scores). `init`: where members start (see :func:`starts`)."""
+    settings.check()
+    P, N = objective.n_problems, settings.tokens
+    if len(windows) != P:
+        raise FeatoptError(f"the corpus windows cover {len(windows)} features but the objective has {P}.")
+    check_length(prefix, torch.zeros(1, N))
+    warm = windows.top(settings.warm)
+    fluent = fluency(adapter, measure, windows, prefix)
+    n_lam = len(settings.lambdas)
+    first = starts(warm, n_lam, init, allowed.cpu(), N, settings.seed)
+    seeds = [(p, w) for p in range(P) for w in warm.windows[p]]
+    pooled = settings.pool and P > 1
+    seed_ids = torch.stack([w for _, w in seeds]).long() if seeds and pooled else None
+    seed_owner = torch.tensor([p for p, _ in seeds]) if seeds and pooled else None
+    state, fronts = epo(adapter, objective, prefix=prefix, init=first, allowed=allowed, settings=settings.swap_settings(),
+                        lambdas=list(settings.lambdas), batch_size=settings.batch_size, pool=pooled, seeds=seed_ids,
+                        seed_problems=seed_owner)
+    per_feature = [int(v) for v in state.evaluations]
+    if not pooled:
+        # Unpooled, each feature's own windows enter its front (scored for it alone, and counted).
+        for p in range(P):
+            if len(warm.windows[p]):
+                _add_windows(adapter, objective, fronts[p], p, warm.windows[p], prefix)
+                per_feature[p] += len(warm.windows[p])
+    return Found(fronts, windows, fluent, sum(per_feature), per_feature, state.steps_run)
+
+
+def _add_windows(adapter, objective, front: Front, p: int, windows: Tensor, prefix: Tensor) -> None:
+    ids = torch.cat([prefix.cpu().expand(len(windows), -1), windows], dim=1)
+    measured = remeasure(adapter, objective, ids, torch.full((len(ids),), p))
+    front.add(windows, measured.score, prompt_xent(adapter, ids, len(prefix)))
+
+
+def _point(adapter: ModelAdapter, ids: list[int], activation: float, xent: float, per_position: list[float] | None,
+           maximum: float, prefix_length: int) -> dict:
+    return {"token_ids": ids, "tokens": [adapter.decode([t]) for t in ids], "text": adapter.decode(ids[prefix_length:]),
+            "activation": activation, "xent": xent, "acts": per_position,
+            "ratio": activation / maximum if maximum > 0 else None}
+
+
+def records(adapter: ModelAdapter, measure: Objective, found: Found, prefix: Tensor, front_size: int) -> list[dict]:
+    """One JSON-able record per feature: corpus max, fluency threshold, the front (spread to
+    `front_size` points, the most active point always among them), best and best fluent inputs,
+    each re-measured by a plain forward on `measure`, and the search's cost."""
+    out = []
+    L = len(prefix)
+    for p, (site, spec) in enumerate(labels(measure)):
+        whole = found.fronts[p]
+        keep = whole.spread(front_size)
+        threshold = float(found.fluency.threshold[p])
+        picks = [i for i in (whole.best(), whole.best(threshold) if threshold == threshold else None) if i is not None]
+        ids = torch.cat([keep.ids, whole.ids[picks]]) if picks else keep.ids
+        full = torch.cat([prefix.cpu().expand(len(ids), -1), ids], dim=1)
+        measured = remeasure(adapter, measure, full, torch.full((len(full),), p))
+        xent = prompt_xent(adapter, full, L)
+        maximum = float(found.windows.maximum[p])
+        points = [_point(adapter, full[i].tolist(), float(measured.activation[i]), float(xent[i]),
+                         measured.per_position[i], maximum, L) for i in range(len(full))]
+        front = points[:len(keep.ids)]
+        extra = points[len(keep.ids):]
+        best = max(front + extra, key=lambda q: q["activation"]) if points else None
+        fluent = [q for q in front + extra if threshold == threshold and q["xent"] <= threshold]
+        best_fluent = max(fluent, key=lambda q: q["activation"]) if fluent else None
+        corpus_xent = found.fluency.xent[p]
+        out.append({
+            "site": site, "spec": spec, "corpus_max": maximum, "corpus_windows": len(found.windows.windows[p]),
+            "corpus_window_xent": [float(x) for x in corpus_xent],
+            "corpus_window_activation": [float(a) for a in found.windows.activations[p]],
+            "corpus_window_alone": [float(a) for a in found.fluency.standalone[p]],
+            "fluency_threshold": threshold if threshold == threshold else None,
+            "best": best, "best_fluent": best_fluent,
+            "best_ratio": best["ratio"] if best else None,
+            "best_fluent_ratio": best_fluent["ratio"] if best_fluent else None,
+            "beats_corpus": bool(best and best["activation"] >= maximum > 0),
+            "fluent_beats_corpus": bool(best_fluent and best_fluent["activation"] >= maximum > 0),
+            "front": sorted(front, key=lambda q: q["xent"]),
+            "forward_evaluations": found.per_feature[p], "steps": found.steps,
+        })
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    """The run's figures over features that fire in the corpus: how many inputs reach the corpus
+    max, the median ratios, the median xent of best fluent inputs beside the corpus median."""
+    fired = [r for r in rows if r["corpus_max"] > 0]
+
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return values[(len(values) - 1) // 2] if values else None
+
+    return {"features": len(rows), "firing_in_corpus": len(fired),
+            "best_at_least_corpus_max": sum(r["beats_corpus"] for r in fired),
+            "fluent_at_least_corpus_max": sum(r["fluent_beats_corpus"] for r in fired),
+            "median_best_ratio": median(r["best_ratio"] or 0.0 for r in fired),
+            "median_fluent_ratio": median(r["best_fluent_ratio"] or 0.0 for r in fired),
+            "median_fluent_xent": median((r["best_fluent"] or {}).get("xent") for r in fired),
+            "median_corpus_xent": median(r["fluency_threshold"] for r in fired)}
+
+
+def plot(rows: list[dict], path, most: int = 20) -> None:
+    """One panel per feature (the first `most`): its front (xent against activation, re-measured),
+    its corpus windows as inputs, the corpus max (dashed) and the fluency threshold (dotted)."""
+    from featopt.plots import pyplot, save_figure
+
+    plt = pyplot()
+    shown = rows[:most]
+    cols = max(1, min(4, len(shown)))
+    n_rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 2.9 * n_rows), squeeze=False)
+    for ax, r in zip(axes.flat, shown):
+        front = r["front"]
+        ax.plot([q["xent"] for q in front], [q["activation"] for q in front], "o-", ms=3, lw=1, label="front")
+        ax.plot(r["corpus_window_xent"], r["corpus_window_alone"], ".", ms=4, color="tab:gray", label="corpus windows")
+        if r["corpus_max"] > 0:
+            ax.axhline(r["corpus_max"], ls="--", lw=0.8, color="tab:red", label="corpus max")
+        if r["fluency_threshold"] is not None:
+            ax.axvline(r["fluency_threshold"], ls=":", lw=0.8, color="tab:green", label="fluency threshold")
+        ax.set_title(f"{r['site']} {r['spec']}", fontsize=8)
+        ax.set_xlabel("xent (nats/token)", fontsize=7)
+        ax.set_ylabel("activation", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    if shown:
+        axes.flat[0].legend(fontsize=6)
+    fig.suptitle("Inputs against the corpus: activation and the model's cross-entropy of the input", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, plt, path)
