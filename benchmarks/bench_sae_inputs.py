@@ -118,7 +118,7 @@ def one(args) -> dict:
         steps = args.steps * (5 if args.one == "per-latent-5x" else 1)
         run = inputs(model=args.model, sae=args.sae, stats=args.stats, features=f"[:, :, [{listed}]]",
                      tokens=args.tokens, steps=steps, search_width=args.search_width, topk=args.topk,
-                     lambdas=args.lambdas, warm=args.warm, pool=args.one == "pooled", seed=args.seed,
+                     lambdas=args.lambdas, budget=args.budget, warm=args.warm, pool=args.one == "pooled", seed=args.seed,
                      out=f"{args.out}/{args.one}", progress=False)
         rows = []
         for r, m, t in zip(run.records, maximum, threshold):
@@ -136,6 +136,25 @@ def one(args) -> dict:
         r.update({"fluent_ratio": r["ratio"] if r["fluent"] else 0.0, "forwards": forwards})
     return {"method": args.one, "latents": latents, "rows": rows, "seconds": time.perf_counter() - start,
             "forwards_total": forwards * len(latents), "maximum": maximum, "threshold": threshold}
+
+
+def rows_from_results(folder: Path) -> list[dict]:
+    """A `sae inputs` run's rows from its results.json, every corpus window counted as an input (as
+    `records` does since the windows joined the front: runs written before that are scored alike)."""
+    from featopt.dictionaries.inputs import SLACK
+
+    rows = []
+    for r in json.loads((folder / "results.json").read_text())["results"]:
+        e = r["extra"]
+        top, thr = e["corpus_max"], e["fluency_threshold"]
+        best = max([e["best"]["activation"]] + e["corpus_window_alone"])
+        fluent = [e["best_fluent"]["activation"]] if e["best_fluent"] else []
+        fluent += [a for a, x in zip(e["corpus_window_alone"], e["corpus_window_xent"]) if thr is not None and x <= thr + SLACK]
+        xent = e["best_fluent"]["xent"] if e["best_fluent"] else None
+        rows.append({"activation": best, "ratio": best / top, "fluent_activation": max(fluent) if fluent else None,
+                     "fluent_ratio": max(fluent) / top if fluent else 0.0, "fluent_xent": xent,
+                     "forwards": e["forward_evaluations"]})
+    return rows
 
 
 def _run_child(args, method: str, latents: list[int]) -> dict:
@@ -177,10 +196,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--search_width", type=int, default=16)
     p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 2.0])
+    p.add_argument("--lambdas", type=float, nargs="*", default=[0.0])
+    p.add_argument("--budget", type=float, nargs="*", default=[4.0])
     p.add_argument("--warm", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="exhaustive,simplex,pooled,per-latent,per-latent-5x")
+    p.add_argument("--methods", default="exhaustive,simplex,pooled,per-latent,per-latent-5x",
+                   help="methods to run now (empty: only rebuild the table from the folder)")
     p.add_argument("--out", default="featopt-runs/bench-sae-inputs")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--latent_list", help=argparse.SUPPRESS)
@@ -194,9 +215,19 @@ def main() -> None:
     subset = latents[: args.subset]
     print(f"{len(latents)} latents (seed {args.seed}); subset for 5x: {subset}", flush=True)
     found = {}
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):
         found[method] = _run_child(args, method, subset if method == "per-latent-5x" else latents)
         print(f"{method}: {found[method]['wall']:.0f} s", flush=True)
+    # Rows of an earlier run in the same folder (same latents) that this one did not repeat.
+    for extra in sorted(Path(args.out).glob("*.json")):
+        if extra.stem not in found:
+            kept = json.loads(extra.read_text())
+            if kept.get("latents") in (latents, subset):
+                found[extra.stem] = kept
+    for method, f in found.items():  # the searches' rows, every corpus window counted (see rows_from_results)
+        saved = Path(args.out) / method / "results.json"
+        if saved.is_file() and json.loads(saved.read_text())["run"].get("command") == "sae inputs":
+            f["rows"] = rows_from_results(Path(args.out) / method)
     head = ("| method | best >= corpus max | median best/max | fluent >= corpus max | median fluent/max | "
             "median fluent xent | forwards per latent | wall | peak RSS |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"All {len(latents)} latents (median corpus-window xent, the fluency threshold: "

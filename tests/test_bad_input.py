@@ -238,6 +238,8 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--lambdas", "[0, .inf]"], "--lambdas"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--lambdas", "[.nan]"], "--lambdas"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--lambdas", "[0, -1]"], "--lambdas"),
+        (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--budget", "[1, 1]"], "--budget"),
+        (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--lambdas", "[]", "--budget", "[]"], "both empty"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--steps", "-1"], "--steps"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--search_width", "0"], "--search_width"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--sample", "2"], "--stats"),

@@ -52,8 +52,10 @@ class InputsConfig(OutputSettings, CorpusSettings, TargetSettings, SeedSettings,
     """candidates per member and step"""
     topk: int = 64
     """tokens per position that swaps are drawn from"""
-    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.5, 2.0])
+    lambdas: list[float] = field(default_factory=lambda: [0.0])
     """fluency weights, one member per feature each: member m minimizes -activation + lambda_m * xent"""
+    budget: list[float] = field(default_factory=lambda: [4.0])
+    """budget weights, one member per feature each: -activation + mu * max(xent - the feature's fluency threshold, 0)"""
     warm: int = 8
     """top corpus windows per feature scored before the first step (0: none)"""
     init: str = "corpus"
@@ -102,7 +104,7 @@ class InputsRun(CommandResult):
 def search_settings(config) -> InputSearch:
     """The search part of a config (this command's, or the dashboard's `input_*` flags)."""
     return InputSearch(tokens=config.tokens, steps=config.steps, search_width=config.search_width, topk=config.topk,
-                       lambdas=list(config.lambdas), warm=config.warm, buffer_size=config.buffer_size, pool=config.pool,
+                       lambdas=list(config.lambdas), budget=list(config.budget), warm=config.warm, buffer_size=config.buffer_size, pool=config.pool,
                        front_size=config.front_size, batch_size=config.batch_size, seed=config.seed,
                        progress=config.progress)
 

@@ -4,11 +4,14 @@ beside the feature's corpus maximum and its corpus text's fluency.
 
 One pooled EPO search (Thompson et al. 2024, "Fluent dreaming for language models";
 :mod:`featopt.discrete.epo`) over all features: each feature has one member per fluency weight
-lambda (member m minimizes `-activation + lambda_m * xent`), every candidate any member proposes
-is forwarded once, to the LM head, and scored for *every* feature (`Objective.loss_all`) and for
-its cross-entropy, which is the sequence's own. Each member ranks every candidate by its own
-feature and lambda; each feature's Pareto front (activation up, xent down) takes every candidate.
-Features that fire on related text find each other's inputs.
+lambda (member m minimizes `-activation + lambda_m * xent`) and one per *budget* weight mu
+(`-activation + mu * max(xent - threshold, 0)`, with the feature's fluency threshold below: it
+climbs the activation freely while it stays as fluent as the corpus, which is what the best
+fluent input asks; a plain lambda trades activation for fluency far below the threshold). Every
+candidate any member proposes is forwarded once, to the LM head, and scored for *every* feature
+(`Objective.loss_all`) and for its cross-entropy, which is the sequence's own. Each member ranks
+every candidate by its own feature and weight; each feature's Pareto front (activation up, xent
+down) takes every candidate. Features that fire on related text find each other's inputs.
 
 Warm starts: each feature's strongest corpus windows (:mod:`featopt.dictionaries.corpus_windows`)
 are scored for every feature before the first step (the "seeds"), and member m starts from
@@ -41,6 +44,11 @@ from featopt.objectives import Objective
 from featopt.objectives.problems import labels
 
 
+#: Slack (nats/token) on the fluency threshold: the window at the median is fluent itself, whatever
+#: the rounding of the batch it is re-measured in.
+SLACK = 1e-5
+
+
 @dataclass
 class InputSearch:
     """How the inputs are searched (the flags of `featopt sae inputs` and the dashboard's)."""
@@ -49,7 +57,8 @@ class InputSearch:
     steps: int = 30
     search_width: int = 32  # candidates per member and step
     topk: int = 64  # tokens per position that swaps are drawn from
-    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.5, 2.0])
+    lambdas: list[float] = field(default_factory=lambda: [0.0])  # EPO members: -activation + lambda * xent
+    budget: list[float] = field(default_factory=lambda: [4.0])  # members: -activation + mu * max(xent - threshold, 0)
     warm: int = 8  # strongest corpus windows per feature scored before the first step
     buffer_size: int = 4
     pool: bool = True  # score every candidate for every feature
@@ -62,7 +71,7 @@ class InputSearch:
         """One sentence on a setting that cannot run; `flags` renames settings to the flags a
         command gives them (the dashboard's `input_tokens`)."""
         flag = {name: f"--{name}" for name in ("tokens", "search_width", "topk", "buffer_size", "front_size", "steps",
-                                               "warm", "lambdas")} | (flags or {})
+                                               "warm", "lambdas", "budget")} | (flags or {})
         for name in ("tokens", "search_width", "topk", "buffer_size", "front_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -71,14 +80,17 @@ class InputSearch:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise FeatoptError(f"{flag[name]} must be a whole number of 0 or more, got {value!r}.")
-        lambdas = self.lambdas
-        if (not isinstance(lambdas, (list, tuple)) or not lambdas
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                           for v in lambdas)):
-            raise FeatoptError(f"{flag['lambdas']} {lambdas!r} is not valid: give a list of finite, non-negative weights, "
-                               "like [0, 0.5, 2].")
-        if len(set(lambdas)) != len(lambdas):
-            raise FeatoptError(f"{flag['lambdas']} {lambdas!r} repeats a weight: give distinct weights.")
+        for name in ("lambdas", "budget"):
+            weights = getattr(self, name)
+            if (not isinstance(weights, (list, tuple))
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                               for v in weights)):
+                raise FeatoptError(f"{flag[name]} {weights!r} is not valid: give a list of finite, non-negative weights, "
+                                   "like [0, 2].")
+            if len(set(weights)) != len(weights):
+                raise FeatoptError(f"{flag[name]} {weights!r} repeats a weight: give distinct weights.")
+        if not self.lambdas and not self.budget:
+            raise FeatoptError(f"{flag['lambdas']} and {flag['budget']} are both empty: give at least one member weight.")
 
     def swap_settings(self) -> SwapSettings:
         return SwapSettings(steps=self.steps, search_width=self.search_width, topk=self.topk,
@@ -129,15 +141,19 @@ def search(adapter: ModelAdapter, objective: Objective, measure: Objective, wind
     check_length(prefix, torch.zeros(1, N))
     warm = windows.top(settings.warm)
     fluent = fluency(adapter, measure, windows, prefix)
-    n_lam = len(settings.lambdas)
+    weights = list(settings.lambdas) + list(settings.budget)
+    n_lam = len(weights)
+    # Budget members pay only above the feature's threshold (none without windows: plain lambda).
+    budget_floor = torch.nan_to_num(fluent.threshold, nan=0.0)[:, None].expand(-1, len(settings.budget))
+    floors = torch.cat([torch.zeros(P, len(settings.lambdas), dtype=torch.float64), budget_floor], dim=1)
     first = starts(warm, n_lam, init, allowed.cpu(), N, settings.seed)
     seeds = [(p, w) for p in range(P) for w in warm.windows[p]]
     pooled = settings.pool and P > 1
     seed_ids = torch.stack([w for _, w in seeds]).long() if seeds and pooled else None
     seed_owner = torch.tensor([p for p, _ in seeds]) if seeds and pooled else None
     state, fronts = epo(adapter, objective, prefix=prefix, init=first, allowed=allowed, settings=settings.swap_settings(),
-                        lambdas=list(settings.lambdas), batch_size=settings.batch_size, pool=pooled, seeds=seed_ids,
-                        seed_problems=seed_owner)
+                        lambdas=weights, batch_size=settings.batch_size, pool=pooled, seeds=seed_ids,
+                        seed_problems=seed_owner, floors=floors)
     per_feature = [int(v) for v in state.evaluations]
     if not pooled:
         # Unpooled, each feature's own windows enter its front (scored for it alone, and counted).
@@ -161,17 +177,29 @@ def _point(adapter: ModelAdapter, ids: list[int], activation: float, xent: float
             "ratio": activation / maximum if maximum > 0 else None}
 
 
+def _with_windows(found: Found, p: int) -> Front:
+    """Feature p's front with every corpus window added as the input it is (measured when the
+    threshold was: a window beyond the `warm` ones was never searched from, yet it is an input)."""
+    front, windows = Front(), found.windows.windows[p]
+    searched = found.fronts[p]
+    front.add(searched.ids, searched.activation, searched.xent)
+    if len(windows):
+        front.add(windows, found.fluency.standalone[p], found.fluency.xent[p])
+    return front
+
+
 def records(adapter: ModelAdapter, measure: Objective, found: Found, prefix: Tensor, front_size: int) -> list[dict]:
-    """One JSON-able record per feature: corpus max, fluency threshold, the front (spread to
-    `front_size` points, the most active point always among them), best and best fluent inputs,
+    """One JSON-able record per feature: corpus max, fluency threshold, the front (its corpus
+    windows included, spread to `front_size` points), best and best fluent inputs,
     each re-measured by a plain forward on `measure`, and the search's cost."""
     out = []
     L = len(prefix)
     for p, (site, spec) in enumerate(labels(measure)):
-        whole = found.fronts[p]
+        whole = _with_windows(found, p)
         keep = whole.spread(front_size)
         threshold = float(found.fluency.threshold[p])
-        picks = [i for i in (whole.best(), whole.best(threshold) if threshold == threshold else None) if i is not None]
+        picks = [i for i in (whole.best(), whole.best(threshold + SLACK) if threshold == threshold else None)
+                 if i is not None]
         ids = torch.cat([keep.ids, whole.ids[picks]]) if picks else keep.ids
         full = torch.cat([prefix.cpu().expand(len(ids), -1), ids], dim=1)
         measured = remeasure(adapter, measure, full, torch.full((len(full),), p))
@@ -182,7 +210,7 @@ def records(adapter: ModelAdapter, measure: Objective, found: Found, prefix: Ten
         front = points[:len(keep.ids)]
         extra = points[len(keep.ids):]
         best = max(front + extra, key=lambda q: q["activation"]) if points else None
-        fluent = [q for q in front + extra if threshold == threshold and q["xent"] <= threshold]
+        fluent = [q for q in front + extra if threshold == threshold and q["xent"] <= threshold + SLACK]
         best_fluent = max(fluent, key=lambda q: q["activation"]) if fluent else None
         corpus_xent = found.fluency.xent[p]
         out.append({

@@ -125,8 +125,9 @@ class CandidateModel:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ the two passes
-    def gradient(self, ids: Tensor, problems: Tensor, lam: Tensor | None = None) -> Tensor:
-        """`d sum_r [loss_r + lam_r * xent_r] / d onehot` for `ids [R, N]` -> `[R, N, V]` (float32).
+    def gradient(self, ids: Tensor, problems: Tensor, lam: Tensor | None = None, floor: Tensor | None = None) -> Tensor:
+        """`d sum_r [loss_r + lam_r * max(xent_r - floor_r, 0)] / d onehot` for `ids [R, N]` -> `[R, N, V]`
+        (float32; `floor` default 0: `lam_r * xent_r`).
 
         Rows are independent, so they run in chunks that bound the logits held for backward."""
         E = self.adapter.embedding
@@ -140,7 +141,10 @@ class CandidateModel:
                 acts, hidden = self._forward(embeds=onehot @ E, cache=self._cache(onehot.shape[0]))
                 loss = self.proposal(self._with_prefix(acts), problems[rows].to(E.device))
                 if lam is not None and hidden is not None:
-                    loss = loss + lam[rows].to(loss.device, loss.dtype) * self.cross_entropy(hidden, ids[rows])
+                    xent = self.cross_entropy(hidden, ids[rows])
+                    if floor is not None:
+                        xent = (xent - floor[rows].to(xent.device, xent.dtype)).clamp(min=0)
+                    loss = loss + lam[rows].to(loss.device, loss.dtype) * xent
                 (g,) = torch.autograd.grad(loss.sum(), onehot)
             grad[rows] = g.float().cpu()
         return grad

@@ -76,7 +76,7 @@ def check_length(prefix: Tensor, init: Tensor) -> None:
 
 def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Tensor, allowed: Tensor,
         settings: SwapSettings, lambdas: list[float], batch_size: int = 0, pool: bool = False,
-        seeds: Tensor | None = None, seed_problems: Tensor | None = None,
+        seeds: Tensor | None = None, seed_problems: Tensor | None = None, floors: Tensor | None = None,
         on_step: Callable | None = None) -> tuple[SwapState, list[Front]]:
     """Search every problem with one member per lambda from `init [P, N]` after `prefix [L]`
     (`init [P * len(lambdas), N]`: each member its own start, problem-major); the final state
@@ -85,7 +85,9 @@ def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
     Pooled (several problems), one forward scores a candidate for every problem: each member
     ranks every candidate of every problem by its own problem's loss and lambda, and every
     problem's front takes every candidate. `seeds [S, N]` (pooled) are scored at the start for
-    every problem and feed the buffers and fronts; `seed_problems [S]` says whose each is."""
+    every problem and feed the buffers and fronts; `seed_problems [S]` says whose each is.
+    `floors [P, len(lambdas)]`: member m of problem p pays `lambda_m * max(xent - floors[p, m], 0)`,
+    a fluency budget (default 0: EPO's `lambda_m * xent`)."""
     check_discrete(objective, "EPO")
     check_length(prefix, init)
     n, n_lam = objective.n_problems, len(lambdas)
@@ -110,7 +112,9 @@ def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
         if on_step is not None:
             on_step(step, state, evaluated)
 
-    state = swap_search(model, starts, rows_problem, allowed.to(adapter.device), settings, lam=lam, share=not pool,
+    floor = floors.reshape(-1).double() if floors is not None else None
+    state = swap_search(model, starts, rows_problem, allowed.to(adapter.device), settings, lam=lam, floor=floor,
+                        share=not pool,
                         pool=pool, seeds=seeds, seed_problems=seed_problems, on_step=grow)
     return state, fronts
 

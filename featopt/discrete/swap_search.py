@@ -2,7 +2,9 @@
 each row keeps the best it has seen.
 
 Rows are searched sequences; each row belongs to a problem (its objective) and carries a fluency
-weight lambda (0 for plain GCG): its total loss is `loss + lambda * xent`. With `share`, every row
+weight lambda (0 for plain GCG): its total loss is `loss + lambda * max(xent - floor, 0)`, the floor
+0 (plain EPO: xent is never negative) unless a row is given one (a fluency budget: the row climbs
+its objective freely while its xent stays under the floor). With `share`, every row
 of a problem picks from the candidates of all rows of that problem (EPO's population: one member
 per lambda, selection per lambda), otherwise from its own. A row's current sequence is the best of
 its buffer (the `buffer_size` best distinct sequences it has seen), so its loss never rises.
@@ -70,7 +72,7 @@ class SwapState:
     ids: Tensor  # [R, N]
     loss: Tensor  # [R] objective loss of ids
     xent: Tensor | None  # [R]
-    total: Tensor  # [R] loss + lambda * xent, what the row minimizes
+    total: Tensor  # [R] loss + lambda * max(xent - floor, 0), what the row minimizes
     buffers: list[tuple[Tensor, Tensor]]  # per row: (ids [B, N], total [B]) best first
     evaluations: Tensor  # [P] candidate sequences scored per problem
     trajectory: list[list[float]] = field(default_factory=list)  # per row: -loss after each step
@@ -122,6 +124,11 @@ def _score_all(model: CandidateModel, ids: Tensor) -> tuple[Tensor, Tensor | Non
     return _gather(loss.clone(), len(ids)), (_gather(xent.clone(), len(ids)) if xent is not None else None)
 
 
+def _above(lam: Tensor, floor: Tensor, xent: Tensor) -> Tensor:
+    """The fluency term `lam * max(xent - floor, 0)` (with floor 0, EPO's `lam * xent`)."""
+    return lam * (xent - floor).clamp(min=0)
+
+
 def _keep(buffer: tuple[Tensor, Tensor], ids: Tensor, total: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """The `size` lowest-total sequences of the buffer and the new ones (buffer first on ties)."""
     all_ids, all_total = torch.cat([buffer[0], ids]), torch.cat([buffer[1], total])
@@ -130,12 +137,14 @@ def _keep(buffer: tuple[Tensor, Tensor], ids: Tensor, total: Tensor, size: int) 
 
 
 def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: Tensor, settings: SwapSettings, *,
-                lam: Tensor | None = None, share: bool = False, editable: Tensor | None = None,
+                lam: Tensor | None = None, floor: Tensor | None = None, share: bool = False,
+                editable: Tensor | None = None,
                 stop_below: Tensor | None = None, pool: bool = False, seeds: Tensor | None = None,
                 seed_problems: Tensor | None = None,
                 on_step: Callable[[int, SwapState, Evaluated], None] | None = None) -> SwapState:
     """Run the search from `init [R, N]` (row r solving problem `problems[r]`, fluency weight
-    `lam[r]`, default 0), swapping only `editable [R, N]` positions among `allowed [K]` ids.
+    `lam[r]`, default 0, above a cross-entropy `floor[r]`, default 0), swapping only
+    `editable [R, N]` positions among `allowed [K]` ids.
 
     A row whose total falls to `stop_below[r]` or under (an exact inversion) stops searching; the
     search ends when every row has. `pool` scores every candidate for every problem (see the
@@ -152,6 +161,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
     R, N = init.shape
     n_problems = int(problems.max()) + 1
     lam = torch.zeros(R, dtype=torch.float64) if lam is None else lam.double()
+    floor = torch.zeros(R, dtype=torch.float64) if floor is None else floor.double()
     wants_xent = bool((lam != 0).any())
     gen = torch.Generator().manual_seed(settings.seed)
     seen = Seen(N, settings.seed)
@@ -168,7 +178,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         starts, owners = distinct(first, first_problems, across=True)
         start_all, start_xent = _score_all(model, starts)  # [S, P], [S] or None
         fluency = start_xent if start_xent is not None else torch.zeros(len(starts), dtype=torch.float64)
-        buffers = [_keep((starts[:0], start_all[:0, 0]), starts, start_all[:, problems[r]] + lam[r] * fluency,
+        buffers = [_keep((starts[:0], start_all[:0, 0]), starts, start_all[:, problems[r]] + _above(lam[r], floor[r], fluency),
                          settings.buffer_size) for r in range(R)]
         own = (init[:, None, :] == starts[None]).all(-1).long().argmax(1)  # [R] each row's start among starts
         loss = start_all[own, problems]
@@ -179,7 +189,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         starts, owners = init, problems
         buffers = None
         evaluated = Evaluated(init, problems, loss, xent)
-    total = loss + (lam * xent if xent is not None else 0)
+    total = loss + (_above(lam, floor, xent) if xent is not None else 0)
     seen.add(starts, torch.zeros_like(owners) if pool else owners)
     state = SwapState(init.clone(), loss, xent, total, buffers or [(init[r:r + 1], total[r:r + 1]) for r in range(R)],
                       torch.bincount(owners, minlength=n_problems), trajectory=[[-float(v)] for v in loss])
@@ -199,7 +209,8 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         if width < 1 or not active.any():
             break
         live = active.nonzero()[:, 0]
-        grad = model.gradient(state.ids[live], problems[live], lam[live] if wants_xent else None)
+        grad = model.gradient(state.ids[live], problems[live], lam[live] if wants_xent else None,
+                              floor[live] if wants_xent else None)
         penalty = settings.curvature * step_penalty(model.adapter.embedding, state.ids[live]) if settings.curvature else None
         top = top_candidates(grad, allowed, int(row_k[live].max()), penalty)
         rows_editable = editable[live] if editable is not None else None
@@ -225,13 +236,13 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
             state.evaluations += torch.bincount(cand_problems, minlength=n_problems)
             for r in range(R):
                 if pool:
-                    c_total = c_all[:, problems[r]] + (lam[r] * c_xent if c_xent is not None else 0)
+                    c_total = c_all[:, problems[r]] + (_above(lam[r], floor[r], c_xent) if c_xent is not None else 0)
                     state.buffers[r] = _keep(state.buffers[r], cands, c_total, settings.buffer_size)
                     continue
                 mine = (cand_problems == problems[r]) if share else (keys == r)
                 if not mine.any():
                     continue
-                c_total = c_loss[mine] + (lam[r] * c_xent[mine] if c_xent is not None else 0)
+                c_total = c_loss[mine] + (_above(lam[r], floor[r], c_xent[mine]) if c_xent is not None else 0)
                 state.buffers[r] = _keep(state.buffers[r], cands[mine], c_total, settings.buffer_size)
         else:
             c_loss, c_xent = torch.zeros(0, dtype=torch.float64), None

@@ -232,3 +232,41 @@ def test_pooled_members_rank_every_candidate_of_every_problem_by_their_own_lambd
             best = float((-acts[:, feature].double() + m["lambda"] * xent).min())
             assert -m["search_activation"] + m["lambda"] * m["search_xent"] == pytest.approx(best, rel=1e-9, abs=1e-9)
         assert max(q["activation"] for q in result.extra["front"]) == pytest.approx(float(acts[:, feature].max()), rel=1e-9)
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_a_budget_member_pays_for_xent_only_above_its_floor(tiny64, monkeypatch, pool):
+    # floors [P, M]: member m of problem p minimizes -activation + lambda_m * max(xent - floor, 0);
+    # each ends at the best of what it could pick from, under exactly that total (plain forwards here).
+    from featopt.discrete import epo as epo_module
+    from featopt.discrete.swap_search import SwapSettings
+    from featopt.objectives import Selection, maximize
+
+    scored = []
+    original = epo_module.swap_search
+
+    def spy(*args, on_step=None, **kwargs):
+        def record(step, state, evaluated):
+            scored.append((evaluated.ids.clone(), None if evaluated.all is not None else evaluated.problems.clone()))
+            on_step(step, state, evaluated)
+        return original(*args, on_step=record, **kwargs)
+
+    monkeypatch.setattr(epo_module, "swap_search", spy)
+    objective = maximize(Selection("blocks.1.resid_post", "[:, :, [0, 1]]", over="last")).bind(tiny64)
+    prefix = tiny64.encode(" the")
+    init = torch.randint(3, tiny64.vocab_size, (2, 3), generator=torch.Generator().manual_seed(4))
+    lambdas, floors = [0.0, 3.0], torch.tensor([[0.0, 6.0], [0.0, 5.5]], dtype=torch.float64)
+    state, _ = epo_module.epo(tiny64, objective, prefix=prefix, init=init, allowed=torch.arange(3, tiny64.vocab_size),
+                              settings=SwapSettings(steps=2, search_width=8, topk=8, progress=False), lambdas=lambdas,
+                              pool=pool, floors=floors)
+    L = len(prefix)
+    for p in range(2):
+        seqs = torch.unique(torch.cat([ids if who is None else ids[who == p] for ids, who in scored]), dim=0)
+        full = torch.cat([prefix.expand(len(seqs), -1), seqs], dim=1)
+        with torch.no_grad():
+            acts = resid_post(tiny64.model, full, 1)[:, -1, p].double()
+            logp = torch.log_softmax(tiny64.model(input_ids=full).logits.double(), dim=-1)
+        xent = torch.stack([-logp[:, t - 1].gather(1, full[:, t:t + 1])[:, 0] for t in range(L, L + 3)], 1).mean(1)
+        for m, lam in enumerate(lambdas):
+            want = float((-acts + lam * (xent - floors[p, m]).clamp(min=0)).min())
+            assert float(state.total[p * 2 + m]) == pytest.approx(want, rel=1e-9, abs=1e-9)

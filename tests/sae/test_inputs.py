@@ -193,11 +193,10 @@ def test_each_latent_keeps_the_best_of_everything_scored_for_it_re_measured_by_p
     found = inputs.search(tiny64, objective, measure, windows, prefix=prefix, allowed=torch.arange(3, tiny64.vocab_size),
                           settings=settings)
     rows = inputs.records(tiny64, measure, found, prefix, front_size=4)
-    # Every sequence scored for each latent (pooled: by every latent; per-latent: its own, and its windows).
+    # Every sequence scored for each latent (pooled: by every latent; per-latent: its own), and its windows.
     for p, latent in enumerate(latents):
         seqs = [ids for ids, who in scored for ids in (ids if who is None else ids[who == p])]
-        if not pool:
-            seqs += list(windows.windows[p][:3])
+        seqs += list(windows.windows[p])  # every corpus window is an input too (scored when the threshold is)
         seqs = torch.unique(torch.stack(seqs), dim=0)
         full = torch.cat([prefix.expand(len(seqs), -1), seqs], dim=1)
         _, z = _formula(sae, resid_post(tiny64.model, full, LAYER))
@@ -209,7 +208,7 @@ def test_each_latent_keeps_the_best_of_everything_scored_for_it_re_measured_by_p
         xent = torch.tensor(_hand_xent(tiny64, full, 1), dtype=torch.float64)
         threshold = rows[p]["fluency_threshold"]
         if threshold is not None:
-            fits = xent <= threshold + 1e-12
+            fits = xent <= threshold + inputs.SLACK
             got = rows[p]["best_fluent"]["activation"] if rows[p]["best_fluent"] else None
             assert (got is None) == (not fits.any())
             if fits.any():
