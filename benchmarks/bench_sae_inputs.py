@@ -118,7 +118,8 @@ def one(args) -> dict:
         steps = args.steps * (5 if args.one == "per-latent-5x" else 1)
         run = inputs(model=args.model, sae=args.sae, stats=args.stats, features=f"[:, :, [{listed}]]",
                      tokens=args.tokens, steps=steps, search_width=args.search_width, topk=args.topk,
-                     lambdas=args.lambdas, budget=args.budget, warm=args.warm, pool=args.one == "pooled", seed=args.seed,
+                     lambdas=args.lambdas, budget=args.budget, warm=args.warm, sweep=args.sweep,
+                     pool=args.one == "pooled", seed=args.seed,
                      out=f"{args.out}/{args.one}", progress=False)
         rows = []
         for r, m, t in zip(run.records, maximum, threshold):
@@ -199,6 +200,7 @@ def main() -> None:
     p.add_argument("--lambdas", type=float, nargs="*", default=[0.0])
     p.add_argument("--budget", type=float, nargs="*", default=[4.0])
     p.add_argument("--warm", type=int, default=8)
+    p.add_argument("--sweep", type=int, default=0, help="sae inputs --sweep (the table's comparison rows: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="exhaustive,simplex,pooled,per-latent,per-latent-5x",
                    help="methods to run now (empty: only rebuild the table from the folder)")

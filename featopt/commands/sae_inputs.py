@@ -58,6 +58,8 @@ class InputsConfig(OutputSettings, CorpusSettings, TargetSettings, SeedSettings,
     """budget weights, one member per feature each: -activation + mu * max(xent - the feature's fluency threshold, 0)"""
     warm: int = 8
     """top corpus windows per feature scored before the first step (0: none)"""
+    sweep: int = 4
+    """the exhaustive sweep's best single tokens per feature, each put last in its 2 best windows as starts (0: no sweep)"""
     init: str = "corpus"
     """where members start: corpus (the feature's top windows), random, or a text"""
     buffer_size: int = 4
@@ -104,7 +106,7 @@ class InputsRun(CommandResult):
 def search_settings(config) -> InputSearch:
     """The search part of a config (this command's, or the dashboard's `input_*` flags)."""
     return InputSearch(tokens=config.tokens, steps=config.steps, search_width=config.search_width, topk=config.topk,
-                       lambdas=list(config.lambdas), budget=list(config.budget), warm=config.warm, buffer_size=config.buffer_size, pool=config.pool,
+                       lambdas=list(config.lambdas), budget=list(config.budget), warm=config.warm, sweep=config.sweep, buffer_size=config.buffer_size, pool=config.pool,
                        front_size=config.front_size, batch_size=config.batch_size, seed=config.seed,
                        progress=config.progress)
 
@@ -233,7 +235,8 @@ def inputs(config: InputsConfig, adapter: ModelAdapter | None = None) -> InputsR
     summary = method.summary(rows)
     run = {"command": "sae inputs", "config": record_of(config), "model": adapter.name, "prefix_ids": prefix.tolist(),
            "objective": objective.description, "measured": measure.description, "summary": summary,
-           "forward_evaluations": found.evaluations, "allowed_tokens": len(allowed), "stats": config.stats}
+           "forward_evaluations": found.evaluations, "sweep_tokens": found.sweep_forwards,
+           "allowed_tokens": len(allowed), "stats": config.stats}
     write_results(out, _results(adapter, measure, rows, config), run)
     method.plot(rows, out / "fronts.png")
     return InputsRun(rows, summary, out)

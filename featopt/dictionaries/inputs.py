@@ -60,6 +60,7 @@ class InputSearch:
     lambdas: list[float] = field(default_factory=lambda: [0.0])  # EPO members: -activation + lambda * xent
     budget: list[float] = field(default_factory=lambda: [4.0])  # members: -activation + mu * max(xent - threshold, 0)
     warm: int = 8  # strongest corpus windows per feature scored before the first step
+    sweep: int = 4  # the exhaustive sweep's best single tokens per feature, each ending its 2 best windows (0: none)
     buffer_size: int = 4
     pool: bool = True  # score every candidate for every feature
     front_size: int = 16  # front points kept per feature (evenly spread)
@@ -71,12 +72,12 @@ class InputSearch:
         """One sentence on a setting that cannot run; `flags` renames settings to the flags a
         command gives them (the dashboard's `input_tokens`)."""
         flag = {name: f"--{name}" for name in ("tokens", "search_width", "topk", "buffer_size", "front_size", "steps",
-                                               "warm", "lambdas", "budget")} | (flags or {})
+                                               "warm", "sweep", "lambdas", "budget")} | (flags or {})
         for name in ("tokens", "search_width", "topk", "buffer_size", "front_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FeatoptError(f"{flag[name]} must be a whole number of at least 1, got {value!r}.")
-        for name in ("steps", "warm"):
+        for name in ("steps", "warm", "sweep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise FeatoptError(f"{flag[name]} must be a whole number of 0 or more, got {value!r}.")
@@ -106,6 +107,7 @@ class Found:
     windows: CorpusWindows
     fluency: Fluency
     evaluations: int  # candidate sequences forwarded (each scored for every feature when pooled)
+    sweep_forwards: int  # single tokens the exhaustive sweep scored (each for every feature; 0: no sweep)
     per_feature: list[int]  # sequences each feature's members brought
     steps: int
 
@@ -147,7 +149,8 @@ def search(adapter: ModelAdapter, objective: Objective, measure: Objective, wind
     budget_floor = torch.nan_to_num(fluent.threshold, nan=0.0)[:, None].expand(-1, len(settings.budget))
     floors = torch.cat([torch.zeros(P, len(settings.lambdas), dtype=torch.float64), budget_floor], dim=1)
     first = starts(warm, n_lam, init, allowed.cpu(), N, settings.seed)
-    seeds = [(p, w) for p in range(P) for w in warm.windows[p]]
+    seeds = [(p, w) for p in range(P) for w in warm.windows[p]] + _sweep_seeds(adapter, objective, warm, first, n_lam,
+                                                                               prefix, allowed, settings)
     pooled = settings.pool and P > 1
     seed_ids = torch.stack([w for _, w in seeds]).long() if seeds and pooled else None
     seed_owner = torch.tensor([p for p, _ in seeds]) if seeds and pooled else None
@@ -156,12 +159,35 @@ def search(adapter: ModelAdapter, objective: Objective, measure: Objective, wind
                         seed_problems=seed_owner, floors=floors)
     per_feature = [int(v) for v in state.evaluations]
     if not pooled:
-        # Unpooled, each feature's own windows enter its front (scored for it alone, and counted).
+        # Unpooled, each feature's own windows and sweep seeds enter its front (scored for it alone, counted).
         for p in range(P):
-            if len(warm.windows[p]):
-                _add_windows(adapter, objective, fronts[p], p, warm.windows[p], prefix)
-                per_feature[p] += len(warm.windows[p])
-    return Found(fronts, windows, fluent, sum(per_feature), per_feature, state.steps_run)
+            own = [w for q, w in seeds if q == p]
+            if own:
+                _add_windows(adapter, objective, fronts[p], p, torch.stack(own).long(), prefix)
+                per_feature[p] += len(own)
+    swept = len(allowed) if settings.sweep else 0
+    return Found(fronts, windows, fluent, sum(per_feature), swept, per_feature, state.steps_run)
+
+
+def _sweep_seeds(adapter, objective, warm: CorpusWindows, first: Tensor, n_members: int, prefix: Tensor,
+                 allowed: Tensor, settings: InputSearch) -> list[tuple[int, Tensor]]:
+    """Each feature's best single tokens (one exhaustive sweep after the prefix, every feature at
+    once), each put last in the feature's two best windows (or its first members' starts): a token
+    that fires a feature alone may fire it harder after text (" deck" fires a SmolLM2 latent at
+    2.7x its corpus max as one token)."""
+    if not settings.sweep:
+        return []
+    from featopt.discrete.exhaustive import exhaustive
+
+    top = exhaustive(adapter, objective, prefix=prefix, candidates=allowed.to(adapter.device), k=settings.sweep,
+                     batch_size=settings.batch_size, progress=settings.progress)
+    seeds = []
+    for p in range(objective.n_problems):
+        bases = list(warm.windows[p][:2]) or [first[p * n_members]]
+        for t in top.ids[:, p].cpu().tolist():
+            if t >= 0:
+                seeds += [(p, torch.cat([base[:-1], torch.tensor([t])]).long()) for base in bases]
+    return seeds
 
 
 def _add_windows(adapter, objective, front: Front, p: int, windows: Tensor, prefix: Tensor) -> None:

@@ -188,8 +188,10 @@ def test_each_latent_keeps_the_best_of_everything_scored_for_it_re_measured_by_p
         return original(*args, on_step=record, **kwargs)
 
     monkeypatch.setattr(epo_module, "swap_search", spy)
+    # Pooled, the sweep's seeds are scored with the starts (the spy sees them); per-latent they are
+    # scored apart, so the search here goes without them.
     settings = inputs.InputSearch(tokens=3, steps=3, search_width=6, topk=8, lambdas=[0.0, 1.0], warm=3, pool=pool,
-                                  progress=False, seed=1)
+                                  sweep=2 if pool else 0, progress=False, seed=1)
     found = inputs.search(tiny64, objective, measure, windows, prefix=prefix, allowed=torch.arange(3, tiny64.vocab_size),
                           settings=settings)
     rows = inputs.records(tiny64, measure, found, prefix, front_size=4)
@@ -217,3 +219,18 @@ def test_each_latent_keeps_the_best_of_everything_scored_for_it_re_measured_by_p
         assert rows[p]["best_ratio"] == (pytest.approx(rows[p]["best"]["activation"] / maximum) if maximum > 0 else None)
     if pool:
         assert found.evaluations == sum(len(torch.unique(ids, dim=0)) for ids, _ in scored)
+        # The sweep's seeds: each latent's 2 best single tokens after the prefix (brute force over
+        # the allowed tokens by plain forwards), each put last in its 2 best windows.
+        first, checked = {tuple(row.tolist()) for row in scored[0][0]}, 0
+        tokens = torch.arange(3, tiny64.vocab_size)
+        with torch.no_grad():  # ranked by the firing score (checked against the formula above)
+            x = resid_post(tiny64.model, torch.stack([prefix.expand(len(tokens), -1)[:, 0], tokens], 1), LAYER)
+            score_one = sae.firing_score(x)[:, -1]
+        for p, latent in enumerate(latents):
+            if not len(windows.windows[p]):
+                continue
+            for t in tokens[score_one[:, latent].topk(2).indices].tolist():
+                for w in windows.windows[p][:2]:
+                    assert tuple(w[:-1].tolist()) + (t,) in first
+                    checked += 1
+        assert checked > 0 or not any(len(w) for w in windows.windows)  # (no window: seeds end random starts)
