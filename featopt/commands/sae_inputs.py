@@ -58,7 +58,7 @@ class InputsConfig(OutputSettings, CorpusSettings, TargetSettings, SeedSettings,
     """budget weights, one member per feature each: -activation + mu * max(xent - the feature's fluency threshold, 0)"""
     warm: int = 8
     """top corpus windows per feature scored before the first step (0: none)"""
-    sweep: int = 4
+    sweep: int = 0
     """the exhaustive sweep's best single tokens per feature, each put last in its 2 best windows as starts (0: no sweep)"""
     init: str = "corpus"
     """where members start: corpus (the feature's top windows), random, or a text"""
