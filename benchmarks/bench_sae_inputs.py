@@ -17,6 +17,11 @@ wall time and peak memory measured from outside):
 - `per-latent-5x`: per-latent search with 5x the steps on the first `--subset` latents (against
   pooled on the same latents: does pooling reach equal ratios with 5x fewer forwards per latent?).
 
+The searches record their history (after each step: the sequences each latent's members brought
+and its best and best fluent score), drawn as `curves.png` (latents at the corpus max against
+sequences scored per latent) and read for the last table: the sequences per latent the pooled
+search needed to reach what per-latent search had reached at each of its steps.
+
     . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_sae_inputs.py \\
         --sae featopt-runs/sae-smollm2-l6-topk --stats featopt-runs/l6-features [--latents 100] [--steps 10]
 """
@@ -118,7 +123,7 @@ def one(args) -> dict:
         steps = args.steps * (5 if args.one == "per-latent-5x" else 1)
         run = inputs(model=args.model, sae=args.sae, stats=args.stats, features=f"[:, :, [{listed}]]",
                      tokens=args.tokens, steps=steps, search_width=args.search_width, topk=args.topk,
-                     lambdas=args.lambdas, budget=args.budget, warm=args.warm, sweep=args.sweep,
+                     lambdas=args.lambdas, budget=args.budget, likely=args.likely, warm=args.warm, sweep=args.sweep,
                      pool=args.one == "pooled", seed=args.seed,
                      out=f"{args.out}/{args.one}", progress=False)
         rows = []
@@ -156,6 +161,53 @@ def rows_from_results(folder: Path) -> list[dict]:
                      "fluent_ratio": max(fluent) / top if fluent else 0.0, "fluent_xent": xent,
                      "forwards": e["forward_evaluations"]})
     return rows
+
+
+def curve(folder: Path, pick: list[int] | None = None) -> list[tuple[float, int, int]] | None:
+    """A `sae inputs` run's progress from its records' histories: after each step, the mean
+    sequences scored per latent so far and how many latents' best (and best fluent) searched
+    score had reached the corpus max (its windows as inputs counted from the start), over the
+    latents `pick` (indices; default all). None for a run written before records kept histories."""
+    extras = [r["extra"] for r in json.loads((folder / "results.json").read_text())["results"]]
+    extras = [extras[i] for i in pick] if pick is not None else extras
+    if not all(e.get("history") for e in extras):
+        return None
+    steps = min(len(e["history"]["forwards"]) for e in extras)
+    out = []
+    for s in range(steps):
+        mean = sum(e["history"]["forwards"][s] for e in extras) / len(extras)
+        reach = lambda key: sum((e["history"][key][s] or -1e9) >= e["corpus_max"] for e in extras)  # noqa: E731
+        out.append((mean, reach("best"), reach("best_fluent")))
+    return out
+
+
+def forwards_to_match(pooled: list[tuple[float, int, int]], target: tuple[float, int, int]) -> float | None:
+    """The pooled search's scored inputs per latent when it first had at least the best and fluent
+    counts of `target` (None: not within its run)."""
+    return next((f for f, b, fl in pooled if b >= target[1] and fl >= target[2]), None)
+
+
+def plot_curves(groups: dict[str, dict[str, list[tuple[float, int, int]]]], path: Path) -> None:
+    """Latents at or above the corpus max against sequences scored per latent: one row of panels
+    per group of latents (best, best fluent), one line per run."""
+    from featopt.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
+    for row, (group, series) in zip(axes, groups.items()):
+        for name, points in series.items():
+            x = [f for f, _, _ in points]
+            row[0].plot(x, [b for _, b, _ in points], "o-", ms=2.5, label=name)
+            row[1].plot(x, [fl for _, _, fl in points], "o-", ms=2.5, label=name)
+        for ax, what in zip(row, ("best input", "best fluent input")):
+            ax.set_xlabel("sequences scored per latent")
+            ax.set_ylabel(f"latents, {what}\n>= corpus max")
+            ax.set_title(f"{group}: {what}", fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.suptitle("Progress of the searches: latents whose input reaches the corpus max", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, plt, path)
 
 
 def _run_child(args, method: str, latents: list[int]) -> dict:
@@ -199,6 +251,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--lambdas", type=float, nargs="*", default=[0.0])
     p.add_argument("--budget", type=float, nargs="*", default=[4.0])
+    p.add_argument("--likely", type=int, default=256, help="sae inputs --likely (budget members' likely-token swaps)")
     p.add_argument("--warm", type=int, default=8)
     p.add_argument("--sweep", type=int, default=0, help="sae inputs --sweep (the table's comparison rows: 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -244,9 +297,44 @@ def main() -> None:
                              {**found["pooled"], "forwards_total": found["pooled"]["forwards_total"] * len(subset) / len(latents),
                               "latents": subset}),
                   _table_row("per-latent, 5x steps", found["per-latent-5x"]["rows"], found["per-latent-5x"])]
+    lines += _progress(args, found, latents, subset)
     text = "\n".join(lines)
     print(text)
     (Path(args.out) / "table.md").write_text(text + "\n")
+
+
+def _progress(args, found: dict, latents: list[int], subset: list[int]) -> list[str]:
+    """The searches' progress curves (curves.png) and how many fewer sequences per latent the
+    pooled search needed to reach what per-latent search reached."""
+    out = Path(args.out)
+    has = lambda m: m in found and (out / m / "results.json").is_file() and curve(out / m) is not None  # noqa: E731
+    series, subset_series, lines = {}, {}, []
+    # A longer pooled run of the same latents and seed (`featopt sae inputs --steps 25 --out
+    # <out>/pooled-25`, see benchmarks/README.md) follows the same path further: its history is used.
+    longest = "pooled-25" if (out / "pooled-25" / "results.json").is_file() and curve(out / "pooled-25") else "pooled"
+    for method in ("pooled", "per-latent"):
+        if has(method) or (method == "pooled" and longest != "pooled"):
+            series[method if method != "pooled" or longest == "pooled" else f"pooled ({longest})"] = curve(
+                out / (longest if method == "pooled" else method))
+    if has("per-latent-5x") and "pooled" in found:
+        pick = [latents.index(i) for i in subset]
+        pooled_sub, long = curve(out / longest, pick), curve(out / "per-latent-5x")
+        subset_series[f"pooled ({longest})"] = pooled_sub
+        subset_series["per-latent, 5x the steps"] = long
+        lines += ["", f"Scored inputs per latent the pooled search needed to reach what per-latent search with 5x the "
+                      f"steps had reached, on the first {len(subset)} latents (from the runs' histories):", "",
+                  "| per-latent step | per-latent scored per latent | best / fluent >= corpus max | pooled needed | ratio |",
+                  "|---|---|---|---|---|"]
+        for step in range(0, len(long), max(1, len(long) // 10)):
+            f, b, fl = long[step]
+            need = forwards_to_match(pooled_sub, long[step])
+            lines.append(f"| {step} | {f:,.0f} | {b} / {fl} | {'-' if need is None else f'{need:,.0f}'} | "
+                         f"{'not reached' if need is None else f'{f / max(need, 1):.1f}x'} |")
+    groups = {name: g for name, g in ((f"{len(latents)} latents", series),
+                                      (f"the first {len(subset)}", subset_series)) if g}
+    if groups:
+        plot_curves(groups, out / "curves.png")
+    return lines
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (GPT2 + ["--layer", "3"], "layer"),
         (GPT2 + ["--features", "[:, :, 64]"], "64"),
         (GPT2 + ["--lambdas", "[nan]"], "lambdas"),  # jsonargparse refuses it itself
+        (GPT2 + ["--likely", "-3"], "--likely"),
         (GPT2 + ["--objective", "maximize * maximize"], "a product needs a number"),
     ],
     "compare": [
@@ -226,6 +227,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--input_tokens", "100"], "--input_tokens 100"),
         (LLAMA + CTX + FEW + ["--bos", "--sae", "{sae}", "--corpus", "{corpus}", "--input_tokens", "64"], "prefix"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--input_tokens", "0"], "--input_tokens"),
+        (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--input_likely", "-1"], "--input_likely"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--inputs", "{text}"], "sae inputs"),
     ],
     "sae inputs": [
@@ -242,6 +244,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--lambdas", "[]", "--budget", "[]"], "both empty"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--steps", "-1"], "--steps"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--search_width", "0"], "--search_width"),
+        (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--likely", "-5"], "--likely"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--sample", "2"], "--stats"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}", "--corpus", "{corpus}", "--init", "a b c"], "--init"),
         (LLAMA + CTX + FEW + ["--sae", "{sae}"], "--corpus"),

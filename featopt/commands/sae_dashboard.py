@@ -90,6 +90,8 @@ class DashboardConfig(OutputSettings, CorpusSettings, InputSettings):
     """fluency weights, one member per latent each (-activation + lambda * xent)"""
     input_budget: list[float] = field(default_factory=lambda: [4.0])
     """budget weights, one member per latent each (-activation + mu * max(xent - its fluency threshold, 0))"""
+    input_likely: int = 256
+    """budget members draw swaps among the model's own M likeliest tokens at each position (0: among all)"""
     input_warm: int = 8
     """top corpus windows per latent that start the search"""
     inputs: str | None = None
@@ -282,14 +284,16 @@ def _max_inputs(adapter, sae, config: DashboardConfig, latents: list[int], recor
 
 
 INPUT_FLAGS = {"tokens": "--input_tokens", "steps": "--input_steps", "search_width": "--input_width",
-               "lambdas": "--input_lambdas", "budget": "--input_budget", "warm": "--input_warm"}
+               "lambdas": "--input_lambdas", "budget": "--input_budget", "warm": "--input_warm",
+               "likely": "--input_likely"}
 
 
 def _input_settings(config: DashboardConfig):
     from featopt.dictionaries.inputs import InputSearch
 
     return InputSearch(tokens=config.input_tokens, steps=config.input_steps, search_width=config.input_width,
-                       lambdas=list(config.input_lambdas), budget=list(config.input_budget), warm=config.input_warm, seed=config.seed,
+                       lambdas=list(config.input_lambdas), budget=list(config.input_budget), warm=config.input_warm, likely=config.input_likely,
+                       seed=config.seed,
                        progress=config.progress)
 
 

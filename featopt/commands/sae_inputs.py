@@ -56,6 +56,9 @@ class InputsConfig(OutputSettings, CorpusSettings, TargetSettings, SeedSettings,
     """fluency weights, one member per feature each: member m minimizes -activation + lambda_m * xent"""
     budget: list[float] = field(default_factory=lambda: [4.0])
     """budget weights, one member per feature each: -activation + mu * max(xent - the feature's fluency threshold, 0)"""
+    likely: int = 256
+    """budget members draw swaps among the model's own M likeliest tokens at each position, ranked by the gradient
+    (0: among all tokens)"""
     warm: int = 8
     """top corpus windows per feature scored before the first step (0: none)"""
     sweep: int = 0
@@ -106,7 +109,7 @@ class InputsRun(CommandResult):
 def search_settings(config) -> InputSearch:
     """The search part of a config (this command's, or the dashboard's `input_*` flags)."""
     return InputSearch(tokens=config.tokens, steps=config.steps, search_width=config.search_width, topk=config.topk,
-                       lambdas=list(config.lambdas), budget=list(config.budget), warm=config.warm, sweep=config.sweep, buffer_size=config.buffer_size, pool=config.pool,
+                       lambdas=list(config.lambdas), budget=list(config.budget), warm=config.warm, likely=config.likely, sweep=config.sweep, buffer_size=config.buffer_size, pool=config.pool,
                        front_size=config.front_size, batch_size=config.batch_size, seed=config.seed,
                        progress=config.progress)
 

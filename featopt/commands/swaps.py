@@ -176,6 +176,9 @@ class EPOConfig(SwapSearchSettings):
     """most points reported per front (evenly spread along it; 1: the most active)"""
     pool: bool = False
     """score each candidate for every problem (its cross-entropy is shared): every member and front sees all"""
+    likely: int = 0
+    """members with lambda > 0 draw swaps among the model's own M likeliest tokens at each position, ranked by the
+    gradient (0: among all tokens; featopt sae inputs uses 256)"""
 
 
 class EPORun(SearchRun):
@@ -199,6 +202,7 @@ def _check_epo(config: EPOConfig) -> None:
     if len(set(lambdas)) != len(lambdas):
         raise FeatoptError(f"--lambdas {lambdas!r} repeats a weight: give distinct weights.")
     check_at_least(config, ["front_size"])
+    check_at_least(config, ["likely"], low=0)
 
 
 def epo(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
@@ -216,7 +220,8 @@ def epo(config: EPOConfig, adapter: ModelAdapter | None = None) -> SearchRun:
     try:
         state, fronts = epo_method.epo(adapter, objective, prefix=prefix, init=init, allowed=allowed,
                                        settings=settings_of(config, "epo"), lambdas=list(config.lambdas),
-                                       batch_size=config.batch_size, pool=config.pool, on_step=log)
+                                       batch_size=config.batch_size, pool=config.pool, on_step=log,
+                                       likely=[config.likely if v > 0 else 0 for v in config.lambdas])
     finally:
         log.close()
     results, document = epo_method.records(adapter, objective, state, fronts, prefix, lambdas=list(config.lambdas),

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from featopt.dictionaries.corpus_windows import CorpusWindows, Fluency, fluency
+from featopt.dictionaries.search_history import SLACK, SearchHistory, history_of
 from featopt.discrete.candidates import prompt_xent
 from featopt.discrete.epo import Front, check_length, epo
 from featopt.discrete.measure import remeasure
@@ -42,11 +43,6 @@ from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.objectives import Objective
 from featopt.objectives.problems import labels
-
-
-#: Slack (nats/token) on the fluency threshold: the window at the median is fluent itself, whatever
-#: the rounding of the batch it is re-measured in.
-SLACK = 1e-5
 
 
 @dataclass
@@ -59,6 +55,7 @@ class InputSearch:
     topk: int = 64  # tokens per position that swaps are drawn from
     lambdas: list[float] = field(default_factory=lambda: [0.0])  # EPO members: -activation + lambda * xent
     budget: list[float] = field(default_factory=lambda: [4.0])  # members: -activation + mu * max(xent - threshold, 0)
+    likely: int = 256  # budget members draw swaps among the model's M likeliest tokens per position (0: all)
     warm: int = 8  # strongest corpus windows per feature scored before the first step
     sweep: int = 0  # the exhaustive sweep's best single tokens per feature, each ending its 2 best windows (0: none)
     buffer_size: int = 4
@@ -72,12 +69,12 @@ class InputSearch:
         """One sentence on a setting that cannot run; `flags` renames settings to the flags a
         command gives them (the dashboard's `input_tokens`)."""
         flag = {name: f"--{name}" for name in ("tokens", "search_width", "topk", "buffer_size", "front_size", "steps",
-                                               "warm", "sweep", "lambdas", "budget")} | (flags or {})
+                                               "warm", "sweep", "likely", "lambdas", "budget")} | (flags or {})
         for name in ("tokens", "search_width", "topk", "buffer_size", "front_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FeatoptError(f"{flag[name]} must be a whole number of at least 1, got {value!r}.")
-        for name in ("steps", "warm", "sweep"):
+        for name in ("steps", "warm", "sweep", "likely"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise FeatoptError(f"{flag[name]} must be a whole number of 0 or more, got {value!r}.")
@@ -110,6 +107,10 @@ class Found:
     sweep_forwards: int  # single tokens the exhaustive sweep scored (each for every feature; 0: no sweep)
     per_feature: list[int]  # sequences each feature's members brought
     steps: int
+    # After each step (0: the starts), per feature: sequences brought so far `forwards [S+1, P]`,
+    # and the best activation `best [S+1, P]` and best fluent one `fluent [S+1, P]` (NaN: none
+    # yet) among everything scored for it so far, its corpus windows as inputs included.
+    history: dict[str, Tensor] = field(default_factory=dict)
 
 
 def starts(windows: CorpusWindows, n_members: int, init: Tensor | str, allowed: Tensor, n_tokens: int,
@@ -152,11 +153,16 @@ def search(adapter: ModelAdapter, objective: Objective, measure: Objective, wind
     seeds = [(p, w) for p in range(P) for w in warm.windows[p]] + _sweep_seeds(adapter, objective, warm, first, n_lam,
                                                                                prefix, allowed, settings)
     pooled = settings.pool and P > 1
+    own_seeds = torch.bincount(torch.tensor([p for p, _ in seeds], dtype=torch.long), minlength=P) if seeds else (
+        torch.zeros(P, dtype=torch.long))
+    grown = [Front() for _ in range(P)]
+    track = SearchHistory(grown, fluent, 0 if pooled else own_seeds)
     seed_ids = torch.stack([w for _, w in seeds]).long() if seeds and pooled else None
     seed_owner = torch.tensor([p for p, _ in seeds]) if seeds and pooled else None
     state, fronts = epo(adapter, objective, prefix=prefix, init=first, allowed=allowed, settings=settings.swap_settings(),
                         lambdas=weights, batch_size=settings.batch_size, pool=pooled, seeds=seed_ids,
-                        seed_problems=seed_owner, floors=floors)
+                        seed_problems=seed_owner, floors=floors, fronts=grown, on_step=track,
+                        likely=[0] * len(settings.lambdas) + [settings.likely] * len(settings.budget))
     per_feature = [int(v) for v in state.evaluations]
     if not pooled:
         # Unpooled, each feature's own windows and sweep seeds enter its front (scored for it alone, counted).
@@ -166,7 +172,7 @@ def search(adapter: ModelAdapter, objective: Objective, measure: Objective, wind
                 _add_windows(adapter, objective, fronts[p], p, torch.stack(own).long(), prefix)
                 per_feature[p] += len(own)
     swept = len(allowed) if settings.sweep else 0
-    return Found(fronts, windows, fluent, sum(per_feature), swept, per_feature, state.steps_run)
+    return Found(fronts, windows, fluent, sum(per_feature), swept, per_feature, state.steps_run, track.tensors())
 
 
 def _sweep_seeds(adapter, objective, warm: CorpusWindows, first: Tensor, n_members: int, prefix: Tensor,
@@ -252,6 +258,7 @@ def records(adapter: ModelAdapter, measure: Objective, found: Found, prefix: Ten
             "fluent_beats_corpus": bool(best_fluent and best_fluent["activation"] >= maximum > 0),
             "front": sorted(front, key=lambda q: q["xent"]),
             "forward_evaluations": found.per_feature[p], "steps": found.steps,
+            "history": history_of(found.history, p),
         })
     return out
 

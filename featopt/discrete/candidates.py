@@ -33,6 +33,11 @@ def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+#: Added to the gradient of tokens outside a row's likely set: ranked after every likely token (a
+#: finite offset, so a top-k wider than the set still picks real tokens; `top_candidates` keeps
+#: disallowed tokens at +inf, below these).
+UNLIKELY = 1e30
+
 _LOGIT_ELEMENTS = 2**25  # logits held at once when computing cross-entropy (128 MB in float32)
 
 
@@ -125,9 +130,15 @@ class CandidateModel:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ the two passes
-    def gradient(self, ids: Tensor, problems: Tensor, lam: Tensor | None = None, floor: Tensor | None = None) -> Tensor:
+    def gradient(self, ids: Tensor, problems: Tensor, lam: Tensor | None = None, floor: Tensor | None = None,
+                 likely: Tensor | None = None, allowed: Tensor | None = None) -> Tensor:
         """`d sum_r [loss_r + lam_r * max(xent_r - floor_r, 0)] / d onehot` for `ids [R, N]` -> `[R, N, V]`
         (float32; `floor` default 0: `lam_r * xent_r`).
+
+        `likely [R]` (needs `xent`): for a row with `likely[r] = M > 0`, every token outside the
+        model's own M most probable at a position among `allowed [K]` ids (default all; given the
+        tokens before it, read off the same forward) gets `UNLIKELY` added, so the gradient's top-k there are the likely tokens that
+        raise the objective most: swaps that keep the input fluent.
 
         Rows are independent, so they run in chunks that bound the logits held for backward."""
         E = self.adapter.embedding
@@ -147,7 +158,36 @@ class CandidateModel:
                     loss = loss + lam[rows].to(loss.device, loss.dtype) * xent
                 (g,) = torch.autograd.grad(loss.sum(), onehot)
             grad[rows] = g.float().cpu()
+            if likely is not None and bool((likely[rows] > 0).any()):
+                if hidden is None:
+                    raise FeatoptError("likely-token swaps read the model's next-token predictions: they need xent.")
+                grad[rows] += self._unlikely(hidden.detach(), likely[rows], allowed)
         return grad
+
+    def _unlikely(self, hidden: Tensor, likely: Tensor, allowed: Tensor | None) -> Tensor:
+        """`UNLIKELY` `[R, N, V]` where a token is not among row r's `likely[r]` most probable
+        allowed next tokens at that position (0 where it is, and everywhere for `likely[r] = 0`)."""
+        R, N = hidden.shape[:2]
+        V = most = self.adapter.embedding.shape[0]
+        logits = torch.zeros(R, N, V, dtype=torch.float32)
+        if self.prefix_logp is not None:
+            logits[:, 0] = self.prefix_logp.float().cpu()
+        if N > 1:
+            logits[:, 1:] = _wide(self.adapter.lm_head(hidden[:, :-1])).float().cpu()
+        if allowed is not None:
+            barred = torch.ones(V, dtype=torch.bool)
+            barred[allowed.cpu()] = False
+            logits[..., barred] = -torch.inf
+            most = min(V, len(allowed))  # the most tokens a row can have as likely
+        out = torch.full((R, N, V), UNLIKELY)
+        for r in range(R):
+            m = int(likely[r])
+            out[r].scatter_(-1, logits[r].topk(min(max(m, 1), most), dim=-1).indices, 0.0)
+            if m <= 0:
+                out[r] = 0
+            elif self.prefix_logp is None:
+                out[r, 0] = 0  # nothing predicts the first token without a prefix: any may go there
+        return out
 
     @property
     def scores_all(self) -> bool:

@@ -77,6 +77,7 @@ def check_length(prefix: Tensor, init: Tensor) -> None:
 def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Tensor, allowed: Tensor,
         settings: SwapSettings, lambdas: list[float], batch_size: int = 0, pool: bool = False,
         seeds: Tensor | None = None, seed_problems: Tensor | None = None, floors: Tensor | None = None,
+        likely: list[int] | None = None, fronts: list[Front] | None = None,
         on_step: Callable | None = None) -> tuple[SwapState, list[Front]]:
     """Search every problem with one member per lambda from `init [P, N]` after `prefix [L]`
     (`init [P * len(lambdas), N]`: each member its own start, problem-major); the final state
@@ -87,7 +88,9 @@ def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
     problem's front takes every candidate. `seeds [S, N]` (pooled) are scored at the start for
     every problem and feed the buffers and fronts; `seed_problems [S]` says whose each is.
     `floors [P, len(lambdas)]`: member m of problem p pays `lambda_m * max(xent - floors[p, m], 0)`,
-    a fluency budget (default 0: EPO's `lambda_m * xent`)."""
+    a fluency budget (default 0: EPO's `lambda_m * xent`). `likely[m] = M > 0`: member m draws its
+    swaps among the model's own M likeliest tokens at each position (see `swap_search`). `fronts`:
+    one empty `Front` per problem to grow (so that `on_step` can read them; default new ones)."""
     check_discrete(objective, "EPO")
     check_length(prefix, init)
     n, n_lam = objective.n_problems, len(lambdas)
@@ -98,7 +101,7 @@ def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
                            batch_size=batch_size)
     rows_problem = torch.arange(n).repeat_interleave(n_lam)  # problem-major: every lambda of a problem
     lam = torch.tensor(lambdas, dtype=torch.float64).repeat(n)
-    fronts = [Front() for _ in range(n)]
+    fronts = [Front() for _ in range(n)] if fronts is None else fronts
     starts = init if len(init) == n * n_lam else init.repeat_interleave(n_lam, dim=0)
 
     def grow(step, state, evaluated) -> None:
@@ -113,8 +116,9 @@ def epo(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor, init: Te
             on_step(step, state, evaluated)
 
     floor = floors.reshape(-1).double() if floors is not None else None
+    rows_likely = torch.tensor(likely, dtype=torch.long).repeat(n) if likely is not None else None
     state = swap_search(model, starts, rows_problem, allowed.to(adapter.device), settings, lam=lam, floor=floor,
-                        share=not pool,
+                        share=not pool, likely=rows_likely,
                         pool=pool, seeds=seeds, seed_problems=seed_problems, on_step=grow)
     return state, fronts
 

@@ -140,7 +140,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
                 lam: Tensor | None = None, floor: Tensor | None = None, share: bool = False,
                 editable: Tensor | None = None,
                 stop_below: Tensor | None = None, pool: bool = False, seeds: Tensor | None = None,
-                seed_problems: Tensor | None = None,
+                seed_problems: Tensor | None = None, likely: Tensor | None = None,
                 on_step: Callable[[int, SwapState, Evaluated], None] | None = None) -> SwapState:
     """Run the search from `init [R, N]` (row r solving problem `problems[r]`, fluency weight
     `lam[r]`, default 0, above a cross-entropy `floor[r]`, default 0), swapping only
@@ -152,6 +152,9 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
     (pooled only) are scored with the starts and enter every row's buffer by their totals, but
     no row starts from them (a corpus window for each example, where rows are one per lambda);
     `seed_problems [S]` names who brought each (for the evaluation counts; default problem 0).
+    `likely [R]` (a model with xent): row r draws its swaps among the model's own `likely[r]` most
+    probable tokens at each position, ranked by the gradient (0: among all; see
+    `CandidateModel.gradient`).
     `on_step(step, state, evaluated)` is called after every step (step 0: the initial sequences).
     """
     if pool and (share or editable is not None):
@@ -197,7 +200,9 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         on_step(0, state, evaluated)
     # A row whose proposals were all scored before is stuck at this top-k: widen it (doubling, up
     # to every allowed token) until it finds new sequences; back to `topk` once it improves.
-    row_k = torch.full((R,), min(settings.topk, len(allowed)), dtype=torch.long)
+    likely = torch.zeros(R, dtype=torch.long) if likely is None else likely.long().cpu()
+    base_k = torch.where(likely > 0, likely.clamp(max=settings.topk), settings.topk).clamp(max=len(allowed))
+    row_k = base_k.clone()
     bar = tqdm(range(1, settings.steps + 1), desc=settings.desc, unit="step",
                disable=not settings.progress or distributed()[0] != 0, leave=False)
     for step in bar:
@@ -210,7 +215,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
             break
         live = active.nonzero()[:, 0]
         grad = model.gradient(state.ids[live], problems[live], lam[live] if wants_xent else None,
-                              floor[live] if wants_xent else None)
+                              floor[live] if wants_xent else None, likely[live] if bool(likely.any()) else None, allowed)
         penalty = settings.curvature * step_penalty(model.adapter.embedding, state.ids[live]) if settings.curvature else None
         top = top_candidates(grad, allowed, int(row_k[live].max()), penalty)
         rows_editable = editable[live] if editable is not None else None
@@ -250,7 +255,7 @@ def swap_search(model: CandidateModel, init: Tensor, problems: Tensor, allowed: 
         for r in live.tolist():
             found = (keys == (problems[r] if share else r)).any()
             if state.total[r] < before[r]:
-                row_k[r] = min(settings.topk, len(allowed))
+                row_k[r] = base_k[r]
             elif not found:
                 row_k[r] = min(2 * int(row_k[r]), len(allowed))
         for r in range(R):

@@ -270,3 +270,52 @@ def test_a_budget_member_pays_for_xent_only_above_its_floor(tiny64, monkeypatch,
         for m, lam in enumerate(lambdas):
             want = float((-acts + lam * (xent - floors[p, m]).clamp(min=0)).min())
             assert float(state.total[p * 2 + m]) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_a_likely_member_swaps_only_to_the_models_own_likeliest_tokens(tiny64, monkeypatch, pool):
+    # likely[m] = M: every swap member m proposes puts at position i one of the M tokens the plain
+    # HF forward ranks likeliest after the tokens before i; a member with 0 is free (it proposes
+    # some token outside them, or the check below could not fail).
+    from featopt.discrete import swap_search as swap_module
+    from featopt.discrete import epo as epo_module
+    from featopt.discrete.swap_search import SwapSettings
+    from featopt.objectives import Selection, maximize
+
+    M = 5
+    proposals = []  # (row's sequence before the step, its sampled proposals [W, N], likely M)
+    original = swap_module.sample_swaps
+
+    def spy(current, top, width, *args, **kwargs):
+        out = original(current, top, width, *args, **kwargs)
+        proposals.append((current.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(swap_module, "sample_swaps", spy)
+    objective = maximize(Selection("blocks.1.resid_post", "[:, :, [0, 1]]", over="last")).bind(tiny64)
+    prefix = tiny64.encode(" the")
+    init = torch.randint(3, tiny64.vocab_size, (2, 4), generator=torch.Generator().manual_seed(5))
+    epo_module.epo(tiny64, objective, prefix=prefix, init=init, allowed=torch.arange(3, tiny64.vocab_size),
+                   settings=SwapSettings(steps=3, search_width=16, topk=8, progress=False), lambdas=[0.0, 1.0],
+                   pool=pool, likely=[0, M])
+    L = len(prefix)
+    free_outside = 0
+    for current, out in proposals:
+        assert len(current) == 4  # rows problem-major: members 0 and 1 of each problem
+        for r in range(4):
+            member = r % 2
+            for cand in out[r]:
+                diff = (cand != current[r]).nonzero()[:, 0]
+                if not len(diff):
+                    continue
+                i = int(diff[0])
+                full = torch.cat([prefix, current[r]])[None]
+                with torch.no_grad():
+                    logits = tiny64.model(input_ids=full).logits[0, L + i - 1]
+                logits[:3] = -torch.inf  # ids 0-2 are not allowed
+                likeliest = set(logits.topk(M).indices.tolist())
+                if member == 1:
+                    assert int(cand[i]) in likeliest
+                else:
+                    free_outside += int(cand[i]) not in likeliest
+    assert free_outside > 0

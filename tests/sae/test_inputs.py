@@ -217,6 +217,18 @@ def test_each_latent_keeps_the_best_of_everything_scored_for_it_re_measured_by_p
                 assert got == pytest.approx(float(hand[fits].max()), abs=1e-9)
         maximum = rows[p]["corpus_max"]
         assert rows[p]["best_ratio"] == (pytest.approx(rows[p]["best"]["activation"] / maximum) if maximum > 0 else None)
+        # The history: one entry per step and the starts, never falling, ending at the best of
+        # everything scored (the searched firing score is the latent wherever the latent fires).
+        history = rows[p]["history"]
+        assert len(history["best"]) == found.steps + 1 == len(history["forwards"]) == len(history["best_fluent"])
+        assert history["forwards"][-1] == rows[p]["forward_evaluations"]
+        assert history["forwards"] == sorted(history["forwards"])
+        best = [v for v in history["best"] if v is not None]
+        assert best == sorted(best)
+        if float(hand.max()) > 0:
+            assert history["best"][-1] == pytest.approx(float(hand.max()), rel=1e-6)  # searched in the SAE's float32
+        if threshold is not None and fits.any() and float(hand[fits].max()) > 0:
+            assert history["best_fluent"][-1] == pytest.approx(float(hand[fits].max()), rel=1e-6)
     if pool:
         assert found.evaluations == sum(len(torch.unique(ids, dim=0)) for ids, _ in scored)
         # The sweep's seeds: each latent's 2 best single tokens after the prefix (brute force over
