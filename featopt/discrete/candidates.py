@@ -33,11 +33,6 @@ def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-#: Added to the gradient of tokens outside a row's likely set: ranked after every likely token (a
-#: finite offset, so a top-k wider than the set still picks real tokens; `top_candidates` keeps
-#: disallowed tokens at +inf, below these).
-UNLIKELY = 1e30
-
 _LOGIT_ELEMENTS = 2**25  # logits held at once when computing cross-entropy (128 MB in float32)
 
 
@@ -137,8 +132,10 @@ class CandidateModel:
 
         `likely [R]` (needs `xent`): for a row with `likely[r] = M > 0`, every token outside the
         model's own M most probable at a position among `allowed [K]` ids (default all; given the
-        tokens before it, read off the same forward) gets `UNLIKELY` added, so the gradient's top-k there are the likely tokens that
-        raise the objective most: swaps that keep the input fluent.
+        tokens before it, read off the same forward) is ranked after every likely one, so the gradient's top-k there are the likely tokens that
+        raise the objective most: swaps that keep the input fluent. (The offset is twice the row's
+        gradient span plus 1, so a top-k wider than the set, as a stuck row's, goes on to the other
+        tokens in the gradient's order.)
 
         Rows are independent, so they run in chunks that bound the logits held for backward."""
         E = self.adapter.embedding
@@ -157,16 +154,18 @@ class CandidateModel:
                         xent = (xent - floor[rows].to(xent.device, xent.dtype)).clamp(min=0)
                     loss = loss + lam[rows].to(loss.device, loss.dtype) * xent
                 (g,) = torch.autograd.grad(loss.sum(), onehot)
-            grad[rows] = g.float().cpu()
+            g = g.float().cpu()
             if likely is not None and bool((likely[rows] > 0).any()):
                 if hidden is None:
                     raise FeatoptError("likely-token swaps read the model's next-token predictions: they need xent.")
-                grad[rows] += self._unlikely(hidden.detach(), likely[rows], allowed)
+                span = (g.amax(dim=(1, 2)) - g.amin(dim=(1, 2)))[:, None, None] * 2 + 1
+                g = g + self._unlikely(hidden.detach(), likely[rows], allowed) * span
+            grad[rows] = g
         return grad
 
     def _unlikely(self, hidden: Tensor, likely: Tensor, allowed: Tensor | None) -> Tensor:
-        """`UNLIKELY` `[R, N, V]` where a token is not among row r's `likely[r]` most probable
-        allowed next tokens at that position (0 where it is, and everywhere for `likely[r] = 0`)."""
+        """`[R, N, V]` float32: 1 where a token is not among row r's `likely[r]` most probable
+        allowed next tokens at that position, 0 where it is (and everywhere for `likely[r] = 0`)."""
         R, N = hidden.shape[:2]
         V = most = self.adapter.embedding.shape[0]
         logits = torch.zeros(R, N, V, dtype=torch.float32)
@@ -179,7 +178,7 @@ class CandidateModel:
             barred[allowed.cpu()] = False
             logits[..., barred] = -torch.inf
             most = min(V, len(allowed))  # the most tokens a row can have as likely
-        out = torch.full((R, N, V), UNLIKELY)
+        out = torch.ones(R, N, V)
         for r in range(R):
             m = int(likely[r])
             out[r].scatter_(-1, logits[r].topk(min(max(m, 1), most), dim=-1).indices, 0.0)

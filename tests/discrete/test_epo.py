@@ -319,3 +319,33 @@ def test_a_likely_member_swaps_only_to_the_models_own_likeliest_tokens(tiny64, m
                 else:
                     free_outside += int(cand[i]) not in likeliest
     assert free_outside > 0
+
+
+def test_likely_tokens_rank_first_and_the_rest_keep_the_gradients_order(tiny64):
+    # gradient(..., likely): the M likeliest allowed tokens at a position (plain HF forward) rank
+    # before every other token, and among each group the plain gradient's order is kept (a stuck
+    # row widening past M goes on in the gradient's order).
+    from featopt.discrete.candidates import CandidateModel
+    from featopt.discrete.objective_scoring import ObjectiveLoss
+    from featopt.objectives import Selection, maximize
+
+    objective = maximize(Selection("blocks.1.resid_post", "[:, :, [0, 1]]", over="last")).bind(tiny64)
+    prefix = tiny64.encode(" the")
+    model = CandidateModel(tiny64, list(objective.sites), ObjectiveLoss(objective, tiny64), prefix, xent=True)
+    ids = torch.randint(3, tiny64.vocab_size, (2, 3), generator=torch.Generator().manual_seed(2))
+    problems, lam = torch.tensor([0, 1]), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    allowed = torch.arange(3, tiny64.vocab_size)
+    M = 4
+    plain = model.gradient(ids, problems, lam)
+    ranked = model.gradient(ids, problems, lam, likely=torch.tensor([M, 0]), allowed=allowed)
+    assert torch.equal(ranked[1], plain[1])  # likely 0: untouched
+    L = len(prefix)
+    for i in range(3):
+        with torch.no_grad():
+            logits = tiny64.model(input_ids=torch.cat([prefix, ids[0]])[None]).logits[0, L + i - 1].clone()
+        logits[:3] = -torch.inf
+        likeliest = logits.topk(M).indices
+        order = ranked[0, i, allowed].argsort() + 3  # ids, most negative first
+        assert set(order[:M].tolist()) == set(likeliest.tolist())
+        for group in (order[:M], order[M:]):
+            assert bool((plain[0, i, group].diff() >= -1e-6).all())  # ascending, up to the offset's rounding
