@@ -152,6 +152,8 @@ def peer_train(name: str, model_dir: Path, contexts: Path, args, out: Path) -> d
            "--k", str(K), "--batch_size", str(BATCH), "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if name == "sparsify":
+        cmd += ["--optimizer", args.sparsify_optimizer] + (["--whole_model"] if args.sparsify_whole_model else [])
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     log = out.parent / f"{name}.log"
@@ -242,6 +244,10 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--corpus", default="../shared/data/corpora")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparsify_optimizer", default="default", choices=["default", "adam", "signum"],
+                   help="sparsify's optimizer (default: its own default, signum; adam: the rows measured before 2026-12-06)")
+    p.add_argument("--sparsify_whole_model", action="store_true",
+                   help="let sparsify run every block (default: the model cut after the SAE's layer, as nothing later reaches it)")
     args = p.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - set(PARTS):

@@ -9,8 +9,10 @@ How sparsify is driven (its `Trainer`, as its command line `python -m sparsify` 
 
 - model: `AutoModel.from_pretrained(model_dir)` (what sparsify's CLI loads for its default
   `loss_fn="fvu"`: the base model, no LM head), float32; hookpoint `layers.{L}` (the decoder
-  layer's output = resid_post). sparsify runs the whole base model every step (its default: all
-  blocks and the final norm; its hook trains the SAE in the middle of the forward).
+  layer's output = resid_post). sparsify runs the whole base model every step (its hook trains
+  the SAE in the middle of the forward); no later block can change what the SAE at layer L sees,
+  so this runner cuts the model after layer L (`--whole_model` keeps every block, as the rows
+  measured before 2026-12-06 did: the same SAE, about 4x the forward time on SmolLM2 layer 6).
 - data: the contexts as an in-memory `datasets.Dataset` (tiled end to end when the budget needs
   more than one pass), shuffled with seed 42 and cut to `steps * batch` contexts, as the CLI does
   with `--shuffle_seed` and `--max_examples`; `batch_size` is in contexts: batch_tokens / context
@@ -23,10 +25,11 @@ How sparsify is driven (its `Trainer`, as its command line `python -m sparsify` 
   32 x 127 = 4064 activations.
 - SAE: `SaeConfig(expansion_factor, k)`, sparsify's defaults otherwise (unit-norm decoder,
   b_dec set to the first batch's mean, AuxK off: `auxk_alpha=0`).
-- optimizer: `optimizer="adam"` (sparsify's default is signum, schedule-free SignSGD), lr left to
-  sparsify: 2e-4 / sqrt(d_sae / 2^14), featopt's formula; `lr_warmup_steps` = featopt's 50, after
-  which sparsify decays linearly to 0 over all remaining steps (`get_linear_schedule_with_warmup`;
-  it has no constant phase). No wandb; one save at the end.
+- optimizer: sparsify's own default unless `--optimizer` says otherwise: signum (schedule-free
+  SignSGD, momentum 0.95, lr 5e-3 / sqrt(d_sae / 2^14), no schedule). `--optimizer adam` is the
+  earlier comparison row: lr 2e-4 / sqrt(d_sae / 2^14) (featopt's formula), `lr_warmup_steps` =
+  featopt's 50, then sparsify's linear decay to 0 over all remaining steps
+  (`get_linear_schedule_with_warmup`; it has no constant phase). No wandb; one save at the end.
 
 Timers: the base model's `forward` (whole call), the time inside sparsify's hook (from a forward
 hook on layer L registered before sparsify's own to a forward pre-hook on layer L + 1: SAE forward
@@ -49,8 +52,14 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # CPU: the eager sparse d
 from common import Timers, load_contexts, parse_args, report, steps_for, tiled  # noqa: E402
 
 
+def _flags(p) -> None:
+    p.add_argument("--optimizer", default="default", choices=["default", "adam", "signum"],
+                   help="sparsify's optimizer (default: its own default, signum)")
+    p.add_argument("--whole_model", action="store_true", help="run every block (default: cut after --layer)")
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], _flags)
     import datasets
     import torch
     import sparsify.trainer as sparsify_trainer
@@ -67,6 +76,9 @@ def main() -> None:
     dataset = datasets.Dataset.from_dict({"input_ids": rows.tolist()}).shuffle(42).with_format("torch")
     dataset = dataset.select(range(steps * batch_contexts))
     model = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    if not args.whole_model:  # nothing after layer L reaches the SAE at layer L
+        model.layers = model.layers[: args.layer + 1]
+        model.config.num_hidden_layers = args.layer + 1
 
     counts = {"tokens": 0, "contexts": 0}
     skip = args.skip_first
@@ -99,17 +111,20 @@ def main() -> None:
             timers.add("in_hook", time.perf_counter() - marks.pop("t"))
 
     layers[args.layer].register_forward_hook(before)
-    layers[args.layer + 1].register_forward_pre_hook(after)
+    (layers[args.layer + 1] if args.layer + 1 < len(layers) else model.norm).register_forward_pre_hook(after)
     model.forward = timers.wrap("model_call", model.forward)
     SparseCoder.remove_gradient_parallel_to_decoder_directions = timers.wrap(
         "remove_parallel", SparseCoder.remove_gradient_parallel_to_decoder_directions)
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
+    chosen = {} if args.optimizer == "default" else {"optimizer": args.optimizer}
+    if args.optimizer == "adam":
+        chosen["lr_warmup_steps"] = args.warmup_steps
     cfg = TrainConfig(
-        SaeConfig(expansion_factor=args.expansion, k=args.k), batch_size=batch_contexts, optimizer="adam",
-        lr_warmup_steps=args.warmup_steps, layers=[args.layer], log_to_wandb=False, save_dir=str(out.parent),
-        run_name=out.name, save_every=10**9, init_seeds=[args.seed],
+        SaeConfig(expansion_factor=args.expansion, k=args.k), batch_size=batch_contexts, layers=[args.layer],
+        log_to_wandb=False, save_dir=str(out.parent), run_name=out.name, save_every=10**9, init_seeds=[args.seed],
+        **chosen,
     )
     start = time.perf_counter()
     trainer = Trainer(cfg, dataset, model)
@@ -119,13 +134,16 @@ def main() -> None:
     wall = time.perf_counter() - start
     s = timers.seconds
     in_hook = s.get("in_hook", 0.0)
-    lr = trainer.optimizers[0].param_groups[0].get("initial_lr", trainer.optimizers[0].defaults.get("lr"))
+    group = trainer.optimizers[0].param_groups[0]
+    lr = group.get("initial_lr", group.get("lr"))
     report("sparsify", version("eai-sparsify"), tokens=counts["tokens"], steps=steps, wall_s=wall,
            forward_s=s.get("model_call", 0.0) - in_hook,
            sae_step_s=in_hook + s.get("optimizer_step", 0.0) + s.get("remove_parallel", 0.0),
            forward_tokens=counts["contexts"] * context, out=out / f"layers.{args.layer}",
-           settings={"lr": lr, "warmup_steps": args.warmup_steps, "schedule": "linear warm-up, then linear decay to 0",
-                     "batch_contexts": batch_contexts, "optimizer": "adam", "auxk_alpha": cfg.auxk_alpha,
+           settings={"lr": lr, "warmup_steps": cfg.lr_warmup_steps if cfg.optimizer == "adam" else None,
+                     "schedule": "linear warm-up, then linear decay to 0" if cfg.optimizer == "adam" else "schedule-free",
+                     "batch_contexts": batch_contexts, "optimizer": cfg.optimizer, "auxk_alpha": cfg.auxk_alpha,
+                     "layers_run": len(layers),
                      "hookpoints": cfg.hookpoints, "files": sorted(p.name for p in out.iterdir())},
            extra={"timers": s})
 
