@@ -163,15 +163,22 @@ def rows_from_results(folder: Path) -> list[dict]:
     return rows
 
 
-def curve(folder: Path, pick: list[int] | None = None) -> list[tuple[float, int, int]] | None:
-    """A `sae inputs` run's progress from its records' histories: after each step, the mean
+def histories(folder: Path) -> list[dict] | None:
+    """A `sae inputs` run's per-latent records (their `extra`), read once; None when the run is
+    missing or was written before records kept histories."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    extras = [r["extra"] for r in json.loads(path.read_text())["results"]]
+    return extras if all(e.get("history") for e in extras) else None
+
+
+def curve(extras: list[dict], pick: list[int] | None = None) -> list[tuple[float, int, int]]:
+    """A run's progress from its records' histories (see `histories`): after each step, the mean
     sequences scored per latent so far and how many latents' best (and best fluent) searched
     score had reached the corpus max (its windows as inputs counted from the start), over the
-    latents `pick` (indices; default all). None for a run written before records kept histories."""
-    extras = [r["extra"] for r in json.loads((folder / "results.json").read_text())["results"]]
+    latents `pick` (indices; default all)."""
     extras = [extras[i] for i in pick] if pick is not None else extras
-    if not all(e.get("history") for e in extras):
-        return None
     steps = min(len(e["history"]["forwards"]) for e in extras)
     out = []
     for s in range(steps):
@@ -307,19 +314,20 @@ def _progress(args, found: dict, latents: list[int], subset: list[int]) -> list[
     """The searches' progress curves (curves.png) and how many fewer sequences per latent the
     pooled search needed to reach what per-latent search reached."""
     out = Path(args.out)
-    has = lambda m: m in found and (out / m / "results.json").is_file() and curve(out / m) is not None  # noqa: E731
-    series, subset_series, lines = {}, {}, []
+    runs = {m: histories(out / m) if m in found else None for m in ("pooled", "per-latent", "per-latent-5x")}
     # A longer pooled run of the same latents and seed (`featopt sae inputs --steps 25 --out
     # <out>/pooled-25`, see benchmarks/README.md) follows the same path further: its history is used.
-    longest = "pooled-25" if (out / "pooled-25" / "results.json").is_file() and curve(out / "pooled-25") else "pooled"
-    for method in ("pooled", "per-latent"):
-        if has(method) or (method == "pooled" and longest != "pooled"):
-            series[method if method != "pooled" or longest == "pooled" else f"pooled ({longest})"] = curve(
-                out / (longest if method == "pooled" else method))
-    if has("per-latent-5x") and "pooled" in found:
-        pick = [latents.index(i) for i in subset]
-        pooled_sub, long = curve(out / longest, pick), curve(out / "per-latent-5x")
-        subset_series[f"pooled ({longest})"] = pooled_sub
+    longer = histories(out / "pooled-25")
+    pooled, name = (longer, "pooled-25") if longer and len(longer) == len(latents) else (runs["pooled"], "pooled")
+    series, subset_series, lines = {}, {}, []
+    if pooled:
+        series[f"pooled ({name})"] = curve(pooled)
+    if runs["per-latent"]:
+        series["per-latent"] = curve(runs["per-latent"])
+    if pooled and runs["per-latent-5x"]:
+        pooled_sub = curve(pooled, [latents.index(i) for i in subset])
+        long = curve(runs["per-latent-5x"])
+        subset_series[f"pooled ({name})"] = pooled_sub
         subset_series["per-latent, 5x the steps"] = long
         lines += ["", f"Scored inputs per latent the pooled search needed to reach what per-latent search with 5x the "
                       f"steps had reached, on the first {len(subset)} latents (from the runs' histories):", "",
@@ -330,8 +338,8 @@ def _progress(args, found: dict, latents: list[int], subset: list[int]) -> list[
             need = forwards_to_match(pooled_sub, long[step])
             lines.append(f"| {step} | {f:,.0f} | {b} / {fl} | {'-' if need is None else f'{need:,.0f}'} | "
                          f"{'not reached' if need is None else f'{f / max(need, 1):.1f}x'} |")
-    groups = {name: g for name, g in ((f"{len(latents)} latents", series),
-                                      (f"the first {len(subset)}", subset_series)) if g}
+    groups = {label: runs_ for label, runs_ in ((f"{len(latents)} latents", series),
+                                                (f"the first {len(subset)}", subset_series)) if runs_}
     if groups:
         plot_curves(groups, out / "curves.png")
     return lines

@@ -132,8 +132,9 @@ class CandidateModel:
 
         `likely [R]` (needs `xent`): for a row with `likely[r] = M > 0`, every token outside the
         model's own M most probable at a position among `allowed [K]` ids (default all; given the
-        tokens before it, read off the same forward) is ranked after every likely one, so the gradient's top-k there are the likely tokens that
-        raise the objective most: swaps that keep the input fluent. (The offset is twice the row's
+        tokens before it, read off the same forward) is ranked after every likely one, so the
+        gradient's top-k there are the likely tokens that raise the objective most: swaps that keep
+        the input fluent. (The offset is twice the row's
         gradient span plus 1, so a top-k wider than the set, as a stuck row's, goes on to the other
         tokens in the gradient's order.)
 
@@ -178,13 +179,11 @@ class CandidateModel:
             barred[allowed.cpu()] = False
             logits[..., barred] = -torch.inf
             most = min(V, len(allowed))  # the most tokens a row can have as likely
-        out = torch.ones(R, N, V)
-        for r in range(R):
-            m = int(likely[r])
-            out[r].scatter_(-1, logits[r].topk(min(max(m, 1), most), dim=-1).indices, 0.0)
-            if m <= 0:
-                out[r] = 0
-            elif self.prefix_logp is None:
+        out = torch.zeros(R, N, V)
+        for r in (likely > 0).nonzero()[:, 0].tolist():
+            out[r] = 1
+            out[r].scatter_(-1, logits[r].topk(min(int(likely[r]), most), dim=-1).indices, 0.0)
+            if self.prefix_logp is None:
                 out[r, 0] = 0  # nothing predicts the first token without a prefix: any may go there
         return out
 

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from epo_spy import record_scored
 from search_reference import resid_post
 
 from featopt.commands.swaps import EPOConfig
@@ -204,23 +205,12 @@ def test_member_labels_merge_members_on_one_point_and_keep_the_others_apart():
 def test_pooled_members_rank_every_candidate_of_every_problem_by_their_own_lambda(tiny64, tmp_path, monkeypatch):
     # --pool: one forward scores a candidate for both features and its own xent; each member keeps
     # the best of ALL candidates under its feature and lambda (checked by plain forwards here).
-    from featopt.discrete import epo as epo_module
-
-    scored = []
-    original = epo_module.swap_search
-
-    def spy(*args, on_step=None, **kwargs):
-        def record(step, state, evaluated):
-            assert evaluated.all is not None  # every candidate scored for every problem
-            scored.append(evaluated.ids.clone())
-            on_step(step, state, evaluated)
-        return original(*args, on_step=record, **kwargs)
-
-    monkeypatch.setattr(epo_module, "swap_search", spy)
+    scored = record_scored(monkeypatch)
     run = epo(EPOConfig(model="tiny-llama", layer=1, features="[:, :, 0-1]", tokens=3, steps=2, search_width=8, topk=8,
                         lambdas=LAMBDAS, prefix=" the", pool=True, out=str(tmp_path), progress=False), tiny64)
+    assert all(who is None for _, who in scored)  # every candidate scored for every problem
     prefix = tiny64.encode(" the")
-    seqs = torch.unique(torch.cat(scored), dim=0)
+    seqs = torch.unique(torch.cat([ids for ids, _ in scored]), dim=0)
     full = torch.cat([prefix.expand(len(seqs), -1), seqs], dim=1)
     with torch.no_grad():
         acts = resid_post(tiny64.model, full, 1)[:, -1]
@@ -242,16 +232,7 @@ def test_a_budget_member_pays_for_xent_only_above_its_floor(tiny64, monkeypatch,
     from featopt.discrete.swap_search import SwapSettings
     from featopt.objectives import Selection, maximize
 
-    scored = []
-    original = epo_module.swap_search
-
-    def spy(*args, on_step=None, **kwargs):
-        def record(step, state, evaluated):
-            scored.append((evaluated.ids.clone(), None if evaluated.all is not None else evaluated.problems.clone()))
-            on_step(step, state, evaluated)
-        return original(*args, on_step=record, **kwargs)
-
-    monkeypatch.setattr(epo_module, "swap_search", spy)
+    scored = record_scored(monkeypatch)
     objective = maximize(Selection("blocks.1.resid_post", "[:, :, [0, 1]]", over="last")).bind(tiny64)
     prefix = tiny64.encode(" the")
     init = torch.randint(3, tiny64.vocab_size, (2, 3), generator=torch.Generator().manual_seed(4))

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from featopt.commands.sae_inputs import latent_objectives
 from featopt.dictionaries import corpus_windows, inputs
 from featopt.dictionaries.corpus_stats import corpus_stats
-from featopt.discrete import epo as epo_module
 from featopt.discrete.epo import Front
 from featopt.models import ModelAdapter
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 from featopt.models.tiny import build_tiny
+from tests.discrete.epo_spy import record_scored
 from tests.discrete.search_reference import resid_post
 
 LAYER, D_SAE = 1, 24
@@ -178,16 +178,7 @@ def test_each_latent_keeps_the_best_of_everything_scored_for_it_re_measured_by_p
     objective, measure = latent_objectives(tiny64, sae, latents)
     windows = corpus_windows.from_corpus(tiny64, measure, contexts, 3, top_k=4, progress=False)
     prefix = torch.tensor([2])
-    scored = []  # every sequence the search scored: (ids, the problem it was scored for, or None: all)
-    original = epo_module.swap_search
-
-    def spy(*args, on_step=None, **kwargs):
-        def record(step, state, evaluated):
-            scored.append((evaluated.ids.clone(), None if evaluated.all is not None else evaluated.problems.clone()))
-            on_step(step, state, evaluated)
-        return original(*args, on_step=record, **kwargs)
-
-    monkeypatch.setattr(epo_module, "swap_search", spy)
+    scored = record_scored(monkeypatch)  # every sequence the search scored: (ids, its problem, or None: all)
     # Pooled, the sweep's seeds are scored with the starts (the spy sees them); per-latent they are
     # scored apart, so the search here goes without them.
     settings = inputs.InputSearch(tokens=3, steps=3, search_width=6, topk=8, lambdas=[0.0, 1.0], warm=3, pool=pool,
