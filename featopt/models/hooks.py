@@ -46,10 +46,10 @@ def hook_point(adapter, site: Site) -> tuple[nn.Module, bool]:
     family = adapter.family
     path = {
         "resid_pre": None, "resid_post": None, "attn_out": family.attn_out or family.attn,
-        "mlp_out": family.mlp_out or family.mlp, "mlp_hidden": family.mlp_down,
+        "mlp_in": family.mlp, "mlp_out": family.mlp_out or family.mlp, "mlp_hidden": family.mlp_down,
     }[site.kind]
     module = block if path is None else get_module(block, path)
-    return module, site.kind in ("resid_pre", "mlp_hidden")
+    return module, site.kind in ("resid_pre", "mlp_in", "mlp_hidden")
 
 
 @contextlib.contextmanager

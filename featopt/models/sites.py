@@ -17,6 +17,7 @@ from featopt.errors import FeatoptError
 SITE_KINDS = {
     "resid_pre": "the block's input (the residual stream before it)",
     "attn_out": "the attention module's output, before it is added to the residual",
+    "mlp_in": "the MLP's input, after the pre-MLP norm (what a transcoder reads)",
     "mlp_hidden": "the MLP's neurons after the activation (input of the down-projection)",
     "mlp_out": "the MLP module's output, before it is added to the residual",
     "resid_post": "the block's output (before the final norm, also for the last block)",
@@ -31,10 +32,12 @@ _TL_ALIASES = {
     "hook_resid_post": "resid_post",
     "hook_attn_out": "attn_out",
     "hook_mlp_out": "mlp_out",
+    # TransformerLens' MLP input hook after the norm (its `hook_mlp_in` is before the norm).
+    "ln2.hook_normalized": "mlp_in",
     "mlp.hook_post": "mlp_hidden",
 }
 
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.([a-z_.]+)$")
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.([a-z0-9_.]+)$")
 
 
 @dataclass(frozen=True, order=True)

@@ -41,6 +41,8 @@ def _reference(model, family, ids):
     for layer, block in enumerate(blocks):
         handles.append(get_module(block, attn).register_forward_hook(out_hook((layer, "attn_out"))))
         handles.append(get_module(block, mlp).register_forward_hook(out_hook((layer, "mlp_out"))))
+        # the MLP's input: mlp.up's input everywhere (Gemma's mlp_out path is a norm, so read the up-projection)
+        handles.append(get_module(block, down.rsplit(".", 1)[0]).register_forward_pre_hook(in_hook((layer, "mlp_in")), with_kwargs=True))
         handles.append(get_module(block, down).register_forward_pre_hook(in_hook((layer, "mlp_hidden")), with_kwargs=True))
         handles.append(block.register_forward_hook(out_hook((layer, "block_out"))))
     try:
@@ -58,13 +60,13 @@ def test_every_site_equals_the_hf_forward(family_model):
     hidden, seen = _reference(model, family, ids)
     n = adapter.n_layers
     for layer in range(n):
-        acts = adapter.run([f"blocks.{layer}.{k}" for k in ("resid_pre", "attn_out", "mlp_hidden", "mlp_out", "resid_post")], input_ids=ids)
+        acts = adapter.run([f"blocks.{layer}.{k}" for k in ("resid_pre", "attn_out", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")], input_ids=ids)
         got = {s.kind: a for s, a in acts.items()}
         torch.testing.assert_close(got["resid_pre"], hidden[layer])
         # HF's last hidden_states entry has the final norm applied; resid_post never does.
         expected_post = hidden[layer + 1] if layer < n - 1 else seen[(layer, "block_out")]
         torch.testing.assert_close(got["resid_post"], expected_post)
-        for kind in ("attn_out", "mlp_hidden", "mlp_out"):
+        for kind in ("attn_out", "mlp_in", "mlp_hidden", "mlp_out"):
             torch.testing.assert_close(got[kind], seen[(layer, kind)])
     # the final norm the adapter found is the one HF applies after the last block
     torch.testing.assert_close(adapter.final_norm(seen[(n - 1, "block_out")]), hidden[n])
@@ -78,9 +80,10 @@ def test_mlp_hidden_is_the_activation_of_the_up_projection():
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=50)).eval()
     adapter = ModelAdapter(model)
     ids = torch.randint(0, 50, (1, 5))
-    acts = adapter.run(["blocks.1.mlp_hidden", "blocks.1.attn_out", "blocks.1.resid_pre"], input_ids=ids)
+    acts = adapter.run(["blocks.1.mlp_hidden", "blocks.1.mlp_in", "blocks.1.attn_out", "blocks.1.resid_pre"], input_ids=ids)
     mlp = model.model.layers[1].mlp
     x = model.model.layers[1].post_attention_layernorm(acts[Site(1, "resid_pre")] + acts[Site(1, "attn_out")])
+    torch.testing.assert_close(acts[Site(1, "mlp_in")], x)  # after the pre-MLP norm
     manual = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
     torch.testing.assert_close(acts[Site(1, "mlp_hidden")], manual)
 
@@ -178,6 +181,7 @@ def test_bad_sites_say_what_is_allowed():
         adapter.site("resid_middle", 0)
     assert adapter.site("blocks.1.hook_mlp_out") == Site(1, "mlp_out")
     assert adapter.site("blocks.0.mlp.hook_post") == Site(0, "mlp_hidden")
+    assert adapter.site("blocks.1.ln2.hook_normalized") == Site(1, "mlp_in") and Site(1, "mlp_in").tl_name == "blocks.1.ln2.hook_normalized"
     assert adapter.width("blocks.0.mlp_hidden") == 128
 
 

@@ -68,6 +68,10 @@ class SAEConfig:
     architecture: str = "topk"
     k: int | None = None  # topk only
     hook_name: str = ""  # the site it reads, featopt's or TransformerLens' spelling
+    # Transcoders: the site it writes (reconstructs), e.g. blocks.6.mlp_out for hook_name blocks.6.mlp_in,
+    # and that site's width; "" and None: an SAE, which reconstructs its own input.
+    target_hook_name: str = ""
+    d_out: int | None = None
     model_name: str = ""
     dtype: str = "float32"
     apply_b_dec_to_input: bool = True
@@ -77,6 +81,13 @@ class SAEConfig:
         cls = architecture(self.architecture)
         if self.d_in < 1 or self.d_sae < 1:
             raise FeatoptError(f"an SAE needs d_in and d_sae of at least 1, got d_in={self.d_in}, d_sae={self.d_sae}.")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.d_out < 1:
+            raise FeatoptError(f"a transcoder needs d_out of at least 1, got {self.d_out}.")
+        if self.apply_b_dec_to_input and self.d_out != self.d_in:
+            raise FeatoptError(f"an SAE that subtracts b_dec from its input needs d_out = d_in, got d_in={self.d_in}, "
+                               f"d_out={self.d_out}: set apply_b_dec_to_input to false.")
         cls.check_config(self)
 
 
@@ -122,11 +133,11 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture != self.name:
             raise FeatoptError(f"a {self.name} SAE needs a config of architecture {self.name!r}, got {cfg.architecture!r}.")
         self.cfg = cfg
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.source: str | None = None  # where it was loaded from, for records
         self._hash: str | None = None
 
@@ -184,6 +195,16 @@ class SparseAutoencoder(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of what it reconstructs: `d_in` for an SAE, the target site's for a transcoder."""
+        return self.cfg.d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        """It reconstructs another site than the one it reads (`cfg.target_hook_name`)."""
+        return bool(self.cfg.target_hook_name)
 
     @property
     def width(self) -> int:
@@ -289,7 +310,8 @@ class SparseAutoencoder(nn.Module):
         if self._hash is None:
             self._hash = self.content_hash()
         return {"kind": "sae", "path": self.source, "sha256": self._hash, "architecture": self.cfg.architecture,
-                "hook_name": self.cfg.hook_name, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.cfg.k}
+                "hook_name": self.cfg.hook_name, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.cfg.k,
+                **({"target_hook_name": self.cfg.target_hook_name, "d_out": self.d_out} if self.is_transcoder else {})}
 
     def pre_activation_map(self) -> PreActivations:
         """This SAE's encoder pre-activations as a feature map (see :class:`PreActivations`)."""
