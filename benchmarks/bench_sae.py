@@ -20,7 +20,7 @@ evaluated by featopt's `evaluate` on the same held-out contexts (`split="eval"`)
 fraction, CE loss recovered.
 
 featopt alone: four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x SAE, same tokens
-(time ratio; target < 1.5x), and the topk SAE trained from an activation cache (`sae_train.cache` first,
+(time ratio; target < 1.5x), and the topk SAE trained from an activation cache (`sae_cache.cache` first,
 timed apart) vs from the model (tokens/s ratio; target >= 5x).
 
     . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_sae.py [--tokens 303104]
@@ -318,7 +318,7 @@ def main() -> None:
         featopt_only.append(f"| four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x, same {four['tokens']:,} tokens | "
                             f"{four['wall_s']:.1f} s vs {one['wall_s']:.1f} s | **{ratio:.2f}x** the time | < 1.5x |")
     if "cache" not in skip:
-        from featopt.commands.sae_train import CacheConfig, cache
+        from featopt.commands.sae_cache import CacheConfig, cache
 
         if args.cache_dir:  # an existing cache of the same split (`featopt sae cache`): not rebuilt, not timed
             from featopt.dictionaries.activations import CacheSource

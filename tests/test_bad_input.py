@@ -176,6 +176,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + ["--corpus", "{corpus}", "--batch_size", "0"], "--batch_size"),
         (LLAMA + CTX + ["--activations", "{text}"], "{text}"),
         (LLAMA + CTX + ["--corpus", "{corpus}", "--resume", "{text}"], "--resume"),
+        (LLAMA + CTX + ["--corpus", "{corpus}", "--optimizer", "sgd"], "--optimizer 'sgd' is not known: allowed are adam, signum"),
     ],
     "sae cache": [
         (LLAMA + CTX + ["--corpus", "{corpus}", "--site", "blocks.7.resid_post"], "out of range"),

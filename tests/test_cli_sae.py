@@ -40,6 +40,8 @@ def test_train_writes_a_saelens_folder_with_metrics(tmp_path, corpus, capsys):
     training = json.loads((out / "training.json").read_text())
     assert training["saes"][0]["hash"] == sae.content_hash()
     assert 0 <= training["saes"][0]["metrics"]["dead_fraction"] <= 1
+    assert training["saes"][0]["metrics"]["kl_div"] > 0
+    assert (out / "latent_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # beside the SAE
     assert (out / "tensorboard").is_dir()
 
 
@@ -63,9 +65,12 @@ def test_eval_writes_metrics_and_methods_take_the_sae(tmp_path, corpus, capsys):
     assert main(["sae", "train", *TRAIN, "--corpus", str(corpus), "--out", str(out)]) == 0
     assert main(["sae", "eval", "--model", "tiny-llama", "--sae", str(out), "--corpus", str(corpus),
                  "--context_length", "16", "--contexts", "4", "--out", str(tmp_path / "eval"), "--no_progress"]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["saes"][0]["metrics"]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["saes"][0]
+    metrics = evaluated["metrics"]
     trained = json.loads((out / "training.json").read_text())["saes"][0]["metrics"]
     assert metrics["fvu"] == pytest.approx(trained["fvu"], rel=1e-5)  # the same held-out contexts
+    assert metrics["kl_div"] == pytest.approx(trained["kl_div"], rel=1e-5)
+    assert evaluated["density_plot"] == "sae_density.png" and (tmp_path / "eval" / "sae_density.png").is_file()
     assert main(["search", "exhaustive", "--model", "tiny-llama", "--sae", str(out), "--features", "[:, :, 0-3]",
                  "--out", str(tmp_path / "x"), "--no_progress"]) == 0
     result = json.loads((tmp_path / "x" / "results.json").read_text())["results"][0]

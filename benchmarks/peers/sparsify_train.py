@@ -56,6 +56,9 @@ def _flags(p) -> None:
     p.add_argument("--optimizer", default="default", choices=["default", "adam", "signum"],
                    help="sparsify's optimizer (default: its own default, signum)")
     p.add_argument("--whole_model", action="store_true", help="run every block (default: cut after --layer)")
+    p.add_argument("--transcode", action="store_true",
+                   help="train a transcoder of layer L's MLP (hookpoint layers.L.mlp: its input to its output), "
+                        "as sparsify's --transcode does")
 
 
 def main() -> None:
@@ -110,7 +113,8 @@ def main() -> None:
         if "t" in marks:
             timers.add("in_hook", time.perf_counter() - marks.pop("t"))
 
-    layers[args.layer].register_forward_hook(before)
+    hooked = layers[args.layer].mlp if args.transcode else layers[args.layer]
+    hooked.register_forward_hook(before)
     (layers[args.layer + 1] if args.layer + 1 < len(layers) else model.norm).register_forward_pre_hook(after)
     model.forward = timers.wrap("model_call", model.forward)
     SparseCoder.remove_gradient_parallel_to_decoder_directions = timers.wrap(
@@ -122,7 +126,8 @@ def main() -> None:
     if args.optimizer == "adam":
         chosen["lr_warmup_steps"] = args.warmup_steps
     cfg = TrainConfig(
-        SaeConfig(expansion_factor=args.expansion, k=args.k), batch_size=batch_contexts, layers=[args.layer],
+        SaeConfig(expansion_factor=args.expansion, k=args.k, transcode=args.transcode), batch_size=batch_contexts,
+        **({"hookpoints": [f"layers.{args.layer}.mlp"]} if args.transcode else {"layers": [args.layer]}),
         log_to_wandb=False, save_dir=str(out.parent), run_name=out.name, save_every=10**9, init_seeds=[args.seed],
         **chosen,
     )
@@ -139,11 +144,11 @@ def main() -> None:
     report("sparsify", version("eai-sparsify"), tokens=counts["tokens"], steps=steps, wall_s=wall,
            forward_s=s.get("model_call", 0.0) - in_hook,
            sae_step_s=in_hook + s.get("optimizer_step", 0.0) + s.get("remove_parallel", 0.0),
-           forward_tokens=counts["contexts"] * context, out=out / f"layers.{args.layer}",
+           forward_tokens=counts["contexts"] * context, out=out / (f"layers.{args.layer}" + (".mlp" if args.transcode else "")),
            settings={"lr": lr, "warmup_steps": cfg.lr_warmup_steps if cfg.optimizer == "adam" else None,
                      "schedule": "linear warm-up, then linear decay to 0" if cfg.optimizer == "adam" else "schedule-free",
                      "batch_contexts": batch_contexts, "optimizer": cfg.optimizer, "auxk_alpha": cfg.auxk_alpha,
-                     "layers_run": len(layers),
+                     "layers_run": len(layers), "transcode": args.transcode,
                      "hookpoints": cfg.hookpoints, "files": sorted(p.name for p in out.iterdir())},
            extra={"timers": s})
 

@@ -82,7 +82,7 @@ COMMANDS = [
             "Clamp a neuron over a sweep of values and record a target token's probability (PNG); --generate."),
     Command("sae train", _C + "sae_train", "TrainConfig", "train",
             "Train SAEs (relu or topk; several sizes or sites from one pass of the model) in SAELens' format."),
-    Command("sae cache", _C + "sae_train", "CacheConfig", "cache",
+    Command("sae cache", _C + "sae_cache", "CacheConfig", "cache",
             "Save a corpus' activations at a site as safetensors shards, to train from with --activations."),
     Command("sae eval", _C + "sae_eval", "EvalConfig", "evaluate",
             "FVU, L0, dead fraction and CE loss recovered of SAEs on held-out text; writes metrics.json."),

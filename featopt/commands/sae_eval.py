@@ -1,6 +1,7 @@
-"""`featopt sae eval`: FVU, L0, dead fraction and CE loss recovered of SAEs on held-out text
-(:func:`featopt.dictionaries.evaluate.evaluate`), written to `metrics.json`; and the metrics table
-that `sae train` prints too."""
+"""`featopt sae eval`: FVU, L0, dead fraction, CE loss recovered and KL divergence of SAEs (and
+transcoders) on held-out text (:func:`featopt.dictionaries.evaluate.evaluate`), written to
+`metrics.json`, with one latent density histogram per SAE beside it
+(:func:`featopt.dictionaries.density.plot_density`); and the metrics table that `sae train` prints too."""
 
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ class EvalConfig(OutputSettings, CorpusSettings, ContextSettings):
 
 @dataclass
 class EvalRun(CommandResult):
-    """Each SAE's metrics (in `--sae` order) and its folder's name."""
+    """Each SAE's metrics (in `--sae` order), its folder's name and its density histogram (PNG)."""
 
     metrics: list[dict]
     names: list[str]
     out: Path = field(default_factory=Path)
+    plots: list[Path] = field(default_factory=list)
 
     def table(self) -> str:
         return metrics_table(self.metrics, self.names)
@@ -50,8 +52,10 @@ class EvalRun(CommandResult):
 
 def evaluate(config: EvalConfig, adapter: ModelAdapter | None = None) -> EvalRun:
     """Evaluate every SAE of `config.sae` on `config.contexts` contexts of the corpus split; write
-    `metrics.json` into `out`."""
+    `metrics.json` into `out`, and beside it each SAE's latent density histogram,
+    `<SAE folder name>_density.png` (named in metrics.json as the SAE's `density_plot`)."""
     from featopt.data import corpus_contexts
+    from featopt.dictionaries.density import plot_density
     from featopt.dictionaries.evaluate import evaluate as evaluate_saes
     from featopt.models.sae.attach import attach
     from featopt.models.sae.formats import load_sae
@@ -73,14 +77,31 @@ def evaluate(config: EvalConfig, adapter: ModelAdapter | None = None) -> EvalRun
     contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
                                eval_fraction=config.eval_fraction, bos=bos_id(adapter))[: config.contexts]
     metrics = evaluate_saes(adapter, saes, contexts, batch_size=config.batch_contexts, skip_first=config.skip_first,
-                            progress=config.progress)
+                            progress=config.progress, frequency=True)
     out = out_folder(config.out)
     names = [Path(p).name for p in paths]
+    plots = [out / file for file in _plot_names(names)]
+    for name, path, row in zip(names, plots, metrics):
+        plot_density(row.pop("firing_frequency"), path, title=f"latent density of {name}", tokens=row["tokens"])
     document = {"run": {"command": "sae eval", "config": record_of(config), "model": adapter.name, "versions": versions()},
-                "saes": [{"path": p, "hash": s.content_hash(), "metrics": m} for p, s, m in zip(paths, saes, metrics)]}
+                "saes": [{"path": p, "hash": s.content_hash(), "metrics": m, "density_plot": plot.name}
+                         for p, s, m, plot in zip(paths, saes, metrics, plots)]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2)))
-    return EvalRun(metrics, names, out)
+    return EvalRun(metrics, names, out, plots)
+
+
+def _plot_names(names: Sequence[str]) -> list[str]:
+    """`<name>_density.png` per SAE; a name given twice (folders of one name in different places)
+    gets `-2`, `-3`, ... so no plot overwrites another."""
+    files, seen = [], set()
+    for name in names:
+        stem, n = name or "sae", 1
+        while (file := f"{stem}{f'-{n}' if n > 1 else ''}_density.png") in seen:
+            n += 1
+        seen.add(file)
+        files.append(file)
+    return files
 
 
 # ----------------------------------------------------------------------------- the table

@@ -1,9 +1,10 @@
-"""`featopt sae train|cache`: train SAEs (several sizes or sites from one pass of the model) in
-SAELens' format, and cache a corpus' activations to train from."""
+"""`featopt sae train`: train SAEs and transcoders (several sizes, sites or layers from one pass of
+the model, or from an activation cache: `sae_cache.py`) in SAELens' format."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from featopt.commands.settings import ContextSettings, OutputSettings, SeedSetti
 from featopt.commands.loading import bos_id, check_context, handle_for, load_for
 from featopt.commands.result import CommandResult
 from featopt.commands.sae_eval import metrics_table
+from featopt.dictionaries.optimizers import OPTIMIZERS, default_lr
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site, dtype_of
 from featopt.models.sae import ARCHITECTURES, SAEConfig, architecture
@@ -35,8 +37,29 @@ def _sizes(values: str | int | None, flag: str) -> list[float]:
     return out
 
 
-def _sites(adapter: ModelAdapter, site: str) -> list[Site]:
-    return list(dict.fromkeys(adapter.site(s.strip()) for s in str(site).split(",") if s.strip()))
+def site_list(adapter: ModelAdapter, site: str) -> list[Site]:
+    """Sites of a comma-separated list; `blocks.A-B.KIND` is every layer from A to B (inclusive)."""
+    names = []
+    for item in (s.strip() for s in str(site).split(",") if s.strip()):
+        match = re.match(r"^blocks\.(\d+)-(\d+)\.(.+)$", item)
+        if match and int(match[1]) > int(match[2]):
+            raise FeatoptError(f"site range {item!r} runs backwards: write blocks.A-B.KIND with A <= B.")
+        names += [f"blocks.{layer}.{match[3]}" for layer in range(int(match[1]), int(match[2]) + 1)] if match else [item]
+    return list(dict.fromkeys(adapter.site(name) for name in names))
+
+
+def _targets(adapter: ModelAdapter, sites: list[Site], target: str | None) -> list[Site | None]:
+    """The site each transcoder reconstructs, one per input site (None: SAEs): a kind (`mlp_out`,
+    the input's own layer) or as many sites as `--site` gives."""
+    if not target:
+        return [None] * len(sites)
+    if re.match(r"^[a-z_]+$", target.strip()):
+        return [adapter.site(target.strip(), site.layer) for site in sites]
+    targets = site_list(adapter, target)
+    if len(targets) != len(sites):
+        raise FeatoptError(f"--target_site names {len(targets)} sites for the {len(sites)} of --site: give one per input "
+                           "site, or a kind such as mlp_out (the same layer as each).")
+    return targets
 
 
 # ----------------------------------------------------------------------------- train
@@ -51,7 +74,19 @@ class TrainConfig(OutputSettings, TrainerSettings, SeedSettings, ContextSettings
     activations: str | None = None
     """train from this activation cache (featopt sae cache) instead of running the model"""
     architecture: str = "topk"
-    """relu (L1 penalty) or topk (k largest kept); jumprelu SAEs load but do not train"""
+    """relu (L1 penalty), topk (k largest per token), batchtopk (k per token on average), matryoshka
+    (batchtopk with nested prefixes) or jumprelu (learned thresholds, L0 penalty)"""
+    target_site: str | None = None
+    """train transcoders: the site each reconstructs from --site, e.g. --site blocks.6.mlp_in --target_site
+    blocks.6.mlp_out (or a kind, mlp_out: each input site's layer)"""
+    skip: bool = False
+    """transcoders: add a linear skip connection x W_skip (skip transcoders)"""
+    matryoshka: str = "0.0625,0.25,1"
+    """matryoshka: the nested prefix sizes as fractions of d_sae, the last 1"""
+    l0_coef: float = 1.0
+    """jumprelu: weight of the L0 penalty, relative to the batch's variance"""
+    bandwidth: float = 0.05
+    """jumprelu: width of the straight-through estimator's kernel"""
     expansion: str = "4"
     """d_sae / d_in; a list such as 1,2,4,8 trains one SAE per size from one pass"""
     d_sae: str | None = None
@@ -68,12 +103,14 @@ class TrainConfig(OutputSettings, TrainerSettings, SeedSettings, ContextSettings
     """tokens per optimizer step (the global batch, whatever --devices)"""
     buffer_batches: int = 16
     """batches drawn from one shuffled buffer of contexts"""
+    optimizer: str = "adam"
+    """adam or signum (sparsify's default: schedule-free sign SGD, momentum 0.95, no schedule)"""
     lr: float | None = None
-    """Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14), per SAE)"""
+    """learning rate (default per SAE: 2e-4 for adam, 5e-3 for signum, times 1 / sqrt(d_sae / 2^14))"""
     warmup_steps: int = 50
-    """linear learning-rate warm-up steps"""
+    """adam: linear learning-rate warm-up steps"""
     decay_fraction: float = 0.2
-    """linear decay to 0 over this last fraction of the steps"""
+    """adam: linear decay to 0 over this last fraction of the steps"""
     normalize: bool = True
     """scale inputs to mean squared norm d_in (folded into the saved weights)"""
     auxk_alpha: float = 1 / 32
@@ -115,13 +152,21 @@ def _check_train(config: TrainConfig) -> None:
         raise FeatoptError(f"training {config.architecture} SAEs is not supported: train {' or '.join(trainable)} "
                            f"({config.architecture} SAEs load and run).")
     check_choice(config, "precision", PRECISIONS)
+    check_choice(config, "optimizer", OPTIMIZERS)
     dtype_of(config.dtype)
-    for name in ("l1", "auxk_alpha", "decay_fraction", "eval_fraction"):
+    for name in ("l1", "auxk_alpha", "decay_fraction", "eval_fraction", "l0_coef"):
         value = getattr(config, name)
         if not (value >= 0 and value != float("inf")):
             raise FeatoptError(f"--{name} must be a finite number of at least 0, got {value}.")
     if config.decay_fraction > 1:
         raise FeatoptError(f"--decay_fraction must be between 0 and 1, got {config.decay_fraction}.")
+    if not 0 < config.bandwidth < float("inf"):
+        raise FeatoptError(f"--bandwidth must be positive and finite, got {config.bandwidth}.")
+    if config.architecture == "matryoshka":
+        fractions = _sizes(config.matryoshka, "--matryoshka")
+        if fractions != sorted(set(fractions)) or fractions[-1] != 1:
+            raise FeatoptError(f"--matryoshka {config.matryoshka!r} must be increasing fractions of d_sae ending at 1, "
+                               "like 0.0625,0.25,1.")
     if config.lr is not None and not (0 < config.lr < float("inf")):
         raise FeatoptError(f"--lr must be positive and finite, got {config.lr}.")
     for name in ("warmup_steps", "skip_first", "eval_contexts", "eval_every", "checkpoint_every", "dead_tokens"):
@@ -136,21 +181,26 @@ def _check_train(config: TrainConfig) -> None:
         raise FeatoptError(f"checkpoint {config.resume!r} to resume from does not exist.")
 
 
-def sae_configs(config: TrainConfig, adapter: ModelAdapter, sites: list[Site]) -> list[SAEConfig]:
+def sae_configs(config: TrainConfig, adapter: ModelAdapter, sites: list[Site],
+                targets: list[Site | None] | None = None) -> list[SAEConfig]:
     """One SAEConfig per (site, size), site-major; the architecture's own settings (topk's k) from
-    the flags of the same names."""
+    the flags of the same names; a transcoder where `targets` names a site."""
     cls = architecture(config.architecture)
     out = []
-    for site in sites:
+    for site, target in zip(sites, targets or [None] * len(sites)):
         d_in = adapter.width(site)
         sizes = [int(d) for d in _sizes(config.d_sae, "--d_sae")] if config.d_sae else \
             [int(round(e * d_in)) for e in _sizes(config.expansion, "--expansion")]
         for d_sae in sizes:
             if "k" in cls.settings and config.k > d_sae:
                 raise FeatoptError(f"--k {config.k} is more than the {d_sae} latents of the SAE: give k <= d_sae.")
+            settings = {name: getattr(config, name) for name in cls.settings}
+            if "matryoshka" in settings:
+                settings["matryoshka"] = [max(1, round(f * d_sae)) for f in _sizes(config.matryoshka, "--matryoshka")]
+            coder = {} if target is None else {"target_hook_name": target.name, "d_out": adapter.width(target),
+                                               "apply_b_dec_to_input": False, "skip": config.skip}
             out.append(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=config.architecture, hook_name=site.name,
-                                 model_name=adapter.name, metadata={},
-                                 **{name: getattr(config, name) for name in cls.settings}))
+                                 model_name=adapter.name, metadata={}, **settings, **coder))
     return out
 
 
@@ -163,20 +213,24 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
 
     from featopt.data import corpus_contexts
     from featopt.dictionaries.activations import cached_source, model_source
-    from featopt.dictionaries.train import HeldOutEval, SAETraining, auto_lr
+    from featopt.dictionaries.train import HeldOutEval, SAETraining
     from featopt.runs import checkpoints
     from featopt.runs.lightning import StepsDataModule, make_trainer
 
     _check_train(config)
     adapter = load_for(config, adapter)
-    sites = _sites(adapter, config.site)
+    sites = site_list(adapter, config.site)
     if not sites:
         raise FeatoptError("--site names no site: give one like blocks.6.resid_post.")
     check_context(adapter, config.context_length)
-    configs = sae_configs(config, adapter, sites)
+    targets = _targets(adapter, sites, config.target_site)
+    if config.skip and config.target_site is None:
+        raise FeatoptError("--skip adds a skip connection to transcoders: give --target_site too.")
+    configs = sae_configs(config, adapter, sites, targets)
+    read = list(dict.fromkeys(sites + [t for t in targets if t is not None]))
     if config.activations:
         cache = cached_source(config.activations)  # read once; the stream reuses it
-        missing = [s.name for s in sites if s not in cache.sites]
+        missing = [s.name for s in read if s not in cache.sites]
         if missing:
             raise FeatoptError(f"the activation cache holds {', '.join(s.name for s in cache.sites)}, not {', '.join(missing)}: "
                                "train at a cached site or cache this one.")
@@ -192,7 +246,7 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
         contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split="train",
                                    eval_fraction=config.eval_fraction, bos=bos_id(adapter))
         n_contexts, context_length = contexts.shape
-        make_source = functools.partial(model_source, contexts=contexts, sites=sites)
+        make_source = functools.partial(model_source, contexts=contexts, sites=read)
         corpus = config.corpus
     steps = -(-config.tokens // config.batch_size)
     # Spawned workers rebuild the model by name when it is the one the config names; training from
@@ -201,9 +255,10 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
     module = SAETraining(
         configs, handle, make_source, n_contexts=n_contexts, context_length=context_length,
         batch_tokens=config.batch_size, buffer_batches=config.buffer_batches, skip_first=config.skip_first,
-        seed=config.seed, lrs=[config.lr or auto_lr(c.d_sae) for c in configs], warmup_steps=config.warmup_steps,
-        decay_fraction=config.decay_fraction, l1=config.l1, auxk_alpha=config.auxk_alpha,
-        dead_tokens=config.dead_tokens, normalize=config.normalize,
+        seed=config.seed, lrs=[config.lr or default_lr(config.optimizer, c.d_sae) for c in configs],
+        warmup_steps=config.warmup_steps, decay_fraction=config.decay_fraction, l1=config.l1,
+        auxk_alpha=config.auxk_alpha, dead_tokens=config.dead_tokens, normalize=config.normalize,
+        optimizer=config.optimizer, l0_coef=config.l0_coef, bandwidth=config.bandwidth,
     )
     out = out_folder(config.out)
     callbacks = []
@@ -225,10 +280,15 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
     saes = [module.export(i) for i in range(len(configs))]
     metrics: list[dict] = []
     if held_out is not None:
+        from featopt.dictionaries.density import plot_density
         from featopt.dictionaries.evaluate import evaluate
 
-        metrics = evaluate(adapter.to(module.device), saes, held_out.to(adapter.device), skip_first=config.skip_first)
+        metrics = evaluate(adapter.to(module.device), saes, held_out.to(adapter.device), skip_first=config.skip_first,
+                           frequency=True)
+    freqs = [row.pop("firing_frequency") for row in metrics]
     paths = _save_all(config, module, saes, metrics, adapter.name, corpus, steps, out)
+    for path, freq, row in zip(paths, freqs, metrics):  # the latent density histogram beside each SAE
+        plot_density(freq, path / "latent_density.png", title=f"latent density of {path.name}", tokens=row["tokens"])
     return TrainRun(saes, paths, metrics, out, module, trainer)
 
 
@@ -271,59 +331,3 @@ def _save_into(sae, folder: Path) -> None:
     for name in sorted(os.listdir(staging), key=lambda n: n == "cfg.json"):
         os.replace(staging / name, folder / name)
     staging.rmdir()
-
-
-# ----------------------------------------------------------------------------- cache
-@dataclass
-class CacheConfig(OutputSettings, ContextSettings):
-    """Settings of `featopt sae cache`: activations of a corpus' contexts, saved for training."""
-
-    site: str = "blocks.1.resid_post"
-    """site(s) to read, e.g. blocks.6.resid_post (comma-separated: one SAE per site and size)"""
-    corpus: str = ""
-    """a folder of .txt files (searched recursively) or one .txt file"""
-    context_length: int = 128
-    """tokens per context"""
-    eval_fraction: float = 0.05
-    """the last fraction of every document, held out from training"""
-    split: str = "train"
-    """train (what sae train reads), eval (the held-out text) or all"""
-    max_tokens: int | None = None
-    """cache at most this many tokens"""
-    batch_contexts: int = 16
-    """contexts per forward"""
-
-
-@dataclass
-class CacheRun(CommandResult):
-    out: Path
-    tokens: int
-
-    def table(self) -> str:
-        return f"cached {self.tokens} tokens"
-
-
-def cache(config: CacheConfig, adapter: ModelAdapter | None = None) -> CacheRun:
-    """Run the model over the corpus split's contexts and save the activations at every site of
-    `config.site` as safetensors shards in `out` (`sae train --activations` reads them)."""
-    from featopt.data import corpus_contexts
-    from featopt.dictionaries.activations import ModelSource, write_cache
-
-    check_at_least(config, ["context_length", "batch_contexts"])
-    if config.max_tokens is not None and config.max_tokens < 1:
-        raise FeatoptError(f"--max_tokens must be at least 1 (or unset: the whole split), got {config.max_tokens}.")
-    dtype_of(config.dtype)
-    if not config.corpus:
-        raise FeatoptError("--corpus is required: give a folder of .txt files or one .txt file.")
-    out = out_folder(config.out)
-    if out.exists():
-        raise FeatoptError(f"the cache folder {str(out)!r} already exists: give a new folder.")
-    adapter = load_for(config, adapter)
-    sites = _sites(adapter, config.site)
-    check_context(adapter, config.context_length)
-    contexts = corpus_contexts(adapter.tokenizer, config.corpus, config.context_length, split=config.split,
-                               eval_fraction=config.eval_fraction, max_tokens=config.max_tokens, bos=bos_id(adapter))
-    meta = {"model": adapter.name, "corpus": config.corpus, "split": config.split, "eval_fraction": config.eval_fraction,
-            "context_length": config.context_length, "bos": adapter.bos, "versions": versions()}
-    write_cache(ModelSource(adapter, contexts, sites, config.batch_contexts), out, meta, progress=config.progress)
-    return CacheRun(out, int(contexts.numel()))

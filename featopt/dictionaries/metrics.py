@@ -1,9 +1,10 @@
-"""The metrics of an SAE's reconstruction, sparsity and next-token loss, as :class:`torchmetrics.Metric`s.
+"""The metrics of an SAE's reconstruction, sparsity, next-token loss and KL divergence, as
+:class:`torchmetrics.Metric`s.
 
 They accumulate over batches, and every state is a sum (`dist_reduce_fx="sum"`), so a run split
 over DDP ranks (each rank evaluating its own contexts) gets the metrics of all tokens on every
-rank at `compute()`. Rows are tokens: `x [N, d_in]` an SAE's input activations, `x_hat [N, d_in]`
-its reconstruction, `z [N, d_sae]` its latents. :func:`featopt.dictionaries.evaluate.evaluate`
+rank at `compute()`. Rows are tokens: `x [N, d]` the activations reconstructed (an SAE's input, a
+transcoder's target), `x_hat [N, d]` the reconstruction, `z [N, d_sae]` the latents. :func:`featopt.dictionaries.evaluate.evaluate`
 runs them for several SAEs over a corpus.
 """
 
@@ -182,6 +183,39 @@ class MeanCrossEntropy(_Base):
 
     def compute(self) -> Tensor:
         return self.sum_nll / self.predictions
+
+
+class MeanKLDivergence(_Base):
+    """Mean KL divergence `KL(p_clean || p)` (nats) of the next-token distributions of `logits`
+    against those of `clean` (both `[B, T, V]`), over the same predictions as
+    :class:`MeanCrossEntropy`: positions `skip_first .. T-2`. 0 when the distributions agree."""
+
+    higher_is_better = False
+
+    def __init__(self, skip_first: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if skip_first < 0:
+            raise FeatoptError(f"skip_first must be 0 or more, got {skip_first}.")
+        self.skip_first = skip_first
+        self._add_sum("sum_kl")
+        self._add_sum("predictions", dtype=torch.long)
+
+    def update(self, clean: Tensor, logits: Tensor) -> None:
+        if logits.dim() != 3 or clean.shape != logits.shape:
+            raise FeatoptError(f"logits {tuple(logits.shape)} do not match the clean logits {tuple(clean.shape)}: "
+                               f"expected both [B, T, V].")
+        s = self.skip_first
+        if logits.shape[1] - 1 <= s:
+            raise FeatoptError(f"contexts of {logits.shape[1]} tokens leave no prediction after skipping {s} positions.")
+        # One context at a time, in float32 (as the CE): sum_v p log(p / q) with p the clean distribution.
+        for p_logits, q_logits in zip(clean[:, s:-1], logits[:, s:-1]):
+            log_p = torch.log_softmax(p_logits.float(), -1)
+            log_q = torch.log_softmax(q_logits.to(log_p.device).float(), -1)
+            self.sum_kl += F.kl_div(log_q, log_p, reduction="sum", log_target=True).to(torch.float64)
+        self.predictions += logits.shape[0] * (logits.shape[1] - 1 - s)
+
+    def compute(self) -> Tensor:
+        return self.sum_kl / self.predictions
 
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:

@@ -13,6 +13,12 @@ a fraction of variance):
 Inputs are scaled by a per-site constant so that their mean squared norm is `d_in` (measured on
 the first buffer); the scale is folded into the weights when an SAE is saved, so saved SAEs read
 raw activations. Decoder rows stay at unit norm (relu, topk); b_dec starts at the data mean.
+
+The optimizer is adam or sparsify's schedule-free signum (`optimizers.py`). Schedule-free trains
+at a point `y` and evaluates at an average `x`: `export` (hence the held-out evaluations) reads
+`x` without moving the weights, checkpoints hold `y` with `z` in the optimizer's state (what a
+resumed run steps from), and at the end of training the weights move to `x`. As in sparsify, the
+unit norm is kept at `y`, where the gradients are taken; `x` is only close to it.
 """
 
 from __future__ import annotations
@@ -27,14 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from featopt.dictionaries.activations import ActivationStream
+from featopt.dictionaries.optimizers import ScheduleFree, build, default_lr, evaluation_point
+from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, parse_site
 from featopt.models.sae import LossTerms, SAEConfig, SparseAutoencoder
 from featopt.runs.handle import ModelHandle
-
-
-def auto_lr(d_sae: int) -> float:
-    """sparsify's default: 2e-4 at 2^14 latents, scaled by 1/sqrt(d_sae / 2^14)."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 class SAETraining(L.LightningModule):
@@ -47,8 +50,10 @@ class SAETraining(L.LightningModule):
         make_source: `(adapter or None) -> source` for the stream (see `activations.py`).
         n_contexts, context_length: the training contexts.
         batch_tokens, buffer_batches, skip_first, seed: the stream's settings.
-        lrs: Adam learning rate per SAE; warmup_steps, decay_fraction: the schedule (linear
-            warm-up, constant, linear decay to 0 over the last fraction of the steps).
+        optimizer: "adam" or "signum" (see `optimizers.py`).
+        lrs: learning rate per SAE (default: the optimizer's `default_lr`); warmup_steps,
+            decay_fraction: adam's schedule (linear warm-up, constant, linear decay to 0 over the
+            last fraction of the steps); signum has none.
         l1, auxk_alpha, dead_tokens: the sparsity terms (see the module docstring).
     """
 
@@ -57,18 +62,23 @@ class SAETraining(L.LightningModule):
         make_source: Callable, *, n_contexts: int, context_length: int, batch_tokens: int,
         buffer_batches: int = 16, skip_first: int = 1, seed: int = 0, lrs: list[float] | None = None,
         warmup_steps: int = 50, decay_fraction: float = 0.2, l1: float = 1.0, auxk_alpha: float = 1 / 32,
-        dead_tokens: int = 1_000_000, normalize: bool = True,
+        dead_tokens: int = 1_000_000, normalize: bool = True, optimizer: str = "adam", l0_coef: float = 1.0,
+        bandwidth: float = 0.05,
     ):
         super().__init__()
         self.saes = nn.ModuleList(SparseAutoencoder(cfg) for cfg in configs)
         self.sites = [parse_site(c.hook_name) for c in configs]
-        self.site_list = list(dict.fromkeys(self.sites))
-        self.lrs = lrs or [auto_lr(c.d_sae) for c in configs]
+        # what each reconstructs: its own site, or a transcoder's target site
+        self.targets = [parse_site(c.target_hook_name) if c.target_hook_name else site for c, site in zip(configs, self.sites)]
+        self.site_list = list(dict.fromkeys(self.sites + self.targets))
+        self.optimizer = optimizer
+        self.lrs = lrs or [default_lr(optimizer, c.d_sae) for c in configs]
         self.make_source = make_source
         self.stream_args = dict(n_contexts=n_contexts, context_length=context_length, batch_tokens=batch_tokens,
                                 buffer_batches=buffer_batches, seed=seed, skip_first=skip_first)
         self.seed, self.warmup_steps, self.decay_fraction = seed, warmup_steps, decay_fraction
         self.l1, self.auxk_alpha, self.dead_tokens, self.normalize = l1, auxk_alpha, dead_tokens, normalize
+        self.l0_coef, self.bandwidth = l0_coef, bandwidth
         self.handle = ModelHandle.of(model)
         # State that a checkpoint must carry besides the weights.
         self.register_buffer("scales", torch.ones(len(self.site_list)))
@@ -77,11 +87,13 @@ class SAETraining(L.LightningModule):
             self.register_buffer(f"since_fired_{i}", torch.zeros(cfg.d_sae, dtype=torch.long))
         self.stream: ActivationStream | None = None
         self._tokens_seen, self._t0 = 0, None
+        self._optimizer = None  # the one configure_optimizers built (unwrapped by Lightning)
 
     # ----------------------------------------------------------------- model and data
     def __getstate__(self):
         state = super().__getstate__()
         state["stream"] = None  # each worker makes its own (the model's handle travels as a recipe)
+        state["_optimizer"] = None  # and its own optimizer
         return state
 
     @property
@@ -94,9 +106,13 @@ class SAETraining(L.LightningModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         self.stream = ActivationStream(self.make_source(self.adapter), world=world, rank=rank, **self.stream_args)
 
-    def _global(self, t: Tensor) -> Tensor:
-        """The sum of `t` over all ranks (a no-op on one)."""
+    def _global(self, t: Tensor, op: str = "sum") -> Tensor:
+        """The sum (or "min") of `t` over all ranks (a no-op on one)."""
         if self.trainer.world_size == 1:
+            return t
+        if op == "min":
+            t = t.clone()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             return t
         return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
 
@@ -104,17 +120,17 @@ class SAETraining(L.LightningModule):
     def _initialize(self) -> None:
         """Scales from the first buffer (mean squared norm -> d_in) and b_dec at the data mean."""
         batches = [self.stream.batch(i) for i in range(self.stream.buffer_batches)]
+        means = {}
         for s, site in enumerate(self.site_list):
             x = torch.cat([b[site] for b in batches]).double()
             stats = self._global(torch.stack([x.pow(2).sum(), torch.tensor(float(len(x)), dtype=torch.float64)]).to(self.device))
             sums = self._global(x.sum(0).to(self.device))
             if self.normalize:
                 self.scales[s] = math.sqrt(x.shape[1] / float(stats[0] / stats[1]))
-            mean = (sums / stats[1]).float() * self.scales[s]
-            for i, sae in enumerate(self.saes):
-                if self.sites[i] == site:
-                    gen = torch.Generator().manual_seed(self.seed * 1_009 + i)
-                    sae.init_weights(gen, data_mean=mean.cpu())
+            means[site] = (sums / stats[1]).float().cpu() * float(self.scales[s])
+        for i, sae in enumerate(self.saes):
+            gen = torch.Generator().manual_seed(self.seed * 1_009 + i)
+            sae.init_weights(gen, data_mean=means[self.targets[i]], input_mean=means[self.sites[i]])
         self.initialized.fill_(True)
 
     def on_train_start(self) -> None:
@@ -123,12 +139,13 @@ class SAETraining(L.LightningModule):
         self._t0, self._tokens_seen = time.perf_counter(), 0
 
     # ----------------------------------------------------------------- one step
-    def _losses(self, i: int, sae: SparseAutoencoder, x: Tensor, total_var: Tensor) -> tuple[Tensor, dict]:
-        """Loss of SAE i on this rank's rows `x [n, d_in]` (a sum over rows, as a share of the
-        global batch) and its statistics: its architecture's `training_loss`."""
+    def _losses(self, i: int, sae: SparseAutoencoder, x: Tensor, y: Tensor | None, total_var: Tensor) -> tuple[Tensor, dict]:
+        """Loss of SAE i on this rank's rows `x [n, d_in]` against targets `y` (None: `x`), a sum
+        over rows as a share of the global batch, and its statistics: its architecture's `training_loss`."""
         dead = getattr(self, f"since_fired_{i}") >= self.dead_tokens
-        terms = LossTerms(l1=self.l1, auxk_alpha=self.auxk_alpha, dead=dead, count=self._logs_this_step())
-        return sae.training_loss(x, total_var, terms)
+        terms = LossTerms(l1=self.l1, auxk_alpha=self.auxk_alpha, l0_coef=self.l0_coef, bandwidth=self.bandwidth,
+                          dead=dead, count=self._logs_this_step())
+        return sae.training_loss(x, total_var, terms, y)
 
     def training_step(self, batch, batch_idx) -> Tensor:
         step = self.global_step
@@ -145,10 +162,11 @@ class SAETraining(L.LightningModule):
             inputs[site] = x
         loss = torch.zeros((), device=self.device)
         fvus, l0s, fired = [], [], []
-        for i, (sae, site) in enumerate(zip(self.saes, self.sites)):
-            part, stats = self._losses(i, sae, inputs[site], total_vars[site])
+        for i, (sae, site, target) in enumerate(zip(self.saes, self.sites, self.targets)):
+            part, stats = self._losses(i, sae, inputs[site], inputs[target] if target != site else None, total_vars[target])
+            sae.observe_batch(stats, self._global)
             loss = loss + part
-            fvus.append(stats["fvu"] / total_vars[site])
+            fvus.append(stats["fvu"] / total_vars[target])
             l0s.append(stats["l0"])
             fired.append(stats["fired"])
         # Which latents fired anywhere in the global batch: the same dead set on every rank.
@@ -190,37 +208,54 @@ class SAETraining(L.LightningModule):
     # ----------------------------------------------------------------- optimization
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes:
-            if sae.unit_decoder:
+            if sae.unit_decoder and not sae.is_transcoder:  # transcoders: free rows, as sparsify's
                 sae.remove_parallel_grads()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         for sae in self.saes:
-            if sae.unit_decoder:
+            if sae.unit_decoder and not sae.is_transcoder:
                 sae.normalize_decoder()
+            sae.after_step()
 
     def configure_optimizers(self):
-        groups = [{"params": list(sae.parameters()), "lr": lr} for sae, lr in zip(self.saes, self.lrs)]
-        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
-        total = max(1, self.trainer.max_steps)
-        decay_start = total - int(total * self.decay_fraction)
+        # parameters learned otherwise (batchtopk's threshold, a running average) stay out
+        groups = [{"params": [p for p in sae.parameters() if p.requires_grad], "lr": lr} for sae, lr in zip(self.saes, self.lrs)]
+        conf = build(self.optimizer, groups, total_steps=self.trainer.max_steps, warmup_steps=self.warmup_steps,
+                     decay_fraction=self.decay_fraction)
+        self._optimizer = conf["optimizer"]
+        return conf
 
-        def factor(step: int) -> float:
-            warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
-            decay = 1.0 if step < decay_start else max(0.0, (total - step) / max(1, total - decay_start))
-            return warm * decay
+    def on_train_end(self) -> None:
+        # Schedule-free: the weights move from y to x, so that whoever reads them now (the main
+        # process after ddp_spawn, callers of `saes`) has the trained SAE. Lightning has already
+        # run the callbacks' on_train_end, ModelCheckpoint's last save included, so checkpoints
+        # still hold y, as a resumed run expects.
+        if isinstance(self._optimizer, ScheduleFree):
+            self._optimizer.eval()
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sae_optimizer"] = self.optimizer
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Another optimizer's state would load without complaint and step wrongly.
+        theirs = checkpoint.get("sae_optimizer", "adam")  # checkpoints from before signum: adam
+        if theirs != self.optimizer:
+            raise FeatoptError(f"--resume {str(self.trainer.ckpt_path)!r} was trained with --optimizer {theirs}, not "
+                               f"{self.optimizer}: give --optimizer {theirs} to resume it.")
 
     # ----------------------------------------------------------------- results
     def export(self, i: int) -> SparseAutoencoder:
-        """SAE i for raw activations: a copy with the input scale folded into its weights, named
-        by its site's TransformerLens hook name (what SAELens expects)."""
+        """SAE i for raw activations: a copy of its evaluation point (schedule-free's `x`) with
+        the input scale folded into its weights, named by its site's TransformerLens hook name
+        (what SAELens expects)."""
         sae = self.saes[i]
-        out = SparseAutoencoder(dataclasses.replace(sae.cfg, hook_name=self.sites[i].tl_name, metadata=dict(sae.cfg.metadata)))
-        out.load_state_dict({k: v.detach().float().cpu() for k, v in sae.state_dict().items()})
-        out.fold_scale(float(self.scales[self.site_list.index(self.sites[i])]))
+        target = self.targets[i].tl_name if sae.is_transcoder else ""
+        out = SparseAutoencoder(dataclasses.replace(sae.cfg, hook_name=self.sites[i].tl_name, target_hook_name=target,
+                                                    metadata=dict(sae.cfg.metadata)))
+        points = {name: evaluation_point(self._optimizer, p) for name, p in sae.named_parameters()}
+        out.load_state_dict({k: points.get(k, v).detach().float().cpu() for k, v in sae.state_dict().items()})
+        out.fold_scale(*(float(self.scales[self.site_list.index(site)]) for site in (self.sites[i], self.targets[i])))
         return out
 
 
@@ -240,7 +275,7 @@ class HeldOutEval(L.Callback):
         saes = [module.export(i).to(module.device) for i in range(len(module.saes))]
         rows = evaluate(module.adapter, saes, self.contexts.to(module.device), skip_first=self.skip_first, ce=self.ce)
         for i, row in enumerate(rows):
-            for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered"):
+            for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_div"):
                 if key in row and isinstance(row[key], float):
                     for logger in trainer.loggers:
                         logger.log_metrics({f"eval/{key}/{module.sae_name(i)}": row[key]}, step=step)

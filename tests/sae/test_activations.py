@@ -88,7 +88,8 @@ def test_bos_cache_holds_a_plain_forward_of_bos_then_the_corpus_and_training_che
     import pytest
 
     from featopt.errors import FeatoptError
-    from featopt.commands.sae_train import CacheConfig, TrainConfig, cache, train
+    from featopt.commands.sae_cache import CacheConfig, cache
+    from featopt.commands.sae_train import TrainConfig, train
 
     adapter = load_model("tiny-llama")
     text = tmp_path / "corpus"

@@ -24,7 +24,7 @@ from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 D = 64  # the tiny models' width
 N_CTX, T = 5, 12
 KEYS = ["mse", "mse_per_element", "fvu", "explained_variance", "l0", "dead_fraction",
-        "ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "tokens"]
+        "ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "kl_div", "kl_zero", "tokens"]
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from featopt.commands.sae_eval import evaluate as eval_command
 from featopt.commands.sae_train import TrainConfig, train
 from featopt.dictionaries.train import SAETraining
 from featopt.errors import FeatoptError
-from featopt.models.sae import (ARCHITECTURES, JumpReluSAE, ReluSAE, SAEConfig, SparseAutoencoder, TopKSAE,
-                                register)
+from featopt.models.sae import (ARCHITECTURES, BatchTopKSAE, JumpReluSAE, MatryoshkaSAE, ReluSAE, SAEConfig,
+                                SparseAutoencoder, TopKSAE, register)
 from featopt.models.sae.formats import load_sae, save_sae
 from featopt.runs.lightning import StepsDataModule
 from tests.sae.synthetic import SITE, SparseSource, make_source
@@ -46,15 +46,17 @@ def shifted():
 
 
 def test_the_registry_builds_the_class_of_each_architecture():
-    assert list(ARCHITECTURES)[:3] == ["relu", "topk", "jumprelu"]
-    classes = {"relu": ReluSAE, "topk": TopKSAE, "jumprelu": JumpReluSAE}
+    assert list(ARCHITECTURES)[:5] == ["relu", "topk", "jumprelu", "batchtopk", "matryoshka"]
+    classes = {"relu": ReluSAE, "topk": TopKSAE, "jumprelu": JumpReluSAE, "batchtopk": BatchTopKSAE,
+               "matryoshka": MatryoshkaSAE}
     for name, cls in classes.items():
-        sae = SparseAutoencoder(SAEConfig(d_in=4, d_sae=6, architecture=name, k=2 if name == "topk" else None))
+        sae = SparseAutoencoder(SAEConfig(d_in=4, d_sae=6, architecture=name, k=2 if "k" in cls.settings else None,
+                                          matryoshka=(2, 6) if name == "matryoshka" else None))
         assert type(sae) is cls and isinstance(sae, SparseAutoencoder)
         for copied in (pickle.loads(pickle.dumps(sae)), copy.deepcopy(sae)):
             assert type(copied) is cls and set(copied.state_dict()) == set(cls.saved_names)
-    assert ReluSAE.saelens_name == "standard" and TopKSAE.settings == ("k",) and not JumpReluSAE.trainable
-    with pytest.raises(FeatoptError, match="unknown SAE architecture 'gated': allowed are relu, topk, jumprelu"):
+    assert ReluSAE.saelens_name == "standard" and TopKSAE.settings == ("k",) and BatchTopKSAE.saelens_name == "jumprelu"
+    with pytest.raises(FeatoptError, match="unknown SAE architecture 'gated': allowed are relu, topk, jumprelu, batchtopk"):
         SAEConfig(d_in=4, d_sae=6, architecture="gated")
     with pytest.raises(FeatoptError, match="needs a config of architecture 'topk'"):
         TopKSAE(SAEConfig(d_in=4, d_sae=6, architecture="relu"))

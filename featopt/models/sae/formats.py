@@ -32,6 +32,7 @@ import torch
 from featopt.atomic import atomic_folder
 from featopt.errors import FeatoptError
 from featopt.models.sae.model import ARCHITECTURES, SAEConfig, SparseAutoencoder
+from featopt.models.sae.saelens_names import read_architecture, saelens_architecture
 from featopt.models.sites import parse_site
 
 CFG, WEIGHTS, SPARSIFY_WEIGHTS, GEMMA_SCOPE = "cfg.json", "sae_weights.safetensors", "sae.safetensors", "params.npz"
@@ -40,7 +41,7 @@ FORMAT = "featopt-sae/1"  # metadata.featopt.format: marks a folder save_sae may
 # this is the layout's version, not a claim about which sae-lens wrote the file.
 SAELENS_LAYOUT_VERSION = "6.0.0"
 _TL_KINDS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
-             "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
+             "mlp_in": "ln2.hook_normalized", "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
 _KNOWN = ("a SAELens folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder (cfg.json + sae.safetensors)"
           " or a Gemma Scope params.npz")
 
@@ -71,21 +72,24 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     if out.exists() and not _replaceable(out):
         _fail(f"{out} exists and is not an SAE folder written by featopt: give a new or empty folder.")
     # sae-lens hooks a HookedTransformer by TransformerLens' name: featopt's spelling is kept for featopt
-    match = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out|mlp_hidden)$", cfg.hook_name)
-    hook = f"blocks.{match[1]}.{_TL_KINDS[match[2]]}" if match else cfg.hook_name
+    hook, hook_out = _tl_hook(cfg.hook_name), _tl_hook(cfg.target_hook_name)
+    arch, fields, arch_meta = saelens_architecture(sae)
+    outs = {"hook_name_out": hook_out} if sae.is_transcoder else {}
     doc = {
-        "architecture": type(sae).saelens_name, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none", "reshape_activations": "none",
-        **sae.saelens_fields(),
+        **fields,
         # Top-level names too, for readers of sae-lens < 6 and people; sae-lens 6 ignores them.
-        "hook_name": hook, "model_name": cfg.model_name,
-        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, "hook_name": hook, "model_name": cfg.model_name,
+        "hook_name": hook, **outs, "model_name": cfg.model_name,
+        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, "hook_name": hook, **outs, "model_name": cfg.model_name,
+                     **arch_meta,
                      "featopt": {"format": FORMAT, "architecture": cfg.architecture, "hook_name": cfg.hook_name,
+                                 **({"target_hook_name": cfg.target_hook_name} if sae.is_transcoder else {}),
                                  "metadata": cfg.metadata}},
     }
     text = json.dumps(doc, indent=2, default=str)
-    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in type(sae).saved_names}
+    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in sae.tensor_names}
     from safetensors.torch import save_file
 
     with atomic_folder(out) as tmp:
@@ -93,6 +97,12 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
         save_file(tensors, str(tmp / WEIGHTS))
         os.chmod(tmp / WEIGHTS, (tmp / CFG).stat().st_mode)  # safetensors writes 0600; give it the umask's mode
     return out
+
+
+def _tl_hook(name: str) -> str:
+    """TransformerLens' spelling of a featopt site name (others unchanged)."""
+    match = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_in|mlp_out|mlp_hidden)$", name)
+    return f"blocks.{match[1]}.{_TL_KINDS[match[2]]}" if match else name
 
 
 def _replaceable(out: Path) -> bool:
@@ -175,10 +185,11 @@ def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spar
         # sae-lens < 6 called every SAE "standard" and named topk by its activation function
         doc = {**doc, **(doc.get("activation_fn_kwargs") or {})}
         arch = activation
-    if arch not in known:
+    cls, arch_fields = read_architecture(arch, meta, known)
+    if cls is None:
         readable = [cls.saelens_name + (f" ({name})" if cls.saelens_name != name else "") for name, cls in ARCHITECTURES.items()]
         _fail(f"{path / CFG} has architecture {arch!r}: featopt reads "
-              f"{' and '.join([', '.join(readable[:-1]), readable[-1]] if len(readable) > 1 else readable)} SAEs.")
+              f"{', '.join(dict.fromkeys(readable))} SAEs and the transcoders of those.")
     if doc.get("normalize_activations") not in (None, "none", False):
         _fail(f"{path / CFG} has normalize_activations {doc['normalize_activations']!r}: featopt reads only 'none' "
               "(fold the scaling into the weights first, e.g. sae-lens' fold_activation_norm_scaling_factor).")
@@ -190,15 +201,23 @@ def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spar
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
             _fail(f"{path / CFG} sets rescale_acts_by_decoder_norm with decoder rows not of unit norm: "
                   "featopt reads topk SAEs without it (fold the norms into the weights first).")
-    cls = known[arch]
+    if ours.get("format") == FORMAT and ours.get("architecture") in ARCHITECTURES:
+        cls = ARCHITECTURES[ours["architecture"]]  # what featopt trained, where several share a sae-lens name
     tensors = cls.tensors_from_saelens(tensors)
     scale = tensors.pop("scaling_factor", None)
     if scale is not None and not torch.all(scale == 1):
         _fail(f"{path / WEIGHTS} has a scaling_factor other than 1: featopt reads SAEs with it folded into the weights.")
     if ours.get("format") != FORMAT:
         ours = {"metadata": {"source_format": "sae_lens"}}
+    coder = {}
+    if "skip" in arch_fields or doc.get("hook_name_out") or meta.get("hook_name_out"):  # a transcoder
+        coder = dict(d_out=_int(doc, "d_out", path), skip=arch_fields.pop("skip", False),
+                     target_hook_name=ours.get("target_hook_name") or meta.get("hook_name_out") or doc.get("hook_name_out") or "")
+        if not coder["target_hook_name"]:
+            _fail(f"{path / CFG} is a transcoder that names no output hook: its metadata needs hook_name_out "
+                  "(e.g. blocks.6.hook_mlp_out).")
     cfg = dict(d_in=_int(doc, "d_in", path), d_sae=_int(doc, "d_sae", path), architecture=cls.name,
-               **cls.config_from_saelens(doc, path / CFG),
+               **cls.config_from_saelens(doc, path / CFG), **arch_fields, **coder,
                hook_name=hook_name or ours.get("hook_name") or meta.get("hook_name") or doc.get("hook_name")
                or doc.get("hook_point") or "",  # hook_point: sae-lens < 6
                model_name=meta.get("model_name") or doc.get("model_name") or "",
@@ -211,18 +230,31 @@ def _load_sparsify(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spa
     doc = _read_cfg(path)
     if doc.get("activation", "topk") != "topk":
         _fail(f"{path / CFG} has activation {doc['activation']!r}: featopt reads only topk sparsify SAEs.")
-    if doc.get("transcode") or doc.get("skip_connection"):
-        _fail(f"{path / CFG} is a sparsify transcoder or has a skip connection: featopt reads only plain sparsify SAEs.")
     d_in = _int(doc, "d_in", path)
     # sparsify's rule: num_latents 0 means d_in * expansion_factor
     d_sae = _int(doc, "num_latents", path) if doc.get("num_latents") else d_in * _int(doc, "expansion_factor", path)
     raw = _read_safetensors(path / SPARSIFY_WEIGHTS)
-    missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(raw)
+    missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec", *(["W_skip"] if doc.get("skip_connection") else [])} - set(raw)
     if missing:
         _fail(f"{path / SPARSIFY_WEIGHTS} lacks {', '.join(sorted(missing))}: "
               "a sparsify SAE holds encoder.weight, encoder.bias, W_dec and b_dec.")
     # nn.Linear stores the encoder as [d_sae, d_in]; W_dec is already [d_sae, d_in] (sparsify decodes with W_dec rows).
     tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+    coder = {}
+    if doc.get("transcode") or doc.get("skip_connection"):
+        # sparsify's transcoders read a module's input (for `layers.L.mlp`: the MLP's, after its norm)
+        # and write its output, without centring the input; W_skip [d_out, d_in] as featopt's.
+        site = site_of(hook_name or _absolute(path).name)
+        inputs = {"mlp_out": "mlp_in", "resid_post": "resid_pre"}
+        if doc.get("transcode") and site.split(".")[-1] not in inputs:
+            _fail(f"{path} is a sparsify transcoder of {site}: featopt reads those of MLPs and blocks.")
+        layer, kind = site.rsplit(".", 1)
+        coder = dict(apply_b_dec_to_input=not doc.get("transcode"), skip=bool(doc.get("skip_connection")),
+                     target_hook_name=site if doc.get("transcode") else "", d_out=raw["b_dec"].shape[0])
+        if doc.get("transcode"):
+            hook_name = f"{layer}.{inputs[kind]}"
+        if coder["skip"]:
+            tensors["W_skip"] = raw["W_skip"]
     model = ""
     try:  # the checkpoint root's config.json (sparsify's TrainConfig) names the model
         model = json.loads((path.parent / "config.json").read_text(encoding="utf-8")).get("model", "")
@@ -231,6 +263,7 @@ def _load_sparsify(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spa
     cfg = dict(d_in=d_in, d_sae=d_sae, architecture="topk", k=_int(doc, "k", path),
                hook_name=hook_name or _absolute(path).name, model_name=model, apply_b_dec_to_input=True,
                metadata={"source_format": "sparsify"})
+    cfg.update(coder)
     return _build(path / SPARSIFY_WEIGHTS, cfg, tensors, dtype)
 
 
@@ -262,7 +295,7 @@ def _build(file: Path, cfg: dict, tensors: dict[str, torch.Tensor], dtype: torch
     """Check names and shapes against `cfg`, then fill a new SAE (weights in `dtype`)."""
     config = SAEConfig(**cfg, dtype=str(tensors["W_enc"].dtype).removeprefix("torch.") if "W_enc" in tensors else "float32")
     sae = SparseAutoencoder(config)
-    expected = {name: tuple(getattr(sae, name).shape) for name in type(sae).saved_names}
+    expected = {name: tuple(getattr(sae, name).shape) for name in sae.tensor_names}
     if set(tensors) != set(expected):
         _fail(f"{file} holds tensors {', '.join(sorted(tensors))}, "
               f"but a {config.architecture} SAE needs exactly {', '.join(sorted(expected))}.")

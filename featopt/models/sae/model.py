@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from featopt.errors import FeatoptError
+from featopt.models.sae.training_parts import TrainingParts
 
 #: Every architecture by featopt's name (`cfg.architecture`, `--architecture`), in registration order.
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {}
@@ -72,6 +73,8 @@ class SAEConfig:
     # and that site's width; "" and None: an SAE, which reconstructs its own input.
     target_hook_name: str = ""
     d_out: int | None = None
+    skip: bool = False  # a linear skip connection x W_skip^T added to the output (skip transcoders)
+    matryoshka: tuple[int, ...] | None = None  # matryoshka only: the nested prefix sizes, the last = d_sae
     model_name: str = ""
     dtype: str = "float32"
     apply_b_dec_to_input: bool = True
@@ -85,23 +88,20 @@ class SAEConfig:
             self.d_out = self.d_in
         if self.d_out < 1:
             raise FeatoptError(f"a transcoder needs d_out of at least 1, got {self.d_out}.")
+        if self.matryoshka is not None:
+            self.matryoshka = tuple(int(w) for w in self.matryoshka)
         if self.apply_b_dec_to_input and self.d_out != self.d_in:
             raise FeatoptError(f"an SAE that subtracts b_dec from its input needs d_out = d_in, got d_in={self.d_in}, "
                                f"d_out={self.d_out}: set apply_b_dec_to_input to false.")
         cls.check_config(self)
 
 
-@dataclass
-class LossTerms:
-    """What a training loss weighs besides the reconstruction (`featopt sae train`'s settings)."""
-
-    l1: float = 0.0  # relu: sparsity coefficient, on the scale of a fraction of variance
-    auxk_alpha: float = 0.0  # topk: weight of the AuxK loss on dead latents
-    dead: Tensor | None = None  # [d_sae] bool: latents unseen for --dead_tokens tokens
-    count: bool = True  # count L0 (a logging step); a loss may skip the pass otherwise
+#: Fields added after SAEs were first saved: left out of the content hash at their defaults, so the
+#: hashes that records already carry stay valid.
+_LATER_FIELDS = {"target_hook_name": "", "skip": False, "matryoshka": None}
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(TrainingParts, nn.Module):
     """An SAE over `d_in`-wide activations with `d_sae` latents: the base of every architecture.
 
     Shapes: `x [..., d_in]`, `z [..., d_sae]`. Parameters are created zero; use
@@ -138,6 +138,8 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))  # SAELens' and sparsify's layout: x W_skip^T
         self.source: str | None = None  # where it was loaded from, for records
         self._hash: str | None = None
 
@@ -169,23 +171,10 @@ class SparseAutoencoder(nn.Module):
         """Tensors of a SAELens file in this class' names (older sae-lens spelled some otherwise)."""
         return tensors
 
-    def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms) -> tuple[Tensor, dict]:
-        """The training loss on rows `x [n, d_in]` (not requiring grad), a sum over rows divided by the
-        global batch's total variance `total_var`, and its statistics: `fvu` (the summed squared
-        error), `l0` (nonzero latents, float64) and `fired` (`[d_sae]` bool). Here: the squared error
-        plus :meth:`sparsity_penalty`."""
-        z = self.activate(self.training_pre_acts(x))
-        x_hat = self.decode(z)
-        sq = (x - x_hat).pow(2).sum()
-        loss = sq / total_var
-        penalty = self.sparsity_penalty(z, terms)
-        if penalty is not None:
-            loss = loss + penalty / total_var
-        return loss, {"fvu": sq.detach(), "l0": (z > 0).sum().detach().double(), "fired": (z > 0).any(0)}
-
-    def sparsity_penalty(self, z: Tensor, terms: LossTerms) -> Tensor | None:
-        """A penalty on the latents `z [n, d_sae]` (summed over rows) added to the squared error; None: none."""
-        return None
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors it saves and loads: its class' `saved_names`, and `W_skip` with a skip connection."""
+        return type(self).saved_names + (("W_skip",) if self.cfg.skip else ())
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -223,9 +212,15 @@ class SparseAutoencoder(nn.Module):
         """:meth:`pre_acts` of training rows `x [n, d_in]` that need no gradient: the centring on the
         bias (`x W_enc + b_enc - b_dec W_enc`), so that backward skips the `[n, d_in]` matmul whose
         only use would be the row sum reaching `b_dec`."""
-        if not self.cfg.apply_b_dec_to_input:
-            return x @ self.W_enc + self.b_enc
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x.to(self.W_enc.dtype), self.W_enc)
+        return torch.addmm(self.training_bias(), x.to(self.W_enc.dtype), self.W_enc)
+
+    def training_bias(self) -> Tensor:
+        """`[d_sae]`: the encoder's bias with the input centring folded in (`b_enc - b_dec W_enc`)."""
+        return self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
+
+    def skip_out(self, x: Tensor) -> Tensor | float:
+        """The skip connection's part of the output, `x W_skip^T` `[..., d_out]` (0 without one)."""
+        return x.to(self.W_skip.dtype) @ self.W_skip.T if self.cfg.skip else 0.0
 
     def encode(self, x: Tensor) -> Tensor:
         """`x [..., d_in]` -> latents `z [..., d_sae]`."""
@@ -249,47 +244,16 @@ class SparseAutoencoder(nn.Module):
         return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        """`x [..., d_in]` -> `x_hat [..., d_in]`."""
-        return self.decode(self.encode(x))
+        """`x [..., d_in]` -> the reconstruction `[..., d_out]`: `decode(encode(x))`, plus the skip
+        connection's `x W_skip` where there is one (for a transcoder: its stand-in for the target site)."""
+        return self.decode(self.encode(x)) + self.skip_out(x)
+
+    reconstruct = forward
 
     def features(self, acts: Tensor) -> Tensor:
         """The feature-map face: a site's activation `[..., d_in]` -> latents `[..., d_sae]`,
         returned in the activation's dtype."""
         return self.encode(acts).to(acts.dtype)
-
-    # ----------------------------------------------------------------- training helpers
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None, data_mean: Tensor | None = None) -> None:
-        """A training start: random unit-norm decoder rows, encoder = decoder transposed (as
-        sparsify and SAELens do), zero encoder bias, decoder bias at the data mean when given."""
-        W = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float32)
-        W /= W.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(W)
-        self.W_enc.copy_(W.T)
-        self.b_enc.zero_()
-        self.b_dec.copy_(data_mean if data_mean is not None else torch.zeros(self.d_in))
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Decoder rows back to unit norm (relu and topk keep them so)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-    @torch.no_grad()
-    def remove_parallel_grads(self) -> None:
-        """Drop the gradient component along each decoder row, so a step does not just grow rows
-        that :meth:`normalize_decoder` would shrink back."""
-        if self.W_dec.grad is None:
-            return
-        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec / self.W_dec.norm(dim=1, keepdim=True).pow(2).clamp_min(1e-16)
-
-    @torch.no_grad()
-    def fold_scale(self, scale: float) -> None:
-        """Fold an input scaling into the weights: an SAE trained on `scale * x` becomes one that
-        reads raw `x` and reconstructs raw `x` (pre-activations, hence latents, unchanged)."""
-        self.W_enc *= scale
-        self.b_dec /= scale
-        self.W_dec /= scale
 
     # ----------------------------------------------------------------- identity
     def label(self) -> str:
@@ -298,7 +262,10 @@ class SparseAutoencoder(nn.Module):
 
     def content_hash(self) -> str:
         """sha256 of the config and weights (16 hex digits): records name the SAE they used."""
-        digest = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True, default=str).encode())
+        doc = {k: v for k, v in asdict(self.cfg).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        if doc["d_out"] == doc["d_in"]:
+            del doc["d_out"]
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
@@ -313,51 +280,18 @@ class SparseAutoencoder(nn.Module):
                 "hook_name": self.cfg.hook_name, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.cfg.k,
                 **({"target_hook_name": self.cfg.target_hook_name, "d_out": self.d_out} if self.is_transcoder else {})}
 
-    def pre_activation_map(self) -> PreActivations:
-        """This SAE's encoder pre-activations as a feature map (see :class:`PreActivations`)."""
+    def pre_activation_map(self):
+        """This SAE's encoder pre-activations as a feature map (see `readouts.PreActivations`)."""
+        from featopt.models.sae.readouts import PreActivations
+
         return PreActivations(self)
 
-    def firing_map(self) -> FiringScores:
-        """This SAE's :meth:`firing_score` as a feature map (see :class:`FiringScores`)."""
+    def firing_map(self):
+        """This SAE's :meth:`firing_score` as a feature map (see `readouts.FiringScores`)."""
+        from featopt.models.sae.readouts import FiringScores
+
         return FiringScores(self)
 
     def extra_repr(self) -> str:
         settings = "".join(f", {name}={getattr(self.cfg, name)}" for name in self.settings)
         return f"{self.cfg.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{settings}, hook={self.cfg.hook_name!r}"
-
-
-class PreActivations:
-    """An SAE's encoder pre-activations `[..., d_sae]` as a feature map.
-
-    Gradient methods get no gradient from a latent that is off (a topk latent outside the k
-    largest, a relu latent below zero), and at a random start nearly every latent is off. Its
-    pre-activation is the same linear read-out without the cut, equal to the latent wherever the
-    latent fires (relu, and topk within the k largest), so ascent on it climbs towards inputs
-    that fire the latent; the found inputs are then re-measured on the latent itself.
-    """
-
-    def __init__(self, sae: SparseAutoencoder):
-        self.sae = sae
-        self.d_in, self.width = sae.d_in, sae.d_sae
-
-    def features(self, acts: Tensor) -> Tensor:
-        return self.sae.pre_acts(acts).to(acts.dtype)
-
-    def describe(self) -> dict:
-        return {**self.sae.describe(), "readout": "pre-activation"}
-
-
-class FiringScores:
-    """An SAE's :meth:`~SparseAutoencoder.firing_score` `[..., d_sae]` as a feature map: equal to
-    each latent where it fires, and below zero, by the distance to firing, where it does not (the
-    searches for inputs that fire latents climb it; every answer is re-measured on the latent)."""
-
-    def __init__(self, sae: SparseAutoencoder):
-        self.sae = sae
-        self.d_in, self.width = sae.d_in, sae.d_sae
-
-    def features(self, acts: Tensor) -> Tensor:
-        return self.sae.firing_score(acts).to(acts.dtype)
-
-    def describe(self) -> dict:
-        return {**self.sae.describe(), "readout": "firing score"}

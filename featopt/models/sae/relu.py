@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from featopt.models.sae.model import LossTerms, SparseAutoencoder, register
+from featopt.models.sae.model import SparseAutoencoder, register
+from featopt.models.sae.training_parts import LossTerms
 from featopt.models.sae.relu_loss import relu_loss
 
 
@@ -26,9 +27,10 @@ class ReluSAE(SparseAutoencoder):
     def sparsity_penalty(self, z: Tensor, terms: LossTerms) -> Tensor:
         return terms.l1 * (z * self.W_dec.norm(dim=1)).sum()
 
-    def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms) -> tuple[Tensor, dict]:
-        if not self.cfg.apply_b_dec_to_input:  # the hand-written gradient assumes the centring
-            return super().training_loss(x, total_var, terms)
+    def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms, y: Tensor | None = None) -> tuple[Tensor, dict]:
+        if not self.cfg.apply_b_dec_to_input or y is not None or self.cfg.skip:
+            # the hand-written gradient assumes an SAE with the centring; transcoders take autograd's
+            return super().training_loss(x, total_var, terms, y)
         loss, sq, l0, fired = relu_loss(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, total_var, terms.l1,
                                         count=terms.count)
         return loss, {"fvu": sq, "l0": l0.double(), "fired": fired}

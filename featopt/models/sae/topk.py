@@ -1,10 +1,12 @@
 """The topk SAE: the k largest pre-activations kept (then relu), all others zero (OpenAI's and
 sparsify's kind; sparsify's SAEs are these exactly).
 
-Training decodes the k kept latents of each row with one `embedding_bag` over k decoder rows
-instead of a dense `[n, d_sae]` matmul, and adds AuxK: the latents dead for `--dead_tokens`
-tokens reconstruct the residual with their top `d_in / 2` pre-activations, weighted by
-`auxk_alpha` (OpenAI's and sparsify's recipe), so that dead latents get a gradient.
+Training runs over the kept latents only (:mod:`featopt.models.sae.sparse_step`: the encoder's
+gradient and the decoder over the `n * k` kept pairs, not the dense `[n, d_sae]`), and adds AuxK:
+the latents dead for `--dead_tokens` tokens reconstruct the residual with their top `d_out / 2`
+pre-activations, weighted by `auxk_alpha` (OpenAI's and sparsify's recipe), so that dead latents
+get a gradient. Subclasses change which pairs are kept (:meth:`TopKSAE.kept_pairs`) and how the
+reconstruction is scored (:meth:`TopKSAE.reconstruction_error`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from featopt.errors import FeatoptError
-from featopt.models.sae.model import LossTerms, SAEConfig, SparseAutoencoder, register
+from featopt.models.sae.model import SAEConfig, SparseAutoencoder, register
+from featopt.models.sae.training_parts import LossTerms
+from featopt.models.sae.sparse_step import auxk_loss, decode_pairs, gather_pre, row_topk_pairs
 
 
 @register("topk")
@@ -26,7 +29,7 @@ class TopKSAE(SparseAutoencoder):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
-            raise FeatoptError(f"a topk SAE needs k between 1 and d_sae = {cfg.d_sae}, got k={cfg.k}.")
+            raise FeatoptError(f"a {cls.name} SAE needs k between 1 and d_sae = {cfg.d_sae}, got k={cfg.k}.")
 
     def activate(self, pre: Tensor) -> Tensor:
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
@@ -46,24 +49,33 @@ class TopKSAE(SparseAutoencoder):
             raise FeatoptError(f"{where} needs an integer 'k', got {k!r}.")
         return {"k": k}
 
-    def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms) -> tuple[Tensor, dict]:
-        pre = self.training_pre_acts(x)
-        top = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        values, indices = torch.relu(top.values), top.indices
-        # The decoder reads k rows per token instead of a dense [n, d_sae] matmul.
-        x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum") + self.b_dec
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[values > 0]] = True
-        e = x - x_hat
+    # ----------------------------------------------------------------- training
+    def kept_pairs(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """The `(rows, cols)` of the latents training keeps, sorted by row: each row's k largest."""
+        return row_topk_pairs(pre, self.cfg.k)
+
+    def reconstruction_error(self, y: Tensor, rows: Tensor, cols: Tensor, values: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+        """`(summed squared error of the loss, the residual [n, d_out])` of targets `y` reconstructed
+        from the kept pairs' `values` on top of `base` (`b_dec` plus any skip connection)."""
+        e = y - (decode_pairs(rows, cols, values, self.W_dec, len(y)) + base)
         sq = e.pow(2).sum()
+        return sq, e
+
+    def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms, y: Tensor | None = None) -> tuple[Tensor, dict]:
+        y = x if y is None else y
+        x = x.to(self.W_enc.dtype)
+        c = self.training_bias()
+        with torch.no_grad():  # the dense product once, without a graph; only kept pairs get one
+            pre = torch.addmm(c, x, self.W_enc)
+        rows, cols = self.kept_pairs(pre)
+        values = torch.relu(gather_pre(x, self.W_enc, c, pre, rows, cols))
+        sq, e = self.reconstruction_error(y, rows, cols, values, self.b_dec + self.skip_out(x))
         loss = sq / total_var
-        stats = {"fvu": sq.detach(), "l0": (values > 0).sum().detach().double(), "fired": fired}
+        active = values > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[cols[active]] = True
+        stats = {"fvu": e.pow(2).sum().detach(), "l0": active.sum().detach().double(), "fired": fired, "values": values.detach()}
         dead = terms.dead
         if terms.auxk_alpha > 0 and dead is not None and bool(dead.any()):
-            k_aux = min(x.shape[-1] // 2, int(dead.sum()))
-            scale = min(int(dead.sum()) / (x.shape[-1] // 2), 1.0)
-            aux = torch.where(dead[None], pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1, sorted=False)
-            e_hat = F.embedding_bag(aux.indices, self.W_dec, per_sample_weights=torch.relu(aux.values).to(self.W_dec.dtype),
-                                    mode="sum")
-            loss = loss + terms.auxk_alpha * scale * (e_hat - e.detach()).pow(2).sum() / total_var
+            loss = loss + terms.auxk_alpha * auxk_loss(pre, dead, e, x, self.W_enc, c, self.W_dec) / total_var
         return loss, stats
