@@ -138,7 +138,7 @@ def _sae(tmp_path, name, d_in):
     (["sae", "train", "--corpus", "{missing}"], "does not exist"),
     (["sae", "train", "--corpus", "{corpus}", "--site", "blocks.9.resid_post"], "out of range"),
     (["sae", "train", "--corpus", "{corpus}", "--k", "999"], "d_sae"),
-    (["sae", "train", "--corpus", "{corpus}", "--architecture", "jumprelu"], "not supported"),
+    (["sae", "train", "--corpus", "{corpus}", "--architecture", "jumprelu", "--l0_coef", "-1"], "--l0_coef must be"),
     (["sae", "train", "--activations", "{missing}"], "not a featopt activation cache"),
     (["sae", "eval", "--sae", "{missing}", "--corpus", "{corpus}"], "SAE path"),
     (["sae", "eval", "--sae", "{bad}", "--corpus", "{corpus}"], "cfg.json"),
