@@ -56,3 +56,12 @@ def intended_argv(name: str, argv: list[str]) -> list[str]:
 
 def excused(name: str, problem: str) -> bool:
     return any(re.search(pattern, problem) for pattern in INTENDED.get(name, ()))
+
+
+# Issue 25: topk SAEs train through the sparse step (featopt/models/sae/sparse_step.py), which sums the
+# encoder's gradient in another order, so trained weights move by float rounding. Every recorded
+# metric stays within the comparison's tolerance (ce_clean, ce_sae and ce_zero included) except CE
+# loss recovered on the tiny model: (ce_zero - ce_sae) / (ce_zero - ce_clean) divides by CE
+# differences of 0.003-0.01 nats there, so a rounding of its inputs within tolerance shows ~300x
+# larger in it (measured: at most 1.4e-5 relative).
+INTENDED["sae-train-flow"] = [r"held_out_metrics\.ce_loss_recovered: expected", r"\.metrics\.ce_loss_recovered: expected"]
