@@ -198,3 +198,17 @@ def test_a_transcoder_recovers_a_planted_sparse_mlp(arch):
         best = (source.out_atoms @ rows.T).max(dim=1).values
     assert fvu < 0.15, fvu
     assert float(best.min()) > 0.9, best  # every planted output direction has a decoder row along it
+
+
+@pytest.mark.parametrize("saturated", [False, True])
+def test_batch_topk_pairs_are_the_largest_of_the_whole_batch(saturated):
+    from featopt.models.sae.sparse_step import batch_topk_pairs
+
+    pre = torch.randn(64, 200, generator=torch.Generator().manual_seed(7))
+    if saturated:  # one row holds more than 4k of the kept entries: the search must widen to the whole matrix
+        pre[5] += 10
+    rows, cols = batch_topk_pairs(pre, 4)
+    want = pre.reshape(-1).topk(64 * 4).indices
+    assert sorted((rows * 200 + cols).tolist()) == sorted(want.tolist())
+    assert torch.all(rows[1:] >= rows[:-1])  # sorted by row, as decode_pairs needs
+    assert (int((rows == 5).sum()) > 16) == saturated

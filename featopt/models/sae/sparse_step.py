@@ -35,7 +35,8 @@ class _GatherPre(torch.autograd.Function):
             # Row j of the [d_sae, d_in] gradient sums grad * x[row] over the pairs of latent j: one
             # embedding_bag over the pairs grouped by latent (no [m, d_in] intermediate), then
             # transposed back to W_enc's [d_in, d_sae].
-            order = torch.argsort(cols, stable=True)
+            # sorted by (latent, row): unique keys, so the order (hence the rounding) is the same on every run
+            order = torch.sort(cols * len(x) + rows).indices
             offsets = torch.searchsorted(cols[order], torch.arange(d_sae, device=cols.device))
             grad_w = F.embedding_bag(rows[order], x, offsets, per_sample_weights=grad[order].to(x.dtype), mode="sum").T
         if ctx.needs_input_grad[2]:
@@ -67,18 +68,17 @@ def row_topk_pairs(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def batch_topk_pairs(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The `n * k` largest entries of all of `pre [n, d_sae]` (BatchTopK), as `(rows, cols)` sorted by row.
 
-    A top-k over all `n * d_sae` entries is slow on a CPU; the answer is taken among each row's
-    `4k` largest instead, which is exact unless some row has all of its `4k` among the kept (then
-    the whole matrix is searched)."""
+    A top-k over all `n * d_sae` entries is slow on a CPU; the cut is found among each row's `4k`
+    largest instead (the `n * k`-th largest of those), which is exact unless some row has all of its
+    `4k` above the cut (then the whole matrix is searched). Ties at the cut are all kept."""
     n, d_sae = pre.shape
     wide = min(d_sae, 4 * k)
     if wide < d_sae:
         top = pre.topk(wide, dim=-1, sorted=False)
-        kept = top.values.reshape(-1).topk(n * k, sorted=False).indices
-        if not bool((torch.bincount(kept // wide, minlength=n) == wide).any()):
-            flat = (kept // wide) * d_sae + top.indices.reshape(-1)[kept]
-            flat = flat.sort().values
-            return flat // d_sae, flat % d_sae
+        cut = top.values.reshape(-1).kthvalue(n * wide - n * k + 1).values
+        if not bool((top.values.min(dim=-1).values >= cut).any()):
+            rows, slots = torch.nonzero(top.values >= cut, as_tuple=True)
+            return rows, top.indices[rows, slots]
     flat = pre.reshape(-1).topk(n * k, sorted=False).indices.sort().values
     return flat // d_sae, flat % d_sae
 
