@@ -65,3 +65,11 @@ def excused(name: str, problem: str) -> bool:
 # differences of 0.003-0.01 nats there, so a rounding of its inputs within tolerance shows ~300x
 # larger in it (measured: at most 1.4e-5 relative).
 INTENDED["sae-train-flow"] = [r"held_out_metrics\.ce_loss_recovered: expected", r"\.metrics\.ce_loss_recovered: expected"]
+
+
+# Issue 25 made signum (sparsify's default) `sae train`'s default optimizer: at equal tokens it gives
+# the lower held-out FVU for every architecture (benchmarks/README.md). The fixtures were trained
+# with Adam, the default before; they are run with `--optimizer adam` (a new config key, no excuse
+# needed), and everything else must still match.
+for _name in ("sae-train-topk", "sae-train-relu", "sae-train-activations", "sae-train-flow"):
+    ARGV[_name] = (["--site"], ["--optimizer", "adam", "--site"])

@@ -68,19 +68,34 @@ def row_topk_pairs(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def batch_topk_pairs(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The `n * k` largest entries of all of `pre [n, d_sae]` (BatchTopK), as `(rows, cols)` sorted by row.
 
-    A top-k over all `n * d_sae` entries is slow on a CPU; the cut is found among each row's `4k`
-    largest instead (the `n * k`-th largest of those), which is exact unless some row has all of its
-    `4k` above the cut (then the whole matrix is searched). Ties at the cut are all kept."""
+    A top-k over all `n * d_sae` entries is slow on a CPU, so the cut (the `n * k`-th largest
+    value) is looked for among each row's `4k` largest. A row's other entries are below its
+    `4k`-th, so they matter only for rows whose `4k`-th reaches that cut ("full" rows, typically a
+    few high-norm tokens): those rows join the search whole, which keeps the answer exact. Ties at
+    the cut are all kept."""
     n, d_sae = pre.shape
     wide = min(d_sae, 4 * k)
-    if wide < d_sae:
-        top = pre.topk(wide, dim=-1, sorted=False)
-        cut = top.values.reshape(-1).kthvalue(n * wide - n * k + 1).values
-        if not bool((top.values.min(dim=-1).values >= cut).any()):
-            rows, slots = torch.nonzero(top.values >= cut, as_tuple=True)
-            return rows, top.indices[rows, slots]
-    flat = pre.reshape(-1).topk(n * k, sorted=False).indices.sort().values
-    return flat // d_sae, flat % d_sae
+    if wide == d_sae:
+        flat = pre.reshape(-1).topk(n * k, sorted=False).indices.sort().values
+        return flat // d_sae, flat % d_sae
+    top = pre.topk(wide, dim=-1, sorted=False)
+    floor = top.values.min(dim=-1).values  # [n]: each row's 4k-th largest
+
+    def nth(values: Tensor) -> Tensor:
+        return values.kthvalue(len(values) - n * k + 1).values
+
+    full = floor >= nth(top.values.reshape(-1))
+    if not bool(full.any()):
+        rows, slots = torch.nonzero(top.values >= nth(top.values.reshape(-1)), as_tuple=True)
+        return rows, top.indices[rows, slots]
+    cut = nth(torch.cat([top.values[~full].reshape(-1), pre[full].reshape(-1)]))
+    rows, slots = torch.nonzero((top.values >= cut) & ~full[:, None], as_tuple=True)
+    cols = top.indices[rows, slots]
+    full_rows = torch.nonzero(full).flatten()
+    extra, extra_cols = torch.nonzero(pre[full_rows] >= cut, as_tuple=True)
+    rows, cols = torch.cat([rows, full_rows[extra]]), torch.cat([cols, extra_cols])
+    order = torch.sort(rows * d_sae + cols).indices
+    return rows[order], cols[order]
 
 
 def auxk_loss(pre: Tensor, dead: Tensor, residual: Tensor, x: Tensor, W_enc: Tensor, c: Tensor, W_dec: Tensor) -> Tensor:
