@@ -75,7 +75,13 @@ def main() -> None:
     p.add_argument("--corpus", default="../shared/data/corpora")
     p.add_argument("--out", default="featopt-runs/bench-sae-archs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot_only", nargs="+", help="redraw the table and plot from these results.json files (rows merged)")
     args = p.parse_args()
+    if args.plot_only:
+        rows = [row for path in args.plot_only for row in json.loads(Path(path).read_text())["rows"]]
+        print(table(rows))
+        plot(rows, Path(args.out) / "frontier.png")
+        return
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401 - it sets its loggers' levels on import; quiet them after
 
@@ -154,11 +160,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(*zip(*points), marker="o", label=f"featopt {label}")
     for r in rows:
         if r.get("peer") and "fvu" in r:
-            ax.scatter([r["l0"]], [r["fvu"]], marker="*", s=160, zorder=5, label=f"{r['name']} (peer, its defaults)")
+            ax.scatter([r["l0"]], [r["fvu"]], marker="*", s=160, zorder=5, label=f"{r['name']} (saved SAE)")
     ax.set_xscale("log")
     ax.set_xlabel("L0 (latents firing per token, held out)")
     ax.set_ylabel("FVU (held out; lower is better)")
-    ax.set_title("SmolLM2-135M blocks.6.resid_post, 2304 latents, equal tokens")
+    ax.set_title("SmolLM2-135M blocks.6.resid_post, 2304 latents, 303k tokens each")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, plt, path)

@@ -59,6 +59,18 @@ def test_per_layer_skip_transcoders_from_one_pass_save_load_and_replace_the_mlp(
                  "--no_progress"]) == 0
     again = json.loads((evaluated / "metrics.json").read_text())["saes"][0]["metrics"]
     assert again["fvu"] == pytest.approx(training["saes"][1]["metrics"]["fvu"], rel=1e-4)
+    # its latents are features of the methods: the sweep reads them at the MLP's input
+    swept = tmp_path / "sweep"
+    assert main(["search", "exhaustive", "--model", "tiny-llama", "--sae", str(folders[1]), "--features", "[:, :, 0-3]",
+                 "--out", str(swept), "--no_progress"]) == 0
+    found = json.loads((swept / "results.json").read_text())["results"]
+    assert len(found) == 4 and all(r["site"] == "blocks.1.mlp_in" for r in found)
+    assert found[0]["feature_map"]["target_hook_name"] == "blocks.1.hook_mlp_out"
+    sae = load_sae(folders[1])
+    for r in found:  # the recorded activation is the latent of the found token, computed here
+        x = adapter.run(["blocks.1.mlp_in"], input_ids=torch.tensor([r["token_ids"]]))[adapter.site("blocks.1.mlp_in")]
+        want = float(sae.encode(x)[0, -1, int(r["spec"].split(",")[-1].strip(" ]"))])
+        assert r["activation"] == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_transcoders_from_a_cache_of_input_output_pairs_equal_those_from_the_model(tmp_path, corpus):
@@ -101,3 +113,35 @@ def test_bad_flags_end_in_one_sentence(tmp_path, corpus, capsys, flags, message)
     assert main(["sae", "train", *BASE, *flags, "--corpus", str(corpus), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_ablating_a_transcoder_latent_edits_the_mlp_output_as_a_hand_hook_does():
+    from featopt.dictionaries.ablation import direction_ablation
+    from featopt.models.sae import SAEConfig, SparseAutoencoder
+
+    adapter = load_model("tiny-llama")
+    d = adapter.d_model
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=32, architecture="relu", hook_name="blocks.1.mlp_in",
+                                      target_hook_name="blocks.1.mlp_out", d_out=d, apply_b_dec_to_input=False))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    ids = torch.randint(0, adapter.vocab_size, (2, 9), generator=gen)
+    got = direction_ablation(adapter, sae, 3, ids)
+    mlp = adapter.model.model.layers[1].mlp
+
+    def edit(module, args, output):  # the MLP's output minus latent 3's share, z from the MLP's own input
+        z = torch.relu(args[0] @ sae.W_enc + sae.b_enc)[..., 3:4]
+        return output - z * sae.W_dec[3]
+
+    with torch.no_grad():
+        clean = torch.log_softmax(adapter.model(ids).logits.float(), -1)
+        handle = mlp.register_forward_hook(edit)
+        try:
+            ablated = torch.log_softmax(adapter.model(ids).logits.float(), -1)
+        finally:
+            handle.remove()
+    want = (ablated - clean)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got.delta, want, rtol=1e-4, atol=1e-5)
+    assert want.abs().max() > 1e-4  # the edit changes the predictions: the check is not vacuous

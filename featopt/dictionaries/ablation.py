@@ -20,7 +20,7 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.interventions.edits import project_out, scale_latents
 from featopt.models import Site
-from featopt.models.sae.attach import site_of
+from featopt.models.sae.attach import site_of, target_site_of
 from featopt.dictionaries.lens import check_latents
 
 MODES = ("contribution", "projection")
@@ -145,6 +145,9 @@ def direction_ablation(adapter, sae, latent: int, contexts: Tensor, *, mode: str
       `sae.encode` at that site): where the latent is 0 the activation is unchanged;
     - `"projection"`: `x - (x . d) d` with `d = W_dec[i] / |W_dec[i]|`: no component along it at all.
 
+    A transcoder's decoder writes its target site (the MLP's output), so that is where either edit
+    is made, with `z_i` encoded from the input site of the same forward.
+
     Contexts go `batch_size` at a time (two forwards each, clean and ablated; three float32
     `[batch, L, V]` buffers for the log-softmaxes). Log-probs are float32, results on the CPU.
     """
@@ -159,13 +162,19 @@ def direction_ablation(adapter, sae, latent: int, contexts: Tensor, *, mode: str
         raise FeatoptError("contexts must be token ids [B, L] with B >= 1 and L >= 2, "
                            f"got shape {tuple(contexts.shape)}.")
     device = sae.W_enc.device
+    target = adapter.site(target_site_of(sae))
+    now: dict = {}  # the input site's activation of the forward being edited (transcoders)
     if mode == "projection":
         if float(sae.W_dec.detach()[latent].norm()) == 0:
             raise FeatoptError(f"latent {latent} has a zero decoder row, so it has no direction to project out: "
                                "use mode contribution.")
         ablate = project_out(sae.W_dec.detach()[latent])
-    else:  # x - z_i(x) W_dec[i]: the latent's share of the reconstruction, rescaled by r = 0
+    elif target == site:  # x - z_i(x) W_dec[i]: the latent's share of the reconstruction, rescaled by r = 0
         ablate = scale_latents(sae, [latent], 0.0)
+    else:
+        def ablate(y: Tensor, _site) -> Tensor:  # y - z_i(x) W_dec[i], x read at the input site just before
+            z = sae.encode(now["seen"][site].to(device))[..., latent:latent + 1]
+            return y - (z * sae.W_dec.detach()[latent]).to(y.dtype)
 
     deltas, actives, sums, counts = [], [], [0.0, 0.0], [0, 0]  # sums/counts: [active positions, all]
     for b0 in range(0, len(contexts), batch_size):
@@ -173,7 +182,7 @@ def direction_ablation(adapter, sae, latent: int, contexts: Tensor, *, mode: str
         with adapter.hooks(read=[site]) as seen:
             clean = adapter.logits(ids)
         active = sae.encode(seen[site].to(device))[..., latent] > 0  # [b, L]
-        with adapter.hooks(write={site: ablate}):
+        with adapter.hooks(read=[site] if target != site else [], write={target: ablate}) as now["seen"]:
             ablated = adapter.logits(ids)
         diff = torch.log_softmax(ablated.float(), -1) - torch.log_softmax(clean.float(), -1)  # [b, L, V]
         del clean, ablated
