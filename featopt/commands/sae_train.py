@@ -107,7 +107,7 @@ class TrainConfig(OutputSettings, TrainerSettings, SeedSettings, ContextSettings
     """signum (sparsify's default: schedule-free sign SGD, momentum 0.95, no schedule; the lower held-out
     FVU for every architecture at equal tokens, benchmarks/README.md) or adam (warm-up, decay)"""
     lr: float | None = None
-    """learning rate (default per SAE: 2e-4 for adam, 5e-3 for signum, times 1 / sqrt(d_sae / 2^14))"""
+    """learning rate (default per SAE: 2e-3 for signum, 2e-4 for adam, times 1 / sqrt(d_sae / 2^14))"""
     warmup_steps: int = 50
     """adam: linear learning-rate warm-up steps"""
     decay_fraction: float = 0.2

@@ -20,8 +20,8 @@ BETA = 0.95  # sparsify's momentum for signum
 
 def test_default_learning_rates_are_sparsifys():
     assert default_lr("adam", 2**14) == pytest.approx(2e-4)
-    assert default_lr("signum", 2**14) == pytest.approx(5e-3)
-    assert default_lr("signum", 2**16) == pytest.approx(2.5e-3)  # 1 / sqrt(4)
+    assert default_lr("signum", 2**14) == pytest.approx(2e-3)
+    assert default_lr("signum", 2**16) == pytest.approx(1e-3)  # 1 / sqrt(4)
     assert default_lr("adam", 256) == pytest.approx(2e-4 * 8)
     assert "lr_scheduler" in build("adam", [{"params": [torch.zeros(2, requires_grad=True)], "lr": 1.0}],
                                    total_steps=10, warmup_steps=2, decay_fraction=0.2)
@@ -110,7 +110,7 @@ def test_signum_training_lowers_fvu_and_saves_the_averaged_point_x(runs):
     checkpoint = torch.load(runs["ckpt"] / f"step{STEPS}.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == STEPS
     opt_state = checkpoint["optimizer_states"][0]
-    assert opt_state["param_groups"][0]["lr"] == pytest.approx(5e-3 / math.sqrt(256 / 2**14))  # signum's default
+    assert opt_state["param_groups"][0]["lr"] == pytest.approx(2e-3 / math.sqrt(256 / 2**14))  # signum's default
     scale = float(checkpoint["state_dict"]["scales"][0])
     fold = {"W_enc": scale, "b_enc": 1.0, "W_dec": 1 / scale, "b_dec": 1 / scale}
     for index, (name, value) in enumerate(saved.named_parameters()):
