@@ -210,7 +210,9 @@ specs = st.builds(
 )
 
 
-@settings(max_examples=200)
+# deadline=None: hypothesis' 200 ms per example fails on a loaded machine (a CI run hit it once);
+# what these check is the answer, not the time.
+@settings(max_examples=200, deadline=None)
 @given(specs)
 def test_prop_canonical_spec_round_trips(spec):
     probs = parse_features(spec, n_tokens=N_TOKENS, width=40)
@@ -220,7 +222,7 @@ def test_prop_canonical_spec_round_trips(spec):
         assert prob.spec.startswith("[:, ")
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(specs)
 def test_prop_masks_match_brute_force(spec):
     width = 40
