@@ -79,13 +79,6 @@ def _sae_device(sae: SparseAutoencoder) -> torch.device:
     return sae.W_enc.device
 
 
-def _reconstruct(sae: SparseAutoencoder, x: Tensor, z: Tensor) -> Tensor:
-    """`sae(x)` from its latents `z = sae.encode(x)`: `decode(z)`, plus `x W_skip` where the SAE has
-    a skip connection (skip transcoders)."""
-    x_hat = sae.decode(z)
-    return x_hat + sae.skip_out(x) if getattr(sae.cfg, "skip", False) else x_hat
-
-
 def _order(site: Site) -> tuple[int, int]:
     """Where a site comes in the forward."""
     return site.layer, KIND_ORDER[site.kind]
@@ -186,7 +179,7 @@ def evaluate(
         def splice(act: Tensor, _: Site) -> Tensor:
             x = (act if site == target else captured[site])[:, skip_first:]
             x = x.to(_sae_device(sae))
-            x_hat = _reconstruct(sae, x, sae.encode(x))
+            x_hat = sae(x)  # decode(encode(x)), plus a skip transcoder's x W_skip^T
             act = act.clone()
             act[:, skip_first:] = x_hat.to(act.device, act.dtype)
             return act
@@ -210,7 +203,7 @@ def evaluate(
                 x = x.reshape(-1, x.shape[-1]).to(_sae_device(sae))
                 y = y.reshape(-1, y.shape[-1]).to(_sae_device(sae))
                 z = sae.encode(x)
-                metrics.update(y, _reconstruct(sae, x, z), z)
+                metrics.update(y, sae.decode(z) + sae.skip_out(x), z)
             if ce:
                 clean = adapter.logits(ids)  # kept for the batch: the reference of every KL
                 ce_clean.update(clean, ids)

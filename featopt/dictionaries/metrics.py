@@ -154,9 +154,9 @@ class DeadFraction(FiringFrequency):
         return (self.fired == 0).double().mean()
 
 
-class MeanCrossEntropy(_Base):
-    """Mean next-token cross-entropy (nats) of `logits [B, T, V]` for `ids [B, T]`, over the
-    predictions made at positions `skip_first .. T-2` (position t predicts token t+1)."""
+class _OverPredictions(_Base):
+    """A mean over the next-token predictions made at positions `skip_first .. T-2` (position t
+    predicts token t+1) of contexts of T tokens: what the CE and the KL share."""
 
     higher_is_better = False
 
@@ -165,15 +165,26 @@ class MeanCrossEntropy(_Base):
         if skip_first < 0:
             raise FeatoptError(f"skip_first must be 0 or more, got {skip_first}.")
         self.skip_first = skip_first
-        self._add_sum("sum_nll")
         self._add_sum("predictions", dtype=torch.long)
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens - 1 <= self.skip_first:
+            raise FeatoptError(f"contexts of {tokens} tokens leave no prediction after skipping {self.skip_first} positions.")
+
+
+class MeanCrossEntropy(_OverPredictions):
+    """Mean next-token cross-entropy (nats) of `logits [B, T, V]` for `ids [B, T]`, over the
+    predictions made at positions `skip_first .. T-2` (position t predicts token t+1)."""
+
+    def __init__(self, skip_first: int = 1, **kwargs):
+        super().__init__(skip_first, **kwargs)
+        self._add_sum("sum_nll")
 
     def update(self, logits: Tensor, ids: Tensor) -> None:
         if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
             raise FeatoptError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}: expected [B, T, V] and [B, T].")
+        self._check_length(ids.shape[1])
         s = self.skip_first
-        if ids.shape[1] - 1 <= s:
-            raise FeatoptError(f"contexts of {ids.shape[1]} tokens leave no prediction after skipping {s} positions.")
         targets = ids[:, s + 1:].to(logits.device)
         # One context at a time: a float32 copy of [B, T, V] logits can be large (V ~ 50k).
         for row_logits, row_targets in zip(logits[:, s:-1], targets):
@@ -185,28 +196,21 @@ class MeanCrossEntropy(_Base):
         return self.sum_nll / self.predictions
 
 
-class MeanKLDivergence(_Base):
+class MeanKLDivergence(_OverPredictions):
     """Mean KL divergence `KL(p_clean || p)` (nats) of the next-token distributions of `logits`
     against those of `clean` (both `[B, T, V]`), over the same predictions as
     :class:`MeanCrossEntropy`: positions `skip_first .. T-2`. 0 when the distributions agree."""
 
-    higher_is_better = False
-
     def __init__(self, skip_first: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        if skip_first < 0:
-            raise FeatoptError(f"skip_first must be 0 or more, got {skip_first}.")
-        self.skip_first = skip_first
+        super().__init__(skip_first, **kwargs)
         self._add_sum("sum_kl")
-        self._add_sum("predictions", dtype=torch.long)
 
     def update(self, clean: Tensor, logits: Tensor) -> None:
         if logits.dim() != 3 or clean.shape != logits.shape:
             raise FeatoptError(f"logits {tuple(logits.shape)} do not match the clean logits {tuple(clean.shape)}: "
                                f"expected both [B, T, V].")
+        self._check_length(logits.shape[1])
         s = self.skip_first
-        if logits.shape[1] - 1 <= s:
-            raise FeatoptError(f"contexts of {logits.shape[1]} tokens leave no prediction after skipping {s} positions.")
         # One context at a time, in float32 (as the CE): sum_v p log(p / q) with p the clean distribution.
         for p_logits, q_logits in zip(clean[:, s:-1], logits[:, s:-1]):
             log_p = torch.log_softmax(p_logits.float(), -1)

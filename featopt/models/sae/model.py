@@ -248,8 +248,6 @@ class SparseAutoencoder(TrainingParts, nn.Module):
         connection's `x W_skip` where there is one (for a transcoder: its stand-in for the target site)."""
         return self.decode(self.encode(x)) + self.skip_out(x)
 
-    reconstruct = forward
-
     def features(self, acts: Tensor) -> Tensor:
         """The feature-map face: a site's activation `[..., d_in]` -> latents `[..., d_sae]`,
         returned in the activation's dtype."""

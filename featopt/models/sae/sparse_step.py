@@ -84,9 +84,10 @@ def batch_topk_pairs(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     def nth(values: Tensor) -> Tensor:
         return values.kthvalue(len(values) - n * k + 1).values
 
-    full = floor >= nth(top.values.reshape(-1))
+    cut = nth(top.values.reshape(-1))
+    full = floor >= cut
     if not bool(full.any()):
-        rows, slots = torch.nonzero(top.values >= nth(top.values.reshape(-1)), as_tuple=True)
+        rows, slots = torch.nonzero(top.values >= cut, as_tuple=True)
         return rows, top.indices[rows, slots]
     cut = nth(torch.cat([top.values[~full].reshape(-1), pre[full].reshape(-1)]))
     rows, slots = torch.nonzero((top.values >= cut) & ~full[:, None], as_tuple=True)
