@@ -1,205 +1,59 @@
-"""SAE training: featopt vs sae-lens vs sparsify on the same SAE, tokens and model; then featopt alone.
+"""SAE training: featopt's default and every featopt architecture beside sae-lens and sparsify at their defaults.
 
-One topk SAE (4x = 2304 latents, k = 32) on SmolLM2-135M-Instruct's `blocks.6.resid_post` (the
-output of decoder layer 6, HF `hidden_states[7]`), contexts of 128 tokens from the shared corpora,
-`--tokens` training tokens in batches of 4096, position 0 of every context left out, Adam at
-featopt's default learning rate with each library's nearest schedule. featopt trains in this
-process (`featopt.commands.sae_train.train`); sae-lens and sparsify each in their own environment
-(`benchmarks/.peers/<lib>/bin/python benchmarks/peers/<lib>_train.py`, whose docstrings say
-exactly how each library is set up), all from the same token contexts (featopt's
-`corpus_contexts(split="train")`, written to `<out>/train_contexts.safetensors` in a seeded random
-order; each library then draws and shuffles as it does) and the same model folder (featopt's
-converted GGUF, loaded by the peers with transformers).
+One setting for all (issue 10's, and issue 25's recipe setting with `--tokens 2000000`):
+SmolLM2-135M-Instruct's `blocks.6.resid_post` (the output of decoder layer 6, HF
+`hidden_states[7]`), 4x = 2304 latents, contexts of 128 tokens from the shared corpora, `--tokens`
+training tokens in batches of 4096, position 0 of every context left out. Parts (`--skip` any):
 
-Timed per library: wall time of training (model loading excluded; saving included), the model
-forward (featopt: `ModelSource.__call__`; sae-lens: `ActivationsStore.get_activations`; sparsify:
-the base model's forward minus the time its SAE hook takes) and the SAE step (featopt:
-`SAETraining.optimizer_step` minus any forward inside it, i.e. SAE forward + backward + Adam; the
-peers: see their runners). Then every saved SAE is read back with featopt's `load_sae` and
-evaluated by featopt's `evaluate` on the same held-out contexts (`split="eval"`): FVU, L0, dead
-fraction, CE loss recovered.
+- `featopt`: `featopt sae train`'s defaults (topk k = 32, signum), trained in this process from
+  the model (`--featopt_from cache`: from `--cache_dir`), timed like the peers;
+- `sparsify`: eai-sparsify's topk at its defaults (signum), the model cut after layer 6;
+- `saelens`: sae-lens' topk as issue 10's table ran it (its architecture defaults; Adam at
+  featopt's former rate and schedule), and `saelens_archs`: its batchtopk, matryoshka (prefixes
+  1/16, 1/4, 1) and jumprelu (its defaults: L0 coefficient 1, thresholds from 0.01) the same way;
+- `archs`: every featopt architecture at several sparsities (`--ks`, `--l0_coefs`, with
+  `--optimizers`, bench_sae_archs.py), from the activation cache `--cache_dir`;
+- `eval`: every saved SAE read back with featopt's `load_sae` and evaluated by featopt's
+  `evaluate` on the same `--eval_contexts` held-out contexts (`split="eval"`): FVU, L0, dead
+  fraction, CE loss recovered, KL; and the FVU-against-L0 plot `<out>/frontier.png`;
+- `relu`, `cache` (featopt alone): four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x,
+  same tokens (time ratio; target < 1.5x), and the default SAE trained from an activation cache vs
+  from the model (tokens/s ratio; target >= 5x).
 
-featopt alone: four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x SAE, same tokens
-(time ratio; target < 1.5x), and the topk SAE trained from an activation cache (`sae_cache.cache` first,
-timed apart) vs from the model (tokens/s ratio; target >= 5x).
+The peers run in their own environments (`benchmarks/.peers/<lib>/bin/python
+benchmarks/peers/<lib>_train.py`, whose docstrings say exactly how each library is set up), all from
+the same token contexts (featopt's `corpus_contexts(split="train")`, written to
+`<out>/train_contexts.safetensors` in a seeded random order, tiled where the budget exceeds them)
+and the same model folder (featopt's converted GGUF, loaded by the peers with transformers).
+Timed per run: wall time of training (model loading excluded; saving included), the model forward
+(featopt: `ModelSource.__call__`; sae-lens: `ActivationsStore.get_activations`; sparsify: the base
+model's forward minus the time its SAE hook takes) and the SAE step (featopt:
+`SAETraining.optimizer_step` minus any forward inside it; the peers: see their runners). Each
+peer's row is kept as `<out>/<run>.row.json`; `--resume` reads those back instead of training
+again, so one table can gather peer runs made earlier by the same command.
 
-    . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_sae.py [--tokens 303104]
+    . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_sae.py \\
+        --cache_dir featopt-runs/smollm2-l6-cache [--tokens 303104]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import logging
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from featopt.errors import FeatoptError
+import bench_sae_archs as archs
+from sae_runs import BATCH, CONTEXT, K, SITE, featopt_train, load_for_eval, memoize_contexts, peer_train, quiet
 
-ROOT = Path(__file__).resolve().parent.parent
-PEERS = {"saelens": ("sae-lens", "saelens_train.py"), "sparsify": ("sparsify", "sparsify_train.py")}
-PARTS = ("featopt", "saelens", "sparsify", "relu", "cache", "eval")
-LAYER, CONTEXT, BATCH, K, EXPANSION = 6, 128, 4096, 32, 4
-SITE = f"blocks.{LAYER}.resid_post"
-
-
-# ----------------------------------------------------------------------------- timing featopt
-class FeatoptTimers:
-    """Wraps `ModelSource.__call__` (the model forward of the stream) and
-    `SAETraining.optimizer_step` (closure = training step + backward, then Adam and the decoder
-    renormalisation) for the duration of a `with` block."""
-
-    def __enter__(self):
-        from featopt.dictionaries.activations import ModelSource
-        from featopt.dictionaries.train import SAETraining
-
-        self.forward_s = self.step_s = 0.0
-        self.forward_contexts = 0
-        self._saved = (ModelSource.__call__, SAETraining.optimizer_step)
-        source_call, optimizer_step = self._saved
-        timers = self
-
-        @functools.wraps(source_call)
-        def timed_source(source, index):
-            start = time.perf_counter()
-            try:
-                return source_call(source, index)
-            finally:
-                timers.forward_s += time.perf_counter() - start
-                timers.forward_contexts += len(index)
-
-        @functools.wraps(optimizer_step)
-        def timed_step(module, *args, **kwargs):
-            start, forward_before = time.perf_counter(), timers.forward_s
-            try:
-                return optimizer_step(module, *args, **kwargs)
-            finally:  # a buffer refill inside the step is forward time, not SAE time
-                timers.step_s += (time.perf_counter() - start) - (timers.forward_s - forward_before)
-
-        ModelSource.__call__, SAETraining.optimizer_step = timed_source, timed_step
-        return self
-
-    def __exit__(self, *exc):
-        from featopt.dictionaries.activations import ModelSource
-        from featopt.dictionaries.train import SAETraining
-
-        ModelSource.__call__, SAETraining.optimizer_step = self._saved
-
-
-def memoize_contexts() -> None:
-    """Tokenize the corpus once per process: `train` and `cache` (`featopt.commands.sae_train`) look
-    `corpus_contexts` up in `featopt.data` when called, so this keeps tokenizing out of every timed
-    run (the peers get their contexts ready-made too)."""
-    import inspect
-
-    import featopt.data
-
-    original = featopt.data.corpus_contexts
-    signature = inspect.signature(original)
-    memo: dict = {}
-
-    @functools.wraps(original)
-    def cached(tokenizer, path, context_length, **kwargs):
-        bound = signature.bind(tokenizer, path, context_length, **kwargs)
-        bound.apply_defaults()
-        key = (id(tokenizer), str(path), context_length, tuple(sorted(bound.kwargs.items())))
-        if key not in memo:
-            memo[key] = original(tokenizer, path, context_length, **kwargs)
-        return memo[key]
-
-    featopt.data.corpus_contexts = cached
-
-
-def featopt_train(adapter, args, out: Path, *, architecture: str = "topk", expansion: str = str(EXPANSION),
-                  activations: str | None = None) -> dict:
-    from featopt.commands.sae_train import TrainConfig, train
-
-    shutil.rmtree(out, ignore_errors=True)
-    config = TrainConfig(model=args.model, site=SITE, corpus=None if activations else args.corpus, activations=activations,
-                         architecture=architecture, expansion=expansion, k=K, tokens=args.tokens, batch_size=BATCH,
-                         context_length=CONTEXT, eval_contexts=0, seed=args.seed, progress=False, out=str(out))
-    with FeatoptTimers() as t:
-        start = time.perf_counter()
-        run = train(config, adapter=adapter)
-        wall = time.perf_counter() - start
-    tokens = json.loads((run.out / "training.json").read_text())["run"]["tokens"]
-    import featopt
-
-    return {"library": "featopt", "version": getattr(featopt, "__version__", "dev"), "tokens": tokens,
-            "steps": -(-args.tokens // BATCH), "wall_s": wall, "tokens_per_s": tokens / wall, "forward_s": t.forward_s,
-            "sae_step_s": t.step_s, "other_s": wall - t.forward_s - t.step_s, "forward_tokens": t.forward_contexts * CONTEXT,
-            "threads": torch.get_num_threads(), "out": str(run.paths[0] if len(run.paths) == 1 else run.out),
-            "paths": [str(p) for p in run.paths]}
-
-
-# ----------------------------------------------------------------------------- peers
-def peer_train(name: str, model_dir: Path, contexts: Path, args, out: Path) -> dict:
-    env_name, script = PEERS[name]
-    python = ROOT / "benchmarks" / ".peers" / env_name / "bin" / "python"
-    if not python.exists():
-        raise SystemExit(f"{python} is missing: make the peer environments first (benchmarks/README.md, 'Peer environments').")
-    cmd = [str(python), str(ROOT / "benchmarks" / "peers" / script), "--model_dir", str(model_dir), "--contexts", str(contexts),
-           "--tokens", str(args.tokens), "--out", str(out), "--layer", str(LAYER), "--expansion", str(EXPANSION),
-           "--k", str(K), "--batch_size", str(BATCH), "--seed", str(args.seed)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if name == "sparsify":
-        cmd += ["--optimizer", args.sparsify_optimizer] + (["--whole_model"] if args.sparsify_whole_model else [])
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    log = out.parent / f"{name}.log"
-    log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        raise SystemExit(f"[{name}] failed (exit {proc.returncode}); log: {log}\n{tail}")
-    return json.loads(lines[-1])
-
-
-# ----------------------------------------------------------------------------- evaluation
-def load_for_eval(path: str, adapter, out: Path, notes: list[str]):
-    """featopt's `load_sae`; where it refuses a peer's file or its hook name, say so and work around."""
-    from featopt.models.sae.formats import load_sae, site_of
-
-    try:
-        sae = load_sae(path)
-    except FeatoptError as error:
-        if "rescale_acts_by_decoder_norm" not in str(error):
-            raise
-        # sae-lens folds the decoder norms into the saved weights (unit-norm rows) but keeps the flag
-        # in cfg.json; with unit rows the flag changes nothing, so read a copy with it cleared.
-        from safetensors.torch import load_file
-
-        norms = load_file(str(Path(path) / "sae_weights.safetensors"))["W_dec"].norm(dim=1)
-        gap = float((norms - 1).abs().max())
-        if gap > 1e-4:
-            raise
-        copy = out / f"{Path(path).name}-flag-cleared"
-        shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(path, copy)
-        cfg = json.loads((copy / "cfg.json").read_text())
-        cfg["rescale_acts_by_decoder_norm"] = False
-        (copy / "cfg.json").write_text(json.dumps(cfg))
-        sae = load_sae(copy)
-        notes.append(f"load_sae({path}) refused it ({error}); its decoder rows are unit norm (max |norm - 1| = "
-                     f"{gap:.1e}), so the flag is a no-op: evaluated a copy with it cleared ({copy}).")
-    try:
-        adapter.site(sae.cfg.hook_name)
-    except FeatoptError:
-        site = site_of(sae.cfg.hook_name)
-        notes.append(f"{path}: hook name {sae.cfg.hook_name!r} is not a site `evaluate` accepts; "
-                     f"renamed to {site!r} with featopt.models.sae.formats.site_of.")
-        sae.cfg.hook_name = site
-    return sae
+PARTS = ("featopt", "sparsify", "saelens", "saelens_archs", "archs", "relu", "cache", "eval")
+#: sae-lens' architectures beside its topk, at its defaults (`peers/saelens_train.py --architecture`)
+SAELENS_ARCHS = ("batchtopk", "matryoshka", "jumprelu")
 
 
 # ----------------------------------------------------------------------------- report
@@ -211,36 +65,40 @@ def _f(value, digits: int = 3) -> str:
     return str(value)
 
 
-def table(rows: list[dict], metrics: dict) -> str:
-    peers = [r["tokens_per_s"] for r in rows if r["library"] != "featopt"]
-    fastest = max(peers) if peers else None
-    head = ("| library | version | tokens trained | model tokens run | wall s | tokens/s | ratio to the faster peer | "
-            "forward share | SAE step s / 4096 tokens | FVU | L0 | dead fraction | CE loss recovered |")
+def table(rows: list[dict]) -> str:
+    """One markdown row per SAE: how it was trained and timed, then the held-out metrics. Speed
+    columns are those of runs from the model (a run from the cache has no model forward)."""
+    head = ("| SAE | library | trained from | wall s | tokens/s | forward share | SAE step s / 4096 tokens | "
+            "SAE step share | FVU | L0 | dead fraction | CE loss recovered | KL (nats) |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
-        m = metrics.get(r["library"], {})
-        ratio = f"{r['tokens_per_s'] / fastest:.2f}x" if fastest else "-"
+        step = r["sae_step_s"] / r["tokens"] * BATCH if r.get("tokens") else None
+        model = r.get("from", "model") == "model"
         lines.append(
-            f"| {r['library']} | {r['version']} | {r['tokens']:,} | {r['forward_tokens']:,} | {r['wall_s']:.1f} | "
-            f"{r['tokens_per_s']:.0f} | {ratio} | {r['forward_s'] / r['wall_s']:.0%} | "
-            f"{r['sae_step_s'] / r['tokens'] * BATCH:.3f} | {_f(m.get('fvu'))} | {_f(m.get('l0'), 1)} | "
-            f"{_f(m.get('dead_fraction'))} | {_f(m.get('ce_loss_recovered'))} |")
+            f"| {r['name']} | {r['library'].split(' ')[0]} {r['version']} | {r.get('from', 'model')} | {_f(r.get('wall_s'), 1)} | "
+            f"{_f(r['tokens_per_s'], 0) if model else '-'} | {format(r['forward_s'] / r['wall_s'], '.0%') if model else '-'} | "
+            f"{_f(step)} | {format(r['sae_step_s'] / r['wall_s'], '.1%') if model else '-'} | {_f(r.get('fvu'))} | "
+            f"{_f(r.get('l0'), 1)} | {_f(r.get('dead_fraction'))} | {_f(r.get('ce_loss_recovered'))} | {_f(r.get('kl_div'))} |")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
+def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=303_104, help="training tokens per SAE run (74 steps of 4096)")
     p.add_argument("--eval_contexts", type=int, default=64, help="held-out contexts for the evaluation")
     p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(PARTS)}")
     p.add_argument("--out", default="featopt-runs/bench-sae", help="working folder (its parts are replaced)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the rows of peer runs already in --out (their runner's own output) instead of retraining")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads, here and in the peer runners")
     p.add_argument("--cache_dir", default=None,
                    help="reuse this activation cache of the training split (from `featopt sae cache`) instead of building one")
     p.add_argument("--cache_tokens", type=int, default=None,
                    help="tokens cached for the from-cache run (default: the whole training split, so that the "
                         "cached run trains on exactly the batches the model run did)")
+    p.add_argument("--featopt_from", default="model", choices=["model", "cache"],
+                   help="train featopt's default SAE from the model (timed like the peers) or from --cache_dir")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--corpus", default="../shared/data/corpora")
     p.add_argument("--seed", type=int, default=0)
@@ -248,19 +106,23 @@ def main() -> None:
                    help="sparsify's optimizer (default: its own default, signum; adam: the rows measured before 2026-12-06)")
     p.add_argument("--sparsify_whole_model", action="store_true",
                    help="let sparsify run every block (default: the model cut after the SAE's layer, as nothing later reaches it)")
+    archs.add_flags(p)
     args = p.parse_args()
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - set(PARTS):
-        raise SystemExit(f"--skip: unknown part(s) {', '.join(sorted(skip - set(PARTS)))}; allowed: {', '.join(PARTS)}")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - set(PARTS):
+        raise SystemExit(f"--skip: unknown part(s) {', '.join(sorted(args.skip - set(PARTS)))}; allowed: {', '.join(PARTS)}")
+    if "archs" not in args.skip and not args.cache_dir:
+        raise SystemExit("the archs part trains from an activation cache: give --cache_dir (`featopt sae cache`), "
+                         "or --skip archs.")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    skip = args.skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import lightning.pytorch  # noqa: F401 - it sets its loggers' levels on import; quiet them after
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+    quiet()
     from safetensors.torch import save_file
 
     from featopt.data import corpus_contexts
@@ -283,30 +145,39 @@ def main() -> None:
           f"tokens; budget {args.tokens:,} tokens = {-(-args.tokens // BATCH)} steps of {BATCH}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
-    rows, results, notes = [], {"args": vars(args)}, []
+    rows, results, notes = [], {"args": {**vars(args), "skip": sorted(skip)}}, []
     if "featopt" not in skip:
-        print("[featopt] topk from the model", flush=True)
-        rows.append(featopt_train(adapter, args, out / "featopt"))
-    for name in ("saelens", "sparsify"):
-        if name not in skip:
-            rows.append(peer_train(name, model_dir, contexts_file, args, out / name))
+        print(f"[featopt] its defaults (topk k={K}) from the {args.featopt_from}", flush=True)
+        row = featopt_train(adapter, args, out / "featopt", activations=args.cache_dir if args.featopt_from == "cache" else None)
+        rows.append({**row, "name": f"featopt default (topk k={K}, signum)", "architecture": "featopt default", "optimizer": "signum"})
+    if "sparsify" not in skip:
+        extra = ["--optimizer", args.sparsify_optimizer] + (["--whole_model"] if args.sparsify_whole_model else [])
+        row = peer_train("sparsify", model_dir, contexts_file, args, out / "sparsify", extra)
+        rows.append({**row, "name": f"sparsify topk k={K}, its defaults", "peer": True})
+    for arch in ("topk",) * ("saelens" not in skip) + SAELENS_ARCHS * ("saelens_archs" not in skip):
+        folder = out / ("saelens" if arch == "topk" else f"saelens-{arch}")
+        row = peer_train("saelens", model_dir, contexts_file, args, folder, ["--architecture", arch])
+        sparsity = "L0 coefficient 1" if arch == "jumprelu" else f"k={K}"
+        rows.append({**row, "name": f"sae-lens {arch} {sparsity} (as issue 10's row)", "peer": True})
+    if "archs" not in skip:
+        rows += [{**r, "name": f"featopt {r['name']}"} for r in archs.train_archs(adapter, args, out / "archs")]
     for r in rows:
-        print(f"  {r['library']}: {r['tokens']:,} tokens in {r['wall_s']:.1f} s ({r['tokens_per_s']:.0f} tok/s; forward "
-              f"{r['forward_s']:.1f} s, SAE step {r['sae_step_s']:.1f} s, other {r['other_s']:.1f} s)", flush=True)
-    results["train"] = rows
+        print(f"  {r['name']}: {r['tokens']:,} tokens in {r['wall_s']:.1f} s (forward {r['forward_s']:.1f} s, SAE step "
+              f"{r['sae_step_s']:.1f} s, other {r['other_s']:.1f} s)", flush=True)
 
-    metrics: dict = {}
     if "eval" not in skip and rows:
         from featopt.dictionaries.evaluate import evaluate
 
         held_out = corpus_contexts(adapter.tokenizer, args.corpus, CONTEXT, split="eval")[: args.eval_contexts]
         saes = [load_for_eval(r["out"], adapter, out, notes) for r in rows]
-        print(f"[eval] {len(held_out)} held-out contexts x {CONTEXT} tokens (position 0 left out)", flush=True)
+        print(f"[eval] {len(saes)} SAEs, {len(held_out)} held-out contexts x {CONTEXT} tokens (position 0 left out)", flush=True)
         start = time.perf_counter()
         found = evaluate(adapter, saes, held_out, skip_first=1)
         print(f"  evaluated in {time.perf_counter() - start:.1f} s", flush=True)
-        metrics = {r["library"]: m for r, m in zip(rows, found)}
-        results["eval"] = metrics
+        for row, metrics in zip(rows, found):
+            row.update({("eval_tokens" if k == "tokens" else k): v for k, v in metrics.items() if isinstance(v, (int, float))})
+        archs.plot(rows, out / "frontier.png", tokens=args.tokens)
+    results["train"] = rows
 
     featopt_only = []
     if "relu" not in skip:
@@ -335,7 +206,7 @@ def main() -> None:
             cache_s = time.perf_counter() - start
         print("[featopt] topk from the cache", flush=True)
         from_cache = featopt_train(adapter, args, out / "featopt-from-cache", activations=str(cache_dir))
-        base = next((r for r in rows if r["library"] == "featopt"), None)
+        base = next((r for r in rows if r["name"].startswith("featopt default") and r["from"] == "model"), None)
         if base is None:
             base = featopt_train(adapter, args, out / "featopt")
         ratio = from_cache["tokens_per_s"] / base["tokens_per_s"]
@@ -359,7 +230,7 @@ def main() -> None:
 
     print()
     if rows:
-        print(table(rows, metrics))
+        print(table(rows))
         print()
     if featopt_only:
         print("| featopt only | measured | ratio | target |\n|---|---|---|---|")

@@ -145,3 +145,54 @@ def test_ablating_a_transcoder_latent_edits_the_mlp_output_as_a_hand_hook_does()
     want = (ablated - clean)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(got.delta, want, rtol=1e-4, atol=1e-5)
     assert want.abs().max() > 1e-4  # the edit changes the predictions: the check is not vacuous
+
+
+def test_a_transcoder_dashboard_reads_its_latents_from_the_mlp_input(tmp_path, corpus):
+    """`sae dashboard` on a transcoder: every activation it shows (top examples, the exhaustive
+    sweep's best token) is the latent of the MLP's own input, re-measured by a plain HF hook."""
+    from featopt.models.sae import SAEConfig, SparseAutoencoder
+    from featopt.models.sae.formats import save_sae
+
+    adapter = load_model("tiny-llama")
+    d = adapter.d_model
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=16, architecture="topk", k=4, hook_name="blocks.1.mlp_in",
+                                      target_hook_name="blocks.1.mlp_out", d_out=d))
+    sae.init_weights(torch.Generator().manual_seed(3))
+    sae.requires_grad_(False)
+    folder = save_sae(sae, tmp_path / "transcoder")
+    dash = tmp_path / "dash"
+    assert main(["sae", "dashboard", "--model", "tiny-llama", "--sae", str(folder), "--corpus", str(corpus),
+                 "--context_length", "16", "--features", "[:, :, 0-2]", "--input_tokens", "3", "--input_steps", "2",
+                 "--input_width", "4", "--search_top", "5", "--ablate_examples", "1", "--out", str(dash),
+                 "--no_progress"]) == 0
+    records = json.loads((dash / "records.json").read_text())["latents"]
+    assert [r["latent"] for r in records] == [0, 1, 2] and (dash / "latent-0.html").is_file()
+
+    def latent(ids, i):  # the MLP's input of block 1, read by a plain forward hook, through the transcoder
+        seen = {}
+        handle = adapter.model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0]))
+        try:
+            with torch.no_grad():
+                adapter.model(input_ids=torch.as_tensor(ids)[None])
+        finally:
+            handle.remove()
+        return sae.encode(seen["x"])[0, :, i]
+
+    from featopt.commands.sae_dashboard import DashboardConfig
+    from featopt.data import corpus_contexts
+
+    c = DashboardConfig()
+    contexts = corpus_contexts(adapter.tokenizer, str(corpus), 16, split=c.split, eval_fraction=c.eval_fraction,
+                               max_tokens=c.tokens)
+    checked = 0
+    for record in records:
+        i = record["latent"]
+        assert record["top_examples"]
+        for ex in record["top_examples"]:
+            assert ex["activation"] == pytest.approx(float(latent(contexts[ex["context"]], i)[ex["index"]]), abs=1e-4)
+        token, value = record["max_inputs"]["exhaustive"][0]
+        ids = torch.cat([adapter.encode(record["max_inputs"]["prefix"]), adapter.encode(token)])
+        if len(ids) == 2:  # else a byte-level piece that does not re-encode to one token
+            assert value == pytest.approx(float(latent(ids, i)[-1]), abs=1e-4)
+            checked += 1
+    assert checked > 0

@@ -1,4 +1,4 @@
-"""Train a topk SAE with sae-lens on given token contexts; save it in sae-lens' format; print JSON.
+"""Train an SAE with sae-lens on given token contexts; save it in sae-lens' format; print JSON.
 
 Run with the sae-lens environment's Python (benchmarks/README.md, "Peer environments"):
 
@@ -14,7 +14,12 @@ How sae-lens is driven (its own training runner, `LanguageModelSAETrainingRunner
 - data: the contexts as a pre-tokenized in-memory `datasets.Dataset` (`override_dataset`), read in
   the file's order (sae-lens does not shuffle a dataset; it mixes activations in its buffer);
   `seqpos_slice=(skip_first, None)` leaves position 0 of every context out of training.
-- SAE: `TopKTrainingSAEConfig(k, d_sae = expansion * d_in)`, sae-lens' topk defaults otherwise
+- SAE (`--architecture`): `topk` is `TopKTrainingSAEConfig(k, d_sae = expansion * d_in)`;
+  `batchtopk` `BatchTopKTrainingSAEConfig(k)`; `matryoshka` `MatryoshkaBatchTopKTrainingSAEConfig(k,
+  matryoshka_widths = d_sae x --matryoshka)` (sae-lens has no default widths; featopt's default
+  prefixes 1/16, 1/4, 1); `jumprelu` `JumpReLUTrainingSAEConfig()` at its defaults (L0
+  coefficient 1, bandwidth 0.05, thresholds from 0.01, DeepMind's step loss). The three topk kinds
+  take sae-lens' topk defaults otherwise
   (`rescale_acts_by_decoder_norm=True`, `decoder_init_norm=0.1`, b_dec at zero, AuxK coefficient
   1 with a 1000-step dead window); inputs scaled to mean squared norm d_in
   (`normalize_activations="expected_average_only_in"`, as featopt does), estimated on
@@ -44,6 +49,22 @@ from common import Timers, auto_lr, load_contexts, parse_args, report, steps_for
 def _flags(p) -> None:
     p.add_argument("--buffer_batches", type=int, default=16, help="mixing buffer size in 4096-token batches")
     p.add_argument("--norm_batches", type=int, default=4, help="batches for the input-scale estimate")
+    p.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu"])
+    p.add_argument("--matryoshka", default="0.0625,0.25,1", help="matryoshka prefix widths as fractions of d_sae")
+
+
+def sae_config(args, d_in: int, d_sae: int):
+    """sae-lens' training config for `--architecture`, at its defaults but for k and the widths."""
+    import sae_lens
+
+    common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", normalize_activations="expected_average_only_in")
+    if args.architecture == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAEConfig(**common)
+    if args.architecture == "matryoshka":
+        widths = [round(float(f) * d_sae) for f in args.matryoshka.split(",")]
+        return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=args.k, matryoshka_widths=widths, **common)
+    name = {"topk": "TopKTrainingSAEConfig", "batchtopk": "BatchTopKTrainingSAEConfig"}[args.architecture]
+    return getattr(sae_lens, name)(k=args.k, **common)
 
 
 def main() -> None:
@@ -54,7 +75,7 @@ def main() -> None:
     import datasets
     import sae_lens
     import torch
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, TopKTrainingSAEConfig
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
     from sae_lens.training.activations_store import ActivationsStore
     from sae_lens.training.sae_trainer import SAETrainer
     from transformers import AutoConfig
@@ -76,8 +97,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     lr = auto_lr(d_sae)
     cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=args.k, dtype="float32", device="cpu",
-                                  normalize_activations="expected_average_only_in"),
+        sae=sae_config(args, d_in, d_sae),
         model_name=str(args.model_dir), model_class_name="AutoModelForCausalLM", hook_name=f"model.layers.{args.layer}",
         dataset_path="", is_dataset_tokenized=True, streaming=False, context_size=context, prepend_bos=False,
         seqpos_slice=(args.skip_first, None), training_tokens=steps * args.batch_size,
@@ -108,7 +128,7 @@ def main() -> None:
     report("sae-lens", sae_lens.__version__, tokens=counts["tokens"], steps=steps, wall_s=wall,
            forward_s=timers.seconds.get("forward", 0.0), sae_step_s=timers.seconds.get("sae_step", 0.0),
            forward_tokens=counts["contexts"] * context, out=out,
-           settings={"lr": lr, "warmup_steps": args.warmup_steps, "decay_steps": int(steps * args.decay_fraction),
+           settings={"architecture": args.architecture, "lr": lr, "warmup_steps": args.warmup_steps, "decay_steps": int(steps * args.decay_fraction),
                      "n_batches_in_buffer": cfg.n_batches_in_buffer, "norm_batches": norm_batches,
                      "store_batch_size_prompts": cfg.store_batch_size_prompts, "seqpos_slice": [args.skip_first, None],
                      "hook_name": cfg.hook_name, "files": saved})

@@ -164,6 +164,7 @@ class SAETraining(L.LightningModule):
         fvus, l0s, fired = [], [], []
         for i, (sae, site, target) in enumerate(zip(self.saes, self.sites, self.targets)):
             part, stats = self._losses(i, sae, inputs[site], inputs[target] if target != site else None, total_vars[target])
+            stats["steps"] = self.trainer.max_steps  # the run's length sets batchtopk's threshold rate
             sae.observe_batch(stats, self._global)
             loss = loss + part
             fvus.append(stats["fvu"] / total_vars[target])

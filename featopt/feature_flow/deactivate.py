@@ -31,8 +31,8 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.feature_flow.events import Events, check_events, check_token_contexts, encode_cpu
 from featopt.feature_flow.groups import GROUPS, ROLES, predecessor_key
-from featopt.feature_flow.saes import FlowSet, key_site
-from featopt.interventions.edits import Edit, edited, scale_latents
+from featopt.feature_flow.saes import FlowSet
+from featopt.interventions.edits import Edit, edited, latent_edits
 
 # Which predecessor is rescaled: the top-1 match, or a random firing latent of the same SAE
 # (not groups.METHODS' fixed random latent per feature, though the names are the same).
@@ -50,7 +50,7 @@ def _read(adapter, flow, layer: int, ids: Tensor, pos: Tensor, feat: Tensor, edi
           loss: bool = False) -> tuple[Tensor, Tensor | None]:
     """f's activation `[B]` at `(row, pos)` under `edits` (forward stops at `layer/res`), and with
     `loss` the full model's mean next-token cross-entropy of each row `[B]`."""
-    site, sae = key_site((layer, "res")), flow[(layer, "res")]
+    site, sae = flow.read_site((layer, "res")), flow[(layer, "res")]
     if loss:
         with edited(adapter, edits), adapter.hooks(read=[site]) as captured:
             logits = adapter.logits(ids)
@@ -59,7 +59,8 @@ def _read(adapter, flow, layer: int, ids: Tensor, pos: Tensor, feat: Tensor, edi
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), reduction="none")
         ce = ce.view(len(ids), -1).mean(1).cpu()
     else:
-        act = adapter.run([site], input_ids=ids, write={e.site: e.fn for e in edits})[site]
+        with edited(adapter, edits):
+            act = adapter.run([site], input_ids=ids)[site]
         ce = None
     x = act[torch.arange(len(ids), device=act.device), pos.to(act.device)]  # [B, d]
     return encode_cpu(sae, x).gather(1, feat[:, None])[:, 0].float(), ce
@@ -155,9 +156,9 @@ def deactivate(flow: FlowSet, adapter, contexts, events: Events, *, r: float = 0
             for c in rows.split(batch_size):
                 e = ev[c]
                 ids, pos, feat = contexts[events.context[e]], events.position[e], events.feature[e]
-                edit = Edit(key_site(key), scale_latents(flow[key], lat[c][:, None], r))
+                edit = latent_edits(flow[key], lat[c][:, None], r)
                 z_old[c] = _read(adapter, flow, L, ids, pos, feat, [])[0]
-                z_new[c] = _read(adapter, flow, L, ids, pos, feat, [edit])[0]
+                z_new[c] = _read(adapter, flow, L, ids, pos, feat, edit)[0]
     groups = events.groups()
     return DeactivationResult(method, r, ev, slot, lat, z_old, z_new, [groups[int(e)] for e in ev],
                               events.active[ev].sum(1) == 1)
@@ -220,7 +221,6 @@ def r_sweep(flow: FlowSet, adapter, contexts, events: Events, rs: Sequence[float
                     key = predecessor_key(L, role)
                     if key in flow and events.active[e, s].any():
                         factor = torch.where(events.active[e, s], r, 1.0).double()
-                        edits.append(Edit(key_site(key), scale_latents(
-                            flow[key], events.top1[e, s].clamp(min=0)[:, None], factor)))
+                        edits += latent_edits(flow[key], events.top1[e, s].clamp(min=0)[:, None], factor)
                 z_new[j, c], loss_new[j, c] = _read(adapter, flow, L, ids, pos, feat, edits, loss=True)
     return SweepResult(rs, sel, z_old, z_new, loss_old, loss_new)

@@ -19,7 +19,7 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.feature_flow.groups import (GROUPS, ROLES, check_contexts, group_index, predecessor_key, predecessors,
                                          target_layers)
-from featopt.feature_flow.saes import FlowSet, Node, key_site
+from featopt.feature_flow.saes import FlowSet, Node
 
 
 # ----------------------------------------------------------------------- checks
@@ -121,10 +121,10 @@ def sample_events(flow: FlowSet, adapter, contexts, *, layers=None, max_events: 
     population = 0
     for b0 in range(0, len(contexts), batch_size):
         ids = contexts[b0:b0 + batch_size]
-        acts = adapter.run([key_site(k) for k in keys], input_ids=ids)
+        acts = adapter.run([flow.read_site(k) for k in keys], input_ids=ids)
         fired = {}  # only the firing latents are kept: one dense [B, T, d_sae] at a time
         for L in layers:
-            z = encode_cpu(flow[(L, "res")], acts[key_site((L, "res"))][:, skip_first:])
+            z = encode_cpu(flow[(L, "res")], acts[flow.read_site((L, "res"))][:, skip_first:])
             nz = (z > 0).nonzero()  # [n, 3] (row, position - skip_first, feature), row-major
             fired[L] = (nz, z[nz[:, 0], nz[:, 1], nz[:, 2]].float())
         rows, values, draws = [], [], []
@@ -173,7 +173,7 @@ def _fill(flow, acts, tops, rows: Tensor, z_old: Tensor, u: Tensor, b0: int) -> 
             key = predecessor_key(L, role)
             if key not in flow:
                 continue
-            act = acts[key_site(key)]
+            act = acts[flow.read_site(key)]
             fires = encode_cpu(flow[key], act[i.to(act.device), t.to(act.device)]) > 0  # [m, d_pred]
             active[:, s] = fires.gather(1, top[:, s, None])[:, 0]
             eligible = fires.scatter(1, top[:, s, None], False)  # firing, not the top-1

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from featopt.errors import FeatoptError
 from featopt.feature_flow.match import match
-from featopt.feature_flow.saes import FlowSet, choose_layers, key_site
+from featopt.feature_flow.saes import FlowSet, choose_layers
 
 GROUPS = ("From RES", "From MLP", "From ATT", "From RES & MLP", "From RES & ATT", "From MLP & ATT",
           "From RES & MLP & ATT", "From nowhere")
@@ -182,7 +182,7 @@ def group_counts(flow: FlowSet, adapter, contexts: Tensor, *, layers=None, batch
                         for role, (index, score) in table.items()}
     keys = sorted({(layer, "res") for layer in layers}
                   | {predecessor_key(layer, role) for layer in layers for role in preds[layer]})
-    sites = {key: key_site(key) for key in keys}
+    sites = {key: flow.read_site(key) for key in keys}
     device = adapter.device
     preds = {layer: {role: idx.to(device) for role, idx in table.items()} for layer, table in preds.items()}
     feature_counts = {layer: torch.zeros(flow[(layer, "res")].d_sae * 8, dtype=torch.long, device=device) for layer in layers}

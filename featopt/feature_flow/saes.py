@@ -5,6 +5,11 @@ residual stream after block 12, `12/mlp/...` and `12/att/...` those of the SAEs 
 and attention outputs. In a Llama- or GPT-style block `resid_post[L] = resid_post[L-1] +
 attn_out[L] + mlp_out[L]`, so a feature of `L/res` can come from `L-1/res` (carried by the
 residual), `L/mlp` or `L/att`: those are its **predecessor** SAEs.
+
+A transcoder (reading `blocks.L.mlp_in`, writing `blocks.L.mlp_out`) stands in the `L/mlp` role:
+its decoder rows are directions the MLP writes, as an `mlp_out` SAE's are, so every comparison of
+decoder rows holds; its latents are encoded from its input site (:meth:`FlowSet.read_site`) and
+edits of them land on its target site (:func:`featopt.interventions.edits.latent_edits`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from featopt.errors import FeatoptError
-from featopt.models import Site
+from featopt.models import Site, parse_site
 
 #: document 003's module names -> featopt's site kinds.
 MODULES = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
@@ -45,7 +52,8 @@ class Node:
 
 
 def key_site(key: tuple[int, str]) -> Site:
-    """The site an SAE key `(layer, module)` reads: `(6, "mlp")` -> `blocks.6.mlp_out`."""
+    """The site an SAE key `(layer, module)` stands for, what its decoder writes: `(6, "mlp")` ->
+    `blocks.6.mlp_out` (an SAE reads it too; a transcoder reads :meth:`FlowSet.read_site`)."""
     return Site(key[0], MODULES[key[1]])
 
 
@@ -76,13 +84,14 @@ def parse_node(text: str | Node) -> Node:
 
 def module_of(site: Site) -> str:
     if site.kind not in KIND_TO_MODULE:
-        raise FeatoptError(f"feature flow works on SAEs at resid_post, mlp_out and attn_out sites, not {site.name}: "
-                           "train or load SAEs at those sites.")
+        raise FeatoptError(f"feature flow works on SAEs at resid_post, mlp_out and attn_out sites (and transcoders "
+                           f"writing one), not {site.name}: train or load SAEs at those sites.")
     return KIND_TO_MODULE[site.kind]
 
 
 class FlowSet:
-    """SAEs keyed by `(layer, module)`, all reading activations of one width `d_in`.
+    """SAEs keyed by `(layer, module)` (a transcoder by the site it writes), all of one width: the
+    width of the activations they reconstruct, whose decoder rows flow compares.
 
     `saes`: `{(layer, module): SparseAutoencoder}`; `paths`: where each was loaded from (for records).
     """
@@ -90,21 +99,34 @@ class FlowSet:
     def __init__(self, saes: dict[tuple[int, str], object], paths: dict[tuple[int, str], str] | None = None):
         if not saes:
             raise FeatoptError("no SAE given: feature flow needs SAEs at two or more sites of one model.")
-        widths = {key: sae.d_in for key, sae in saes.items()}
+        widths = {key: getattr(sae, "d_out", sae.d_in) for key, sae in saes.items()}
         if len(set(widths.values())) > 1:
             listing = ", ".join(f"{layer}/{module}: {w}" for (layer, module), w in sorted(widths.items()))
             raise FeatoptError(f"the SAEs read activations of different widths ({listing}): feature flow compares "
                                "decoder rows, so all SAEs must be of one model and width.")
         self.saes = dict(sorted(saes.items()))
         self.paths = dict(paths or {})
+        from featopt.models.sae.attach import site_of
+
+        # where each SAE's latents are encoded from: its own site, or a transcoder's input site
+        self.reads = {key: parse_site(site_of(sae)) if getattr(sae, "is_transcoder", False) else key_site(key)
+                      for key, sae in self.saes.items()}
+
+    def read_site(self, key: tuple[int, str]) -> Site:
+        """The site SAE `key`'s latents are encoded from (a transcoder's input; else `key_site(key)`)."""
+        self[key]
+        return self.reads[tuple(key)]
+
+    def encode(self, key: tuple[int, str], acts: dict) -> Tensor:
+        """SAE `key`'s latents `[..., d_sae]` from `acts` (site -> activation) holding its read site."""
+        return self[key].encode(acts[self.read_site(key)])
 
     @classmethod
     def load(cls, paths: str | Iterable[str]) -> "FlowSet":
         """From SAE folders, comma-separated or a list; a folder holding SAE folders (such as the
         output of `featopt sae train` with several sites) stands for all of them."""
-        from featopt.models.sae.attach import site_of
+        from featopt.models.sae.attach import target_site_of
         from featopt.models.sae.formats import load_sae
-        from featopt.models import parse_site
 
         items = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else [str(p).strip() for p in paths]
         items = [p for p in items if p]
@@ -126,7 +148,8 @@ class FlowSet:
         saes, where = {}, {}
         for folder in folders:
             sae = load_sae(folder)
-            key = (parse_site(site_of(sae)).layer, module_of(parse_site(site_of(sae))))
+            site = parse_site(target_site_of(sae))  # what it writes: a transcoder's target
+            key = (site.layer, module_of(site))
             if key in saes:
                 raise FeatoptError(f"two SAEs for {key[0]}/{key[1]} ({where[key]} and {folder}): give one SAE per site.")
             sae.source = str(folder)
@@ -179,15 +202,17 @@ class FlowSet:
         return [k for k in self.saes if key in self.predecessors(k)]
 
     def check_model(self, adapter) -> None:
-        """Every SAE's site exists in `adapter` with the SAE's width."""
+        """Every SAE's sites exist in `adapter` with the SAE's widths."""
         for (layer, module), sae in self.saes.items():
             site = key_site((layer, module))
             if layer >= adapter.n_layers:
                 raise FeatoptError(f"the SAE at {layer}/{module} reads {site.name}, but model {adapter.name!r} has "
                                    f"{adapter.n_layers} layers (0-{adapter.n_layers - 1}): use SAEs of this model.")
-            if adapter.width(site) != sae.d_in:
-                raise FeatoptError(f"the SAE at {layer}/{module} reads {sae.d_in}-wide activations but {site.name} of "
-                                   f"model {adapter.name!r} is {adapter.width(site)} wide: use SAEs of this model.")
+            for where, width in ((self.reads[(layer, module)], sae.d_in), (site, getattr(sae, "d_out", sae.d_in))):
+                if adapter.width(where) != width:
+                    raise FeatoptError(f"the SAE at {layer}/{module} has {width}-wide activations at {where.name} but "
+                                       f"model {adapter.name!r} is {adapter.width(where)} wide there: use SAEs of this "
+                                       "model.")
 
     def describe(self) -> dict:
         return {f"{layer}/{module}": {**self.saes[(layer, module)].describe(), "path": self.paths.get((layer, module))}

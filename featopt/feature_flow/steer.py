@@ -165,11 +165,11 @@ def _score(flow, adapter, prompt: list[int], new: list[int], targets: list[Node]
            theme_ids: list[int]) -> tuple[float, float, float, float | None]:
     """(theme, perplexity, distinct, word log-prob) of `new` after `prompt`, one clean forward."""
     ids = torch.tensor([prompt + new], device=adapter.device)
-    sites = list(dict.fromkeys(n.site for n in targets))
+    sites = list(dict.fromkeys(flow.read_site(n.key) for n in targets))
     with adapter.hooks(read=sites) as acts:
         logits = adapter.model(input_ids=ids, use_cache=False).logits[0].double()  # [T + n, V]
     T, n = len(prompt), len(new)
-    theme = sum(float(flow[t.key].encode(acts[t.site][0, T:])[:, t.index].double().mean()) for t in targets) / len(targets)
+    theme = sum(float(flow[t.key].encode(acts[flow.read_site(t.key)][0, T:])[:, t.index].double().mean()) for t in targets) / len(targets)
     # logits at T-1 .. T+n-2 predict the generated tokens T .. T+n-1
     ce = torch.nn.functional.cross_entropy(logits[T - 1:T + n - 1], ids[0, T:].to(logits.device))
     word = None

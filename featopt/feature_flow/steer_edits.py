@@ -18,7 +18,7 @@ from torch import Tensor
 
 from featopt.errors import FeatoptError
 from featopt.feature_flow.saes import FlowSet, Node
-from featopt.interventions.edits import Edit, add_direction, scale_latents
+from featopt.interventions.edits import Edit, add_direction, latent_edits
 from featopt.models import ModelAdapter
 
 MODES = ("scale", "add")
@@ -53,7 +53,7 @@ def steering_edits(flow: FlowSet, nodes: Sequence[Node | str], r: float, *, mode
         sae, label = flow[key], f"{mode} r={r:g} " + ",".join(map(str, group))
         index = [n.index for n in group]
         if mode == "scale":
-            edits.append(Edit(group[0].site, scale_latents(sae, index, float(r)), label))
+            edits += latent_edits(sae, index, float(r), label=label)
             continue
         missing = [str(n) for n in group if reference is None or n not in reference]
         if missing:
@@ -76,9 +76,9 @@ def reference_activations(flow: FlowSet, adapter: ModelAdapter, nodes: Sequence[
     groups = by_sae(nodes)
     best = {n: 0.0 for n in nodes}
     for start in range(0, len(contexts), batch_size):
-        acts = adapter.run([g[0].site for g in groups.values()], input_ids=contexts[start:start + batch_size])
+        acts = adapter.run([flow.read_site(key) for key in groups], input_ids=contexts[start:start + batch_size])
         for key, group in groups.items():
-            z = flow[key].encode(acts[group[0].site][:, 1:])  # [B, T-1, d_sae]
+            z = flow[key].encode(acts[flow.read_site(key)][:, 1:])  # [B, T-1, d_sae]
             for node in group:
                 best[node] = max(best[node], float(z[..., node.index].max()))
     silent = [str(n) for n, v in best.items() if v <= 0]

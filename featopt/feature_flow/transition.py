@@ -36,7 +36,7 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.feature_flow.groups import check_contexts
 from featopt.feature_flow.match import top_matches
-from featopt.feature_flow.saes import FlowSet, choose_layers, key_site
+from featopt.feature_flow.saes import FlowSet, choose_layers
 
 VARIANTS = ("cosine", "fitted", "permutation")
 
@@ -126,7 +126,7 @@ def explained_variance(flow: FlowSet, adapter, contexts: Tensor, *, layers=None,
     device = adapter.device
     pairs = [(layer, layer + 1) for layer in layers]
     keys = sorted({(layer, "res") for pair in pairs for layer in pair})
-    sites = {key: key_site(key) for key in keys}
+    sites = {key: flow.read_site(key) for key in keys}
     mats, perms, sums = {}, {}, {}
     for low, high in pairs:
         rows, values = transition_matrix(flow[(low, "res")], flow[(high, "res")])

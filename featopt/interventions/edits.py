@@ -8,6 +8,9 @@ and 003); a neuron clamp (:func:`featopt.interventions.clamp.clamp`) is the same
   reconstruction rescaled by `r` (document 003's rescaling coefficient): `r = 0` removes the
   latents' contributions (deactivation), `r = 1` changes nothing, bit for bit, `r > 1` amplifies.
   The SAE's error term is untouched, so only the chosen latents move.
+- :func:`latent_edits`: the same as a list of edits placed for any SAE: at its own site, or for a
+  transcoder at its target site (what its decoder writes, the MLP's output) with the latents
+  encoded from its input site in the same forward.
 - :func:`add_direction`: `x + coef * v` at every position (steering a latent that is not active).
 - :func:`project_out`: `x - (x . d) d` for unit `d`: no component along the direction at all.
 
@@ -84,15 +87,17 @@ def _per_row(value, batch: int, n: int, dtype, device, what: str) -> Tensor:
                        f"give a number, [{n}], [{batch}] or [{batch}, {n}].")
 
 
-def scale_latents(sae, latents, r=0.0, *, positions: Tensor | None = None) -> WriteFn:
+def scale_latents(sae, latents, r=0.0, *, positions: Tensor | None = None,
+                  source: Callable[[], Tensor] | None = None) -> WriteFn:
     """A write function rescaling SAE latents' contributions: `x + (r - 1) * sum_i z_i(x) W_dec[i]`.
 
     `sae` reads the site the edit is installed at. `latents`: an int, a list, `[n]` (the same for
     every row) or `[B, n]` (per batch row; repeat an index or use r = 1 to pad). `r`: a number,
     `[n]`, `[B]` or `[B, n]`. `positions`: optional bool mask `[B, T]` (or `[T]`) of the positions
     edited; all positions by default. `z(x)` is the SAE's encoding of the activation as it arrives
-    (after earlier edits at the same site). Arithmetic runs in the SAE's dtype and is rounded once
-    to the model's; with r = 1 the output equals the input exactly.
+    (after earlier edits at the same site), or of `source()` when given (a transcoder's input,
+    read earlier in the same forward: see :func:`latent_edits`). Arithmetic runs in the SAE's
+    dtype and is rounded once to the model's; with r = 1 the output equals the input exactly.
     """
     _check_r(r)
     idx = torch.as_tensor(latents, dtype=torch.long)
@@ -110,7 +115,7 @@ def scale_latents(sae, latents, r=0.0, *, positions: Tensor | None = None) -> Wr
         if rows.shape[0] != batch:
             raise FeatoptError(f"per-row latents for {rows.shape[0]} rows but the forward has {batch}.")
         factor = _per_row(r, batch, n, W.dtype, W.device, "r") - 1  # [B, n]
-        z = sae.encode(x)  # [B, T, d_sae]
+        z = sae.encode(x if source is None else source().to(device=W.device, dtype=W.dtype))  # [B, T, d_sae]
         picked = z.gather(-1, rows[:, None, :].expand(-1, x.shape[1], -1))  # [B, T, n]
         coef = picked * factor[:, None, :]
         if positions is not None:
@@ -120,6 +125,34 @@ def scale_latents(sae, latents, r=0.0, *, positions: Tensor | None = None) -> Wr
         return (x + delta).to(device=act.device, dtype=act.dtype)
 
     return write
+
+
+def latent_edits(sae, latents, r=0.0, *, positions: Tensor | None = None, label: str = "") -> list[Edit]:
+    """:func:`scale_latents` of `sae` as edits for :func:`edited`, wherever `sae` sits.
+
+    An SAE: one edit at its site. A transcoder (reads `cfg.hook_name`, writes `cfg.target_hook_name`):
+    an edit at its input site that only records the activation (unchanged), and the rescaling at
+    its target site, `y + (r - 1) * sum_i z_i(x) W_dec[i]` with `x` that recorded input; the model
+    computes the input first (the MLP's input before its output), so both are of one forward.
+    """
+    from featopt.models.sae.attach import site_of, target_site_of
+
+    site, target = site_of(sae), target_site_of(sae)
+    if target == site:
+        return [Edit(site, scale_latents(sae, latents, r, positions=positions), label)]
+    seen: dict[str, Tensor] = {}
+
+    def record(act: Tensor, _site: Site) -> Tensor:
+        seen["x"] = act
+        return act
+
+    def source() -> Tensor:
+        if "x" not in seen:
+            raise FeatoptError(f"the transcoder's input {site} was not computed before its target {target}: "
+                               "it must read a site its target depends on.")
+        return seen["x"]
+
+    return [Edit(site, record, label), Edit(target, scale_latents(sae, latents, r, positions=positions, source=source), label)]
 
 
 def add_direction(direction: Tensor, coef) -> WriteFn:

@@ -97,6 +97,13 @@ def test_batchtopk_keeps_k_per_row_on_average_and_learns_its_threshold():
     smallest = float(stats["values"][stats["values"] > 0].min())
     assert smallest == pytest.approx(float(torch.relu(sae.pre_acts(x))[_batch_topk(sae.pre_acts(x).detach())].min()), rel=1e-6)
     torch.testing.assert_close(sae.threshold.detach(), start + 0.01 * (smallest - start))  # a running average, rate 0.01
+    # a short run averages faster: over the last tenth of its steps (20 steps: rate 1 / 2)
+    before = sae.threshold.detach().clone()
+    sae.observe_batch({**stats, "steps": 20}, lambda t, op: t)
+    torch.testing.assert_close(sae.threshold.detach(), before + 0.5 * (smallest - before))
+    before = sae.threshold.detach().clone()
+    sae.observe_batch({**stats, "steps": 100_000}, lambda t, op: t)  # a long one keeps SAELens' 0.01
+    torch.testing.assert_close(sae.threshold.detach(), before + 0.01 * (smallest - before))
     with torch.no_grad():
         sae.threshold.zero_()  # a fresh SAE: the first batch sets it
     sae.observe_batch(stats, lambda t, op: t)

@@ -49,8 +49,9 @@ class TrainingParts:
         """Called after each optimizer step (jumprelu keeps its thresholds at 0 or above)."""
 
     def observe_batch(self, stats: dict, reduce) -> None:
-        """Called after each step's losses with their `stats` and `reduce(tensor, op)` (op "sum" or
-        "min" over ranks): batchtopk moves its inference threshold here."""
+        """Called after each step's losses with their `stats` (`stats["steps"]`: the run's planned
+        optimizer steps) and `reduce(tensor, op)` (op "sum" or "min" over ranks): batchtopk moves its
+        inference threshold here."""
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, data_mean: Tensor | None = None,
