@@ -111,10 +111,27 @@ def parse() -> argparse.Namespace:
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.skip - set(PARTS):
         raise SystemExit(f"--skip: unknown part(s) {', '.join(sorted(args.skip - set(PARTS)))}; allowed: {', '.join(PARTS)}")
-    if "archs" not in args.skip and not args.cache_dir:
-        raise SystemExit("the archs part trains from an activation cache: give --cache_dir (`featopt sae cache`), "
-                         "or --skip archs.")
+    if args.featopt_from == "cache" and not args.cache_dir:
+        raise SystemExit("--featopt_from cache needs --cache_dir (an activation cache from `featopt sae cache`).")
     return args
+
+
+def build_cache(args, adapter, out: Path) -> tuple[Path, float, int]:
+    """`--cache_dir` as it is (not timed), or a new cache of the training split in `out/cache`
+    (`--cache_tokens` of it), timed: `(folder, seconds or nan, tokens cached)`."""
+    from featopt.commands.sae_cache import CacheConfig, cache
+    from featopt.dictionaries.activations import CacheSource
+
+    if args.cache_dir:
+        cache_dir = Path(args.cache_dir)
+        return cache_dir, float("nan"), math.prod(CacheSource(cache_dir).meta["contexts_shape"])
+    cache_dir = out / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    print("[featopt] caching activations", flush=True)
+    start = time.perf_counter()
+    cached = cache(CacheConfig(model=args.model, site=SITE, corpus=args.corpus, context_length=CONTEXT,
+                               max_tokens=args.cache_tokens, out=str(cache_dir), progress=False), adapter=adapter)
+    return cache_dir, time.perf_counter() - start, cached.tokens
 
 
 def main() -> None:
@@ -146,6 +163,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads", flush=True)
 
     rows, results, notes = [], {"args": {**vars(args), "skip": sorted(skip)}}, []
+    cache_built = None
+    if "archs" not in skip and not args.cache_dir:  # the sweep trains from a cache: build it first
+        cache_built = build_cache(args, adapter, out)
+        args.cache_dir = str(cache_built[0])
     if "featopt" not in skip:
         print(f"[featopt] its defaults (topk k={K}) from the {args.featopt_from}", flush=True)
         row = featopt_train(adapter, args, out / "featopt", activations=args.cache_dir if args.featopt_from == "cache" else None)
@@ -189,21 +210,7 @@ def main() -> None:
         featopt_only.append(f"| four relu SAEs (1x, 2x, 4x, 8x) from one pass vs one relu 4x, same {four['tokens']:,} tokens | "
                             f"{four['wall_s']:.1f} s vs {one['wall_s']:.1f} s | **{ratio:.2f}x** the time | < 1.5x |")
     if "cache" not in skip:
-        from featopt.commands.sae_cache import CacheConfig, cache
-
-        if args.cache_dir:  # an existing cache of the same split (`featopt sae cache`): not rebuilt, not timed
-            from featopt.dictionaries.activations import CacheSource
-
-            cache_dir, cache_s = Path(args.cache_dir), float("nan")
-            cached = argparse.Namespace(tokens=math.prod(CacheSource(cache_dir).meta["contexts_shape"]))
-        else:
-            cache_dir = out / "cache"
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            print("[featopt] caching activations", flush=True)
-            start = time.perf_counter()
-            cached = cache(CacheConfig(model=args.model, site=SITE, corpus=args.corpus, context_length=CONTEXT,
-                                           max_tokens=args.cache_tokens, out=str(cache_dir), progress=False), adapter=adapter)
-            cache_s = time.perf_counter() - start
+        cache_dir, cache_s, cached_tokens = cache_built or build_cache(args, adapter, out)
         print("[featopt] topk from the cache", flush=True)
         from_cache = featopt_train(adapter, args, out / "featopt-from-cache", activations=str(cache_dir))
         base = next((r for r in rows if r["name"].startswith("featopt default") and r["from"] == "model"), None)
@@ -216,13 +223,13 @@ def main() -> None:
 
             a, b = load_sae(base["out"]), load_sae(from_cache["out"])
             same = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-        results["cache"] = {"cache_s": cache_s, "cached_tokens": cached.tokens, "from_cache": from_cache, "from_model": base,
+        results["cache"] = {"cache_s": cache_s, "cached_tokens": cached_tokens, "from_cache": from_cache, "from_model": base,
                             "ratio": ratio, "max_weight_gap": same}
         featopt_only.append(f"| topk from the cache vs from the model, {from_cache['tokens']:,} tokens | "
                             f"{from_cache['tokens_per_s']:.0f} vs {base['tokens_per_s']:.0f} tokens/s | **{ratio:.1f}x** "
                             f"the speed | >= 5x |")
-        notes.append((f"caching {cached.tokens:,} tokens took {cache_s:.1f} s ({cached.tokens / cache_s:.0f} tokens/s), "
-                      if not args.cache_dir else f"the cache of {cached.tokens:,} tokens was reused from {args.cache_dir}, ")
+        notes.append((f"caching {cached_tokens:,} tokens took {cache_s:.1f} s ({cached_tokens / cache_s:.0f} tokens/s), "
+                      if cache_s == cache_s else f"the cache of {cached_tokens:,} tokens was reused from {cache_dir}, ")
                      + "not counted in the from-cache run"
                      + (f"; the SAEs trained from the cache and from the model differ by at most {same:.2e} in any weight"
                         if same is not None else "; the cache holds a different number of contexts than the corpus, so "
