@@ -141,8 +141,7 @@ def featopt_train(adapter, args, out: Path, *, label: str = "featopt", activatio
 
 
 # ----------------------------------------------------------------------------- peers
-def peer_train(name: str, model_dir: Path, contexts: Path, args, out: Path, extra: list[str] = (),
-               library: str | None = None) -> dict:
+def peer_train(name: str, model_dir: Path, contexts: Path, args, out: Path, extra: list[str] = ()) -> dict:
     """Run peer `name`'s runner (`benchmarks/peers/<name>_train.py`) in its environment into `out`,
     with `extra` flags; its JSON row, kept as `<out>.row.json` (with `--resume`, an existing row
     is read back instead of training again: the runner's own output, not a re-measurement)."""
@@ -168,7 +167,6 @@ def peer_train(name: str, model_dir: Path, contexts: Path, args, out: Path, extr
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise SystemExit(f"[{out.name}] failed (exit {proc.returncode}); log: {log}\n{tail}")
     row = json.loads(lines[-1])
-    row["library"] = library or row["library"]
     row["command"] = " ".join(cmd)
     row_file.write_text(json.dumps(row, indent=2))
     return row

@@ -19,8 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import Tensor
-
 from featopt.errors import FeatoptError
 from featopt.models import Site, parse_site
 
@@ -99,7 +97,7 @@ class FlowSet:
     def __init__(self, saes: dict[tuple[int, str], object], paths: dict[tuple[int, str], str] | None = None):
         if not saes:
             raise FeatoptError("no SAE given: feature flow needs SAEs at two or more sites of one model.")
-        widths = {key: getattr(sae, "d_out", sae.d_in) for key, sae in saes.items()}
+        widths = {key: sae.d_out for key, sae in saes.items()}
         if len(set(widths.values())) > 1:
             listing = ", ".join(f"{layer}/{module}: {w}" for (layer, module), w in sorted(widths.items()))
             raise FeatoptError(f"the SAEs read activations of different widths ({listing}): feature flow compares "
@@ -109,17 +107,13 @@ class FlowSet:
         from featopt.models.sae.attach import site_of
 
         # where each SAE's latents are encoded from: its own site, or a transcoder's input site
-        self.reads = {key: parse_site(site_of(sae)) if getattr(sae, "is_transcoder", False) else key_site(key)
+        self.reads = {key: parse_site(site_of(sae)) if sae.is_transcoder else key_site(key)
                       for key, sae in self.saes.items()}
 
     def read_site(self, key: tuple[int, str]) -> Site:
         """The site SAE `key`'s latents are encoded from (a transcoder's input; else `key_site(key)`)."""
         self[key]
         return self.reads[tuple(key)]
-
-    def encode(self, key: tuple[int, str], acts: dict) -> Tensor:
-        """SAE `key`'s latents `[..., d_sae]` from `acts` (site -> activation) holding its read site."""
-        return self[key].encode(acts[self.read_site(key)])
 
     @classmethod
     def load(cls, paths: str | Iterable[str]) -> "FlowSet":
@@ -208,7 +202,7 @@ class FlowSet:
             if layer >= adapter.n_layers:
                 raise FeatoptError(f"the SAE at {layer}/{module} reads {site.name}, but model {adapter.name!r} has "
                                    f"{adapter.n_layers} layers (0-{adapter.n_layers - 1}): use SAEs of this model.")
-            for where, width in ((self.reads[(layer, module)], sae.d_in), (site, getattr(sae, "d_out", sae.d_in))):
+            for where, width in ((self.reads[(layer, module)], sae.d_in), (site, sae.d_out)):
                 if adapter.width(where) != width:
                     raise FeatoptError(f"the SAE at {layer}/{module} has {width}-wide activations at {where.name} but "
                                        f"model {adapter.name!r} is {adapter.width(where)} wide there: use SAEs of this "

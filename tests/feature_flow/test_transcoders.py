@@ -1,6 +1,6 @@
 """Transcoders in feature flow: a transcoder (reading block L's MLP input, writing its output) in the
 `L/mlp` role. Checked against plain HF forward hooks and a float64 topk encoding of the MLP's own
-input: nothing here goes through the adapter's hooks, `latent_edits` or `FlowSet.encode`."""
+input; the reference computations go through none of the adapter's hooks, `latent_edits` or `FlowSet.read_site`."""
 
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ THRESHOLD_SPAN = 0.1
 
 
 def threshold_rate(steps: int | None) -> float:
-    """The running average's rate for a run of `steps` optimizer steps (None: unknown)."""
-    return max(THRESHOLD_RATE, 1.0 / (THRESHOLD_SPAN * steps)) if steps else THRESHOLD_RATE
+    """The running average's rate for a run of `steps` optimizer steps (None: unknown), at most 1."""
+    return min(1.0, max(THRESHOLD_RATE, 1.0 / (THRESHOLD_SPAN * steps))) if steps else THRESHOLD_RATE
 
 
 @register("batchtopk")
@@ -68,5 +68,5 @@ class BatchTopKSAE(TopKSAE):
         if not self.threshold.any():  # the first batch: start at its value, not at 0 (an average of few
             self.threshold.fill_(float(smallest))  # batches would otherwise stay far below the kept values)
         else:
-            rate = min(1.0, threshold_rate(stats.get("steps")))
+            rate = threshold_rate(stats.get("steps"))
             self.threshold.lerp_(smallest.to(self.threshold.dtype).expand_as(self.threshold), rate)
