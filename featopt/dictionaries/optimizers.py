@@ -65,6 +65,41 @@ class ScheduleFree(ScheduleFreeWrapper):
         return self.base.defaults
 
     @torch.no_grad()
+    def step(self, closure=None):
+        """The wrapper's step around a sign step, in four passes per parameter instead of its eight
+        (it swaps x and z in and out of `p` with xor so that any base optimizer can step `p`):
+        `x = lerp(y, z, 1 - 1/beta)`, `z -= lr sign(grad)`, then the new `x = lerp(x, z, c)` and
+        `y = lerp(x, z, 1 - beta)` as one `lerp(x, z, 1 - beta (1 - c))`. The state (`z`, and each
+        group's `k`, `lr_max`, `weight_sum`) is the wrapper's, so checkpoints are interchangeable."""
+        if not isinstance(self.base, SignSGD) or self.weight_decay_at_y:
+            return super().step(closure)
+        if not self.train_mode:
+            raise RuntimeError("the schedule-free optimizer must be in train mode to step (call .train())")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        beta = self.momentum
+        for group in self.param_groups:
+            k, lr = group.get("k", 0), group["lr"] * group.get("d", 1.0)
+            lr_max = group["lr_max"] = max(lr, group.get("lr_max", 0))
+            weight = ((k + 1) ** self.r) * (lr_max ** self.weight_lr_power)
+            group["weight_sum"] = group.get("weight_sum", 0.0) + weight
+            c = weight / group["weight_sum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "z" not in state:
+                    state["z"] = torch.clone(p, memory_format=torch.preserve_format)
+                z = state["z"]
+                p.lerp_(z, 1 - 1 / beta)  # y -> x
+                z.add_(p.grad.sign(), alpha=-group["lr"])
+                p.lerp_(z, 1 - beta * (1 - c))  # x -> the new x -> the new y
+            group["k"] = k + 1
+        return loss
+
+    @torch.no_grad()
     def evaluation_point(self, p: Tensor) -> Tensor:
         """`x` for parameter `p`, the same numbers `eval()` would write into `p` (`p` itself in
         eval mode, or before its first step, when `x = y = z`)."""

@@ -155,7 +155,8 @@ class SAETraining(L.LightningModule):
         inputs, total_vars = {}, {}
         for s, site in enumerate(self.site_list):
             x = acts[site].to(self.device) * self.scales[s]
-            moments = torch.cat([x.sum(0).double(), x.double().pow(2).sum()[None]])
+            # float64 sums (the variance is a difference of them), without a float64 copy of x
+            moments = torch.cat([x.sum(0).double(), x.pow(2).sum(dtype=torch.float64)[None]])
             moments = self._global(moments.detach())
             mean = moments[:-1] / n_global
             total_vars[site] = (moments[-1] - n_global * mean.pow(2).sum()).float().clamp_min(1e-12)

@@ -12,12 +12,13 @@ from featopt.models.sae import LossTerms, SAEConfig, SparseAutoencoder
 from featopt.models.sae.jumprelu import jumprelu_ste
 
 N, D_IN, D_SAE, K = 40, 8, 24, 3
+WIDE = 300  # wide enough that the kept pairs are found through block maxima (selection.py), with a tail
 
 
-def _sae(arch, seed=0, d_out=None, skip=False, **cfg):
+def _sae(arch, seed=0, d_out=None, skip=False, d_sae=D_SAE, **cfg):
     transcoder = {} if d_out is None else dict(d_out=d_out, target_hook_name="blocks.0.mlp_out", apply_b_dec_to_input=False,
                                                 skip=skip)
-    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, hook_name="blocks.0.mlp_in", **transcoder,
+    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=d_sae, architecture=arch, hook_name="blocks.0.mlp_in", **transcoder,
                                       **cfg))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -64,12 +65,13 @@ def _batch_topk(pre):
 
 @pytest.mark.parametrize("arch,keep", [("topk", _row_topk), ("batchtopk", _batch_topk)])
 @pytest.mark.parametrize("transcoder", [False, True])
-def test_topk_like_loss_and_gradients_equal_the_dense_formula(arch, keep, transcoder):
-    sae = _sae(arch, k=K, **({"d_out": 6, "skip": True} if transcoder else {}))
+@pytest.mark.parametrize("d_sae", [D_SAE, WIDE])
+def test_topk_like_loss_and_gradients_equal_the_dense_formula(arch, keep, transcoder, d_sae):
+    sae = _sae(arch, k=K, d_sae=d_sae, **({"d_out": 6, "skip": True} if transcoder else {}))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(N, D_IN, generator=gen)
     y = torch.randn(N, 6, generator=gen) if transcoder else x
-    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[::3] = True
     total_var = (y - y.mean(0)).pow(2).sum()
     loss, stats = sae.training_loss(x, total_var, LossTerms(auxk_alpha=0.5, dead=dead), y if transcoder else None)
@@ -113,9 +115,9 @@ def test_batchtopk_keeps_k_per_row_on_average_and_learns_its_threshold():
     torch.testing.assert_close(sae.encode(x), torch.relu(pre) * (pre > sae.threshold))
 
 
-def test_matryoshka_loss_is_the_sum_of_its_prefix_losses():
-    widths = (4, 10, D_SAE)
-    sae = _sae("matryoshka", k=K, matryoshka=widths)
+@pytest.mark.parametrize("widths", [(4, 10, D_SAE), (20, 100, WIDE)])
+def test_matryoshka_loss_is_the_sum_of_its_prefix_losses(widths):
+    sae = _sae("matryoshka", k=K, matryoshka=widths, d_sae=widths[-1])
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3))
     total_var = (x - x.mean(0)).pow(2).sum()
     loss, stats = sae.training_loss(x, total_var, LossTerms())
@@ -205,17 +207,3 @@ def test_a_transcoder_recovers_a_planted_sparse_mlp(arch):
         best = (source.out_atoms @ rows.T).max(dim=1).values
     assert fvu < 0.15, fvu
     assert float(best.min()) > 0.9, best  # every planted output direction has a decoder row along it
-
-
-@pytest.mark.parametrize("saturated", [False, True])
-def test_batch_topk_pairs_are_the_largest_of_the_whole_batch(saturated):
-    from featopt.models.sae.sparse_step import batch_topk_pairs
-
-    pre = torch.randn(64, 200, generator=torch.Generator().manual_seed(7))
-    if saturated:  # one row holds more than 4k of the kept entries: the search must widen to the whole matrix
-        pre[5] += 10
-    rows, cols = batch_topk_pairs(pre, 4)
-    want = pre.reshape(-1).topk(64 * 4).indices
-    assert sorted((rows * 200 + cols).tolist()) == sorted(want.tolist())
-    assert torch.all(rows[1:] >= rows[:-1])  # sorted by row, as decode_pairs needs
-    assert (int((rows == 5).sum()) > 16) == saturated

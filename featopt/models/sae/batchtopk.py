@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from featopt.models.sae.model import SAEConfig, register
-from featopt.models.sae.sparse_step import batch_topk_pairs
+from featopt.models.sae.selection import batch_topk_pairs
+from featopt.models.sae.sparse_step import KeptPairs
 from featopt.models.sae.topk import TopKSAE
 
 #: how fast the inference threshold follows each batch's smallest kept activation (SAELens' topk_threshold_lr) ...
@@ -54,8 +55,9 @@ class BatchTopKSAE(TopKSAE):
     def config_from_saelens(cls, doc, where) -> dict:
         return {}
 
-    def kept_pairs(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        return batch_topk_pairs(pre, self.cfg.k)
+    def kept_pairs(self, pre: Tensor) -> KeptPairs:
+        rows, cols, values = batch_topk_pairs(pre, self.cfg.k)
+        return KeptPairs(rows, cols, *pre.shape, values)
 
     @torch.no_grad()
     def observe_batch(self, stats: dict, reduce) -> None:

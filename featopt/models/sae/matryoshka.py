@@ -15,7 +15,7 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.models.sae.batchtopk import BatchTopKSAE
 from featopt.models.sae.model import SAEConfig, register
-from featopt.models.sae.sparse_step import decode_pairs
+from featopt.models.sae.sparse_step import KeptPairs, decode_pairs, squared_error
 
 
 @register("matryoshka")
@@ -38,12 +38,14 @@ class MatryoshkaSAE(BatchTopKSAE):
     def label(self) -> str:
         return f"-k{self.cfg.k}-m{'.'.join(str(w) for w in self.cfg.matryoshka)}"
 
-    def reconstruction_error(self, y: Tensor, rows: Tensor, cols: Tensor, values: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
-        start, recon, sq = 0, base, 0.0
+    def reconstruction_error(self, y: Tensor, pairs: KeptPairs, values: Tensor, base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        start, recon, sq = 0, None, 0.0
         for width in self.cfg.matryoshka:
-            inside = (cols >= start) & (cols < width)
-            recon = recon + decode_pairs(rows, cols, values * inside, self.W_dec, len(y))
-            e = y - recon
-            sq = sq + e.pow(2).sum()
+            # each prefix adds the decoder rows of its own latents only: one decode over all pairs in all
+            inside = (pairs.cols >= start) & (pairs.cols < width)
+            part = decode_pairs(pairs.subset(inside), values[inside], self.W_dec)
+            recon = part if recon is None else recon + part
+            e_sq, e = squared_error(y, recon, base)
+            sq = sq + e_sq
             start = width
-        return sq, e
+        return sq, e, e_sq

@@ -19,7 +19,8 @@ from torch import Tensor
 from featopt.errors import FeatoptError
 from featopt.models.sae.model import SAEConfig, SparseAutoencoder, register
 from featopt.models.sae.training_parts import LossTerms
-from featopt.models.sae.sparse_step import auxk_loss, decode_pairs, gather_pre, row_topk_pairs
+from featopt.models.sae.selection import row_topk_pairs
+from featopt.models.sae.sparse_step import KeptPairs, auxk_loss, decode_pairs, gather_pre, preacts_buffer, squared_error
 
 
 @register("topk")
@@ -50,31 +51,31 @@ class TopKSAE(SparseAutoencoder):
         return {"k": k}
 
     # ----------------------------------------------------------------- training
-    def kept_pairs(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """The `(rows, cols)` of the latents training keeps, sorted by row: each row's k largest."""
-        return row_topk_pairs(pre, self.cfg.k)
+    def kept_pairs(self, pre: Tensor) -> KeptPairs:
+        """The latents training keeps, rows ascending: each row's k largest."""
+        rows, cols, values = row_topk_pairs(pre, self.cfg.k)
+        return KeptPairs(rows, cols, *pre.shape, values)
 
-    def reconstruction_error(self, y: Tensor, rows: Tensor, cols: Tensor, values: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
-        """`(summed squared error of the loss, the residual [n, d_out])` of targets `y` reconstructed
-        from the kept pairs' `values` on top of `base` (`b_dec` plus any skip connection)."""
-        e = y - (decode_pairs(rows, cols, values, self.W_dec, len(y)) + base)
-        sq = e.pow(2).sum()
-        return sq, e
+    def reconstruction_error(self, y: Tensor, pairs: KeptPairs, values: Tensor, base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`(summed squared error of the loss, the residual [n, d_out], its summed square)` of targets
+        `y` reconstructed from the kept pairs' `values` on top of `base` (`b_dec` plus any skip
+        connection)."""
+        sq, e = squared_error(y, decode_pairs(pairs, values, self.W_dec), base)
+        return sq, e, sq
 
     def training_loss(self, x: Tensor, total_var: Tensor, terms: LossTerms, y: Tensor | None = None) -> tuple[Tensor, dict]:
         y = x if y is None else y
         x = x.to(self.W_enc.dtype)
         c = self.training_bias()
         with torch.no_grad():  # the dense product once, without a graph; only kept pairs get one
-            pre = torch.addmm(c, x, self.W_enc)
-        rows, cols = self.kept_pairs(pre)
-        values = torch.relu(gather_pre(x, self.W_enc, c, pre, rows, cols))
-        sq, e = self.reconstruction_error(y, rows, cols, values, self.b_dec + self.skip_out(x))
+            pre = torch.addmm(c, x, self.W_enc, out=preacts_buffer(len(x), self.d_sae, x))
+        pairs = self.kept_pairs(pre)
+        values = torch.relu(gather_pre(x, self.W_enc, c, pre, pairs))
+        sq, e, e_sq = self.reconstruction_error(y, pairs, values, self.b_dec + self.skip_out(x))
         loss = sq / total_var
         active = values > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
-        stats = {"fvu": e.pow(2).sum().detach(), "l0": active.sum().detach().double(), "fired": fired, "values": values.detach()}
+        fired = torch.bincount(pairs.cols, weights=active.to(values.dtype), minlength=self.d_sae) > 0
+        stats = {"fvu": e_sq.detach(), "l0": active.sum().detach().double(), "fired": fired, "values": values.detach()}
         dead = terms.dead
         if terms.auxk_alpha > 0 and dead is not None and bool(dead.any()):
             loss = loss + terms.auxk_alpha * auxk_loss(pre, dead, e, x, self.W_enc, c, self.W_dec) / total_var

@@ -87,8 +87,10 @@ class TrainingParts:
         that :meth:`normalize_decoder` would shrink back."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec / self.W_dec.norm(dim=1, keepdim=True).pow(2).clamp_min(1e-16)
+        W, grad = self.W_dec, self.W_dec.grad
+        # per row <grad, w> / <w, w>, then grad -= that * w in place (no [d_sae, d_in] temporaries)
+        along = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W).clamp_min(1e-16)
+        grad.addcmul_(W, along[:, None], value=-1)
 
     @torch.no_grad()
     def fold_scale(self, scale: float, scale_out: float | None = None) -> None:
