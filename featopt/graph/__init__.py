@@ -1,0 +1,8 @@
+"""Attribution graphs (Anthropic's "Circuit Tracing", 2025; circuit-tracer): on one prompt, every MLP
+replaced by a transcoder plus an error term, attention patterns and normalisation scales frozen at
+their values on the prompt, so the model is linear in its feature activations; the direct effect
+of every active feature, error node and token embedding on every feature and chosen logit.
+
+- `replacement.py`: the frozen, linearised replacement model of a prompt (:class:`ReplacementModel`);
+- `attribution.py`: the adjacency matrix of direct effects, by batched backward passes.
+"""

@@ -1,0 +1,97 @@
+"""One attribution graph from a prompt, checked and written: the Python entry point that
+`featopt graph build` will call.
+
+`build_graph(adapter, transcoders, prompt, out)` checks its inputs before any work (one sentence
+each: a prompt longer than the model's context, a `target` that is not one token of the vocabulary,
+thresholds outside (0, 1], a transcoder set that does not fit the model), computes the graph
+(`attribution.py`), prunes it and scores it (`pruning.py`), and writes into `out`, each file whole
+or not at all:
+
+- `graph.safetensors`: the whole graph (`files.load_graph` reads it back);
+- `graph.json`: the pruned graph in circuit-tracer's frontend layout;
+- `summary.json`: the scores, node and edge counts, wall time, and the run's record (model, prompt,
+  transcoders, settings, torch and featopt versions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from featopt.atomic import atomic_write
+from featopt.errors import FeatoptError
+from featopt.graph.attribution import attribute
+from featopt.graph.files import graph_json, save_graph, write_graph_json
+from featopt.graph.pruning import EDGE_THRESHOLD, NODE_THRESHOLD, check_threshold, prune, scores
+from featopt.graph.replacement import ReplacementModel
+from featopt.models import ModelAdapter
+from featopt.models.sae import SparseAutoencoder
+from featopt.models.sae.formats import load_sae
+from featopt.results import versions
+
+
+def load_transcoders(folder: str | Path) -> list[SparseAutoencoder]:
+    """Every SAE folder directly inside `folder` (as `sae train --site blocks.0-29.mlp_in --target_site
+    mlp_out` writes them), or `folder` itself when it is one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FeatoptError(f"transcoder folder {folder} does not exist: give the folder `sae train` wrote.")
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
+    if not subfolders:
+        return [load_sae(folder)]
+    return [load_sae(p) for p in subfolders]
+
+
+def target_id(adapter: ModelAdapter, target: str) -> int:
+    """The token id of `target`, which must be one token of the model's vocabulary."""
+    ids = adapter.tokenizer(target, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise FeatoptError(f"--target {target!r} is {len(ids)} tokens for {adapter.name}: give a string that is exactly "
+                           f"one token of its vocabulary.")
+    return int(ids[0])
+
+
+def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder], prompt: str, out: str | Path, *,
+                target: str | None = None, max_logits: int = 10, desired_prob: float = 0.95,
+                node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD, batch_size: int = 32,
+                slug: str = "graph", scan: str = "featopt", progress=None) -> dict:
+    """Compute, prune, score and write the attribution graph of `prompt` (see the module docstring);
+    returns the summary."""
+    check_threshold("node_threshold", node_threshold)
+    check_threshold("edge_threshold", edge_threshold)
+    model = ReplacementModel(adapter, transcoders)
+    ids = adapter.encode(prompt)  # after BOS when the adapter's --bos says so
+    if len(ids) == 0:
+        raise FeatoptError("the prompt is empty: give the text whose next token the graph explains.")
+    adapter.check_positions(len(ids), "the prompt", "give a shorter prompt")
+    logit_ids = torch.tensor([target_id(adapter, target)]) if target is not None else None
+    out = Path(out)
+    start = time.perf_counter()
+    graph = attribute(model, ids, logit_ids=logit_ids, max_logits=max_logits, desired_prob=desired_prob,
+                      batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - start
+    pruned = prune(graph, node_threshold, edge_threshold)
+    replacement, completeness = scores(graph)
+    decode = lambda t: adapter.tokenizer.decode([t])  # noqa: E731
+    names = [tc.cfg.hook_name for tc in model.transcoders]
+    doc = graph_json(graph, pruned, decode, slug=slug, scan=scan, transcoders=names, node_threshold=node_threshold)
+    summary = {
+        "prompt": prompt, "tokens": [decode(int(t)) for t in ids], "model": adapter.name,
+        "transcoders": [{"hook_name": tc.cfg.hook_name, "sha256": tc.content_hash()} for tc in model.transcoders],
+        "logits": [{"token": decode(int(t)), "id": int(t), "probability": float(p)} for t, p in zip(graph.logit_ids, graph.logit_probs)],
+        "replacement_score": replacement, "completeness_score": completeness,
+        "nodes": {"features": len(graph.features), "all": len(graph.adjacency), "kept": int(pruned.nodes.sum())},
+        "edges": {"nonzero": int((graph.adjacency != 0).sum()), "kept": int(pruned.edges.sum())},
+        "settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold, "max_logits": max_logits,
+                     "desired_prob": desired_prob, "target": target, "batch_size": batch_size},
+        "attribution_seconds": seconds, "dtype": str(adapter.dtype).removeprefix("torch."), "versions": versions(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_graph(graph, out / "graph.safetensors")
+    write_graph_json(doc, out / "graph.json")
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
