@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.graph.replacement import Prompt, ReplacementModel
 
@@ -82,6 +83,15 @@ def attribute(model: ReplacementModel, input_ids: Tensor, *, logit_ids: Tensor |
     ids, probs = logit_targets(prompt, logit_ids=logit_ids, max_logits=max_logits, desired_prob=desired_prob)
     n_f, n_l = len(features), len(ids)
     n_nodes = n_f + n_layers * T + T + n_l
+    # The dense adjacency is the one allocation that grows with the square of the prompt's features;
+    # a forward copy holds its sources and the activations backward needs (about a forward per layer).
+    memory.check(4 * n_nodes * n_nodes, "cpu", flag="the prompt's length",
+                 what=f"the attribution graph of {n_nodes:,} nodes ({n_f:,} active features)")
+    adapter = model.adapter
+    copy_bytes = 4 * T * sum(a.shape[-1] + 2 * e.shape[-1] for a, e in zip(prompt.acts, prompt.errors))
+    copy_bytes += memory.forward_row_bytes(adapter.model.config, T) * n_layers
+    batch_size = memory.fit_batch(batch_size, copy_bytes, adapter.device, flag="batch_size",
+                                  fixed=4 * n_nodes * n_nodes, what="a copy of the prompt in the attribution's forward")
     adjacency = torch.zeros(n_nodes, n_nodes)
 
     W_U = model.adapter.lm_head.weight.detach().float()

@@ -3,12 +3,13 @@
 
 `build_graph(adapter, transcoders, prompt, out)` checks its inputs before any work (one sentence
 each: a prompt longer than the model's context, a `target` that is not one token of the vocabulary,
-thresholds outside (0, 1], a transcoder set that does not fit the model), computes the graph
+thresholds outside (0, 1], a transcoder set that does not fit the model, a graph whose dense
+adjacency would not fit in free memory), computes the graph
 (`attribution.py`), prunes it and scores it (`pruning.py`), and writes into `out`, each file whole
 or not at all:
 
 - `graph.safetensors`: the whole graph (`files.load_graph` reads it back);
-- `graph.json`: the pruned graph in circuit-tracer's frontend layout;
+- `graph.json`: the pruned graph in circuit-tracer's frontend layout, and `graph.graphml` the same;
 - `summary.json`: the scores, node and edge counts, wall time, and the run's record (model, prompt,
   transcoders, settings, torch and featopt versions).
 """
@@ -25,7 +26,7 @@ import torch
 from featopt.atomic import atomic_write
 from featopt.errors import FeatoptError
 from featopt.graph.attribution import attribute
-from featopt.graph.files import graph_json, save_graph, write_graph_json
+from featopt.graph.files import graph_json, save_graph, write_graph_json, write_graphml
 from featopt.graph.pruning import EDGE_THRESHOLD, NODE_THRESHOLD, check_threshold, prune, scores
 from featopt.graph.replacement import ReplacementModel
 from featopt.models import ModelAdapter
@@ -93,5 +94,6 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
     out.mkdir(parents=True, exist_ok=True)
     save_graph(graph, out / "graph.safetensors")
     write_graph_json(doc, out / "graph.json")
+    write_graphml(doc, out / "graph.graphml")
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     return summary

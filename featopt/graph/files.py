@@ -1,5 +1,6 @@
 """An attribution graph on disk: the whole graph as safetensors (`save_graph` / `load_graph`, exact),
-and the pruned graph as the JSON the circuit-tracer frontend and Neuronpedia read (`graph_json`).
+the pruned graph as the JSON the circuit-tracer frontend and Neuronpedia read (`graph_json`), and
+the same pruned graph as GraphML (`write_graphml`).
 
 The JSON follows circuit-tracer's `frontend/graph_models.py` (schema_version 1, as of circuit-tracer
 0.5): `metadata` (slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold,
@@ -103,3 +104,16 @@ def graph_json(graph: Graph, pruned: Pruned, decode, *, slug: str, scan: str, tr
 
 def write_graph_json(doc: dict, path: str | Path) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+
+
+def write_graphml(doc: dict, path: str | Path) -> None:
+    """The pruned graph of `graph_json`'s `doc` as GraphML (node ids and attributes as in the JSON,
+    `weight` on each edge), for networkx, Gephi or Cytoscape."""
+    import networkx as nx
+
+    G = nx.DiGraph()
+    for node in doc["nodes"]:
+        G.add_node(node["node_id"], **{k: v for k, v in node.items() if k != "node_id" and v is not None})
+    for link in doc["links"]:
+        G.add_edge(link["source"], link["target"], weight=link["weight"])
+    atomic_write(Path(path), lambda tmp: nx.write_graphml(G, tmp))

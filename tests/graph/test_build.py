@@ -61,3 +61,41 @@ def test_transcoders_load_from_the_folder_sae_train_writes(setup, tmp_path):
     with pytest.raises(FeatoptError, match="does not exist"):
         load_transcoders(tmp_path / "nowhere")
     assert target_id(adapter, " the") == adapter.tokenizer(" the", add_special_tokens=False).input_ids[0]
+
+
+def test_the_graphml_holds_the_jsons_nodes_and_weighted_links(setup, tmp_path):
+    import networkx as nx
+
+    adapter, model, _, _ = setup
+    build_graph(adapter, model.transcoders, "The cat sat on the mat.", tmp_path / "g")
+    doc = json.loads((tmp_path / "g" / "graph.json").read_text())
+    G = nx.read_graphml(tmp_path / "g" / "graph.graphml")
+    assert set(G.nodes) == {n["node_id"] for n in doc["nodes"]}
+    assert {(u, v): d["weight"] for u, v, d in G.edges(data=True)} == pytest.approx(
+        {(link["source"], link["target"]): link["weight"] for link in doc["links"]})
+    kinds = nx.get_node_attributes(G, "feature_type")
+    assert {"embedding", "logit", "cross layer transcoder"} <= set(kinds.values())
+
+
+def test_a_graph_too_big_for_free_memory_is_refused_before_it_is_made(setup, tmp_path, monkeypatch):
+    import featopt.memory
+
+    adapter, model, _, _ = setup
+    monkeypatch.setattr(featopt.memory, "available", lambda device="cpu": 100_000)  # 100 kB free
+    with pytest.raises(FeatoptError, match=r"the attribution graph of [\d,]+ nodes \([\d,]+ active features\) needs .* but only"):
+        build_graph(adapter, model.transcoders, "The cat sat on the mat.", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_forward_batch_shrinks_to_fit_and_gives_the_same_rows(setup, monkeypatch):
+    import featopt.memory
+
+    adapter, model, ids, _ = setup
+    want = attribute(model, ids, batch_size=16)
+    n = len(want.adjacency)
+    monkeypatch.setattr(featopt.memory, "available", lambda device="cpu": int((4 * n * n + 300_000) / 0.8))
+    batches, fit = [], featopt.memory.fit_batch
+    monkeypatch.setattr(featopt.memory, "fit_batch", lambda *a, **k: batches.append(fit(*a, **k)) or batches[-1])
+    got = attribute(model, ids, batch_size=16)  # room for the adjacency and a copy or two of the prompt
+    assert 1 <= batches[0] < 16
+    torch.testing.assert_close(got.adjacency, want.adjacency, rtol=1e-5, atol=1e-6)
