@@ -3,6 +3,10 @@ replaced by a transcoder plus an error term, attention patterns and normalisatio
 their values on the prompt, so the model is linear in its feature activations; the direct effect
 of every active feature, error node and token embedding on every feature and chosen logit.
 
-- `replacement.py`: the frozen, linearised replacement model of a prompt (:class:`ReplacementModel`);
-- `attribution.py`: the adjacency matrix of direct effects, by batched backward passes.
+- `replacement.py`: the frozen, linearised replacement model of a prompt (:class:`ReplacementModel`;
+  the freezing itself is `featopt/models/linearize.py`);
+- `attribution.py`: the adjacency matrix of direct effects, by batched backward passes;
+- `pruning.py`: influence on the logits, pruning, the replacement and completeness scores;
+- `files.py`: the graph as safetensors, circuit-tracer's frontend JSON and GraphML;
+- `build.py`: one graph from a prompt, checked and written (`build_graph`).
 """
