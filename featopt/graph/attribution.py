@@ -94,7 +94,7 @@ def attribute(model: ReplacementModel, input_ids: Tensor, *, logit_ids: Tensor |
                                   fixed=4 * n_nodes * n_nodes, what="a copy of the prompt in the attribution's forward")
     adjacency = torch.zeros(n_nodes, n_nodes)
 
-    W_U = model.adapter.lm_head.weight.detach().float()
+    W_U = adapter.lm_head.weight.detach().float()
     logit_dirs = W_U[ids] - W_U.mean(0)  # [n_l, d]
     targets = [("feature", i) for i in range(n_f)] + [("logit", j) for j in range(n_l)]
     rows_of = lambda kind, i: i if kind == "feature" else n_nodes - n_l + i  # noqa: E731
@@ -111,7 +111,7 @@ def attribute(model: ReplacementModel, input_ids: Tensor, *, logit_ids: Tensor |
         col = 0
         for layer, nz in enumerate(per_layer):  # features: activation times the gradient
             g = g_acts[layer][:, nz[:, 0], nz[:, 1]]  # [B, n_layer]
-            rows[:, col:col + len(nz)] = g * prompt.acts[layer][nz[:, 0], nz[:, 1]]
+            rows[:, col:col + len(nz)] = g * activations[col:col + len(nz)]
             col += len(nz)
         for layer in range(n_layers):  # errors: error . gradient, per position
             rows[:, n_f + layer * T:n_f + (layer + 1) * T] = (g_errors[layer] * prompt.errors[layer]).sum(-1)

@@ -49,7 +49,7 @@ def load_transcoders(folder: str | Path) -> list[SparseAutoencoder]:
 
 def target_id(adapter: ModelAdapter, target: str) -> int:
     """The token id of `target`, which must be one token of the model's vocabulary."""
-    ids = adapter.tokenizer(target, add_special_tokens=False).input_ids
+    ids = adapter.encode(target, bos=False)
     if len(ids) != 1:
         raise FeatoptError(f"--target {target!r} is {len(ids)} tokens for {adapter.name}: give a string that is exactly "
                            f"one token of its vocabulary.")
@@ -77,7 +77,7 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
     seconds = time.perf_counter() - start
     pruned = prune(graph, node_threshold, edge_threshold)
     replacement, completeness = scores(graph)
-    decode = lambda t: adapter.tokenizer.decode([t])  # noqa: E731
+    decode = lambda t: adapter.decode([t])  # noqa: E731
     names = [tc.cfg.hook_name for tc in model.transcoders]
     doc = graph_json(graph, pruned, decode, slug=slug, scan=scan, transcoders=names, node_threshold=node_threshold)
     summary = {

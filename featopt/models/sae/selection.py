@@ -76,7 +76,7 @@ def batch_topk_pairs(pre: Tensor, k: int, b: int = 8) -> tuple[Tensor, Tensor, T
     tail = pre[:, nb * b:]
     floor = kth_largest(maxima.reshape(-1) if tail.numel() == 0 else torch.cat([maxima.reshape(-1), tail.reshape(-1)]), total)
     block_rows, blocks = torch.nonzero(maxima >= floor, as_tuple=True)  # row-major: rows ascending
-    values = pre.view(n, -1)[:, :nb * b].view(n, b, nb)[block_rows, :, blocks]  # [m, b]: the blocks' members
+    values = pre[:, :nb * b].view(n, b, nb)[block_rows, :, blocks]  # [m, b]: the blocks' members
     member, slot = torch.nonzero(values >= floor, as_tuple=True)
     rows, cols, values = block_rows[member], blocks[member] + nb * slot, values[member, slot]
     if nb * b < d_sae:  # the tail latents, in no block
