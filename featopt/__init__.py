@@ -7,7 +7,7 @@ defaults; each returns a result object that prints the command's table and rende
     featopt.optimize(model="smollm2-135m-instruct", layer=0, features="[:, :, 0-4]")
     featopt.search.exhaustive(model="smollm2-135m-instruct", layer=8, features="[:, :, 0-31]")
     featopt.search.gcg("l1_target(C=100) - 0.5 * maximize(features='[:, :, 3]')", tokens=8)
-    featopt.sae.train(...); featopt.sae.dashboard(...); featopt.flow.match(...); featopt.neurons.decode(...)
+    featopt.sae.train(...); featopt.sae.dashboard(...); featopt.flow.match(...); featopt.neurons.decode(...); featopt.graph.build(...)
 
 They are loaded on first use, so `import featopt` stays quick; objectives are values in
 `featopt.objectives`, models are loaded by `featopt.models.load_model`.
@@ -16,7 +16,7 @@ They are loaded on first use, so `import featopt` stays quick; objectives are va
 from featopt.version import __version__
 
 _COMMANDS = {"optimize": "optimize", "invert": "invert", "compare": "compare", "align": "align", "demo": "demo"}
-_NAMESPACES = ("search", "neurons", "sae", "flow")
+_NAMESPACES = ("search", "neurons", "sae", "flow", "graph")
 
 __all__ = ["__version__", *_COMMANDS, *_NAMESPACES]
 

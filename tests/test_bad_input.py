@@ -285,6 +285,33 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + CTX + ["--saes", "{res0}", "--corpus", "{corpus}"], "two"),
         (LLAMA + CTX + ["--saes", "{saes}", "--corpus", "{corpus}", "--layers", "9"], "9"),
     ],
+    "graph build": [
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", LONG], "the prompt"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--target", " the cat"], "--target"),
+        (LLAMA + ["--transcoders", "{halftc}", "--prompt", "The cat"], "missing layer 2"),
+        (LLAMA + ["--transcoders", "{saes}", "--prompt", "The cat"], "blocks.L.mlp_in to blocks.L.mlp_out"),
+        (GPT2 + ["--transcoders", "{transcoders}", "--prompt", "The cat"], "Llama-like"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--node_threshold", "0"], "--node_threshold"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--edge_threshold", "1.5"], "--edge_threshold"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--desired_prob", "0"], "--desired_prob"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--max_logits", "0"], "--max_logits"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "  "], "--prompt"),
+        (LLAMA + ["--prompt", "The cat"], "--transcoders"),
+        (LLAMA + ["--transcoders", "{missing}", "--prompt", "The cat"], "does not exist"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--dashboards", "{text}"], "--dashboards"),
+    ],
+    "graph intervene": [
+        (["--graph", "{text}"], "featopt graph build"),
+        (["--graph", "{graph}"], "--features"),
+        (["--graph", "{graph}", "--features", "x"], "node id"),
+        (["--graph", "{graph}", "--features", "9_9_9"], "9_9_9"),
+        (["--graph", "{graph}", "--features", "0_1_1", "--top", "2"], "--top"),
+        (["--graph", "{graph}", "--top", "1", "--model", "tiny-gpt2"], "Llama-like"),
+    ],
+    "graph view": [
+        (["--graph", "{text}"], "featopt graph build"),
+        (["--graph", "{graph}", "--dashboards", "{text}"], "--dashboards"),
+    ],
     "align": [
         (GPT2 + ["--layer", "0,7"], "layer"),
         (GPT2 + ["--layer", "1"], "layer"),
@@ -367,7 +394,8 @@ def _make_files(root: Path) -> dict[str, Path]:
     from featopt.models.sae.model import SAEConfig, SparseAutoencoder
 
     files = {name: root / name for name in ("text", "badyaml", "gguf", "badconfig", "badweights", "corpus", "sae",
-                                            "truncsae", "saes", "file", "foreign", "missing")}
+                                            "truncsae", "saes", "file", "foreign", "missing", "transcoders", "halftc",
+                                            "graph")}
     files["text"] = root / "notes.txt"
     files["text"].write_text("hello, this is not what it claims to be\n")
     files["badyaml"] = root / "recipe.yaml"
@@ -395,6 +423,17 @@ def _make_files(root: Path) -> dict[str, Path]:
         save_sae(SparseAutoencoder(SAEConfig(d_in=64, d_sae=32, architecture="topk", k=4,
                                              hook_name=f"blocks.{layer}.hook_{kind}")), files["saes"] / f"{layer}-{kind}")
     files["res0"] = files["saes"] / "0-resid_post"
+    from tests.attribution.tiny_graph import transcoder
+
+    for layer in range(3):  # tiny-llama's three layers; the half set lacks layer 2
+        save_sae(transcoder(layer, seed=layer), files["transcoders"] / f"layer{layer}")
+        if layer < 2:
+            save_sae(transcoder(layer, seed=layer), files["halftc"] / f"layer{layer}")
+    from featopt.attribution.build import build_graph, load_transcoders
+    from featopt.models import load_model
+
+    build_graph(load_model("tiny-llama"), load_transcoders(files["transcoders"]), "The cat sat", files["graph"],
+                transcoder_folder=str(files["transcoders"]))
     files["file"].write_text("a file")
     files["foreign"].mkdir()
     (files["foreign"] / "notes.txt").write_text("mine")

@@ -30,10 +30,10 @@ LAYERS = [
     ["featopt.gradient", "featopt.discrete"],
     ["featopt.dictionaries"],
     ["featopt.feature_flow"],
-    ["featopt.graph"],  # attribution graphs over transcoders
+    ["featopt.attribution"],  # attribution graphs over transcoders
     ["featopt.commands"],  # one config + run + formatter per command, one registry
     ["featopt.api"],  # the commands as functions, built from the registry
-    ["featopt.cli", "featopt.search", "featopt.sae", "featopt.flow", "featopt.neurons"],  # entry points,
+    ["featopt.cli", "featopt.search", "featopt.sae", "featopt.flow", "featopt.neurons", "featopt.graph"],  # entry points,
     ["featopt", "featopt.__main__"],  # both built from the registry
 ]
 

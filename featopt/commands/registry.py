@@ -48,6 +48,7 @@ GROUPS = {
     "sae": "Sparse autoencoders: train (several from one pass), cache activations, evaluate, read latents.",
     "flow": "Feature flow across layers (document 003): match SAE features by decoder cosine, graphs, "
             "predecessor groups, deactivation, steering.",
+    "graph": "Attribution graphs over per-layer transcoders (Circuit Tracing): build, intervene, view.",
 }
 
 _C = "featopt.commands."
@@ -110,6 +111,13 @@ COMMANDS = [
             "Deactivate top-1 vs random predecessors and measure the feature; sweep r against the loss."),
     Command("flow steer", _C + "flow_steer", "SteerConfig", "steer",
             "Single-layer vs multi-layer (flow graph) steering during generation: theme score against coherence."),
+    Command("graph build", _C + "graph", "BuildConfig", "build",
+            "One prompt's attribution graph over per-layer transcoders: checked, pruned, scored (JSON, GraphML, HTML, PNG).",
+            ("prompt",)),
+    Command("graph intervene", _C + "graph", "InterveneConfig", "intervene",
+            "Scale or zero graph features: the logit changes the graph predicts beside the model's (errors frozen, not)."),
+    Command("graph view", _C + "graph", "ViewConfig", "view",
+            "A graph's HTML page (nodes by layer and position, weights on hover, latent pages) and PNG, again."),
     Command("demo", _C + "demo", "DemoConfig", "demo",
             "A few minutes of featopt: the same features answered by gradient ascent, the exhaustive sweep and GCG."),
 ]

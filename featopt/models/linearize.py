@@ -1,5 +1,5 @@
 """A model made linear around one input: attention patterns and normalisation scales frozen at their
-values on it (Circuit Tracing's local replacement model; `featopt/graph` builds on it).
+values on it (Circuit Tracing's local replacement model; `featopt/attribution` builds on it).
 
 :func:`capture_frozen` runs the model once on an input, in eager attention (the only kind that hands
 out its pattern), and records each attention layer's pattern `[heads, T, T]` and each RMSNorm's

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from featopt.errors import FeatoptError
 from featopt.dictionaries import dashboard
 from featopt.dictionaries.dashboard import write_dashboard
+from tests.browser import playwright
 
 RUN = {"model": "smollm2-135m", "site": "blocks.2.resid_post", "sae": {"path": "runs/sae-l2", "hash": "3f9a0c1d"},
        "corpus": "pile-10k", "tokens": 1_000_000, "seed": 0, "versions": {"featopt": "0.1.0", "torch": "2.13.0"}}
@@ -271,26 +271,8 @@ def test_error_mid_write_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
 
 
-def _chromium() -> str | None:
-    return os.environ.get("FEATOPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _unavailable(reason: str):
-    """Skip, except where FEATOPT_REQUIRE_BROWSER=1 (CI sets it): there a missing browser fails the
-    test, so that CI cannot pass with the browser test silently skipped."""
-    if os.environ.get("FEATOPT_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (FEATOPT_REQUIRE_BROWSER=1 requires the browser test to run)", pytrace=False)
-    pytest.skip(reason)
-
-
 def test_in_headless_chromium(site, tmp_path):
-    executable = _chromium()
-    if not executable:
-        _unavailable("no Chromium found: install it (apt-get install chromium) or set FEATOPT_CHROMIUM to its executable")
-    try:
-        from playwright import sync_api  # driven with executable_path: it never downloads a browser
-    except ImportError:
-        _unavailable('playwright is not installed: pip install -c constraints.txt -e ".[dev]" (or pip install playwright)')
+    sync_api, executable = playwright()
     messages, errors, folders = [], [], [tmp_path]
     if os.environ.get("FEATOPT_SCREENSHOTS"):
         folders.append(Path(os.environ["FEATOPT_SCREENSHOTS"]))

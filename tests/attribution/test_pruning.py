@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.graph.attribution import Graph
-from featopt.graph.pruning import influence, logit_weights, normalized, prune, scores
+from featopt.attribution.adjacency import Graph
+from featopt.attribution.pruning import influence, logit_weights, normalized, prune, scores
 
 N_LAYERS, T = 2, 3
 

@@ -14,7 +14,7 @@ scale; an attention layer applies its frozen pattern to its values (`o_proj(patt
 an MLP is replaced by `decode(a_l) + skip(mlp_in_l) + e_l` with `a_l` and `e_l` the leaves, so no
 gradient crosses an MLP or a feature's own nonlinearity. At the captured values this forward gives
 the model's own logits (:meth:`ReplacementModel.check`); its gradients are the direct effects that
-`attribution.py` reads.
+`adjacency.py` reads.
 
 The freezing of attention and norms is the model layer's (`featopt/models/linearize.py`); the
 MLPs are replaced through the adapter's `mlp_in` read and `mlp_out` write hooks. Llama-like models

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.graph.attribution import logit_targets
-from featopt.graph.replacement import ReplacementModel
+from featopt.attribution.adjacency import logit_targets
+from featopt.attribution.replacement import ReplacementModel
 from featopt.models import load_model
-from tests.graph.tiny_graph import D_SAE, transcoder as _transcoder
+from tests.attribution.tiny_graph import D_SAE, transcoder as _transcoder
 
 def test_the_replacement_model_with_its_errors_is_the_plain_forward(setup):
     adapter, model, ids, prompt = setup

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from featopt.graph.attribution import attribute
-from featopt.graph.replacement import ReplacementModel
+from featopt.attribution.adjacency import attribute
+from featopt.attribution.replacement import ReplacementModel
 from featopt.models import load_model
-from tests.graph.tiny_graph import transcoder
+from tests.attribution.tiny_graph import transcoder
 
 
 @pytest.fixture(scope="module")

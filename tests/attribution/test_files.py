@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.graph.files import graph_json, load_graph, save_graph, write_graph_json
-from featopt.graph.pruning import prune
+from featopt.attribution.files import graph_json, load_graph, save_graph, write_graph_json
+from featopt.attribution.pruning import prune
 
 
 def test_a_saved_graph_loads_back_the_same(graph, tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.graph.attribution import attribute
-from featopt.graph.build import build_graph, load_transcoders, target_id
-from featopt.graph.files import load_graph
-from featopt.graph.pruning import scores
+from featopt.attribution.adjacency import attribute
+from featopt.attribution.build import build_graph, load_transcoders, target_id
+from featopt.attribution.files import load_graph
+from featopt.attribution.pruning import scores
 from featopt.models.sae.formats import save_sae
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from featopt import memory
 from featopt.errors import FeatoptError
-from featopt.graph.replacement import Prompt, ReplacementModel
+from featopt.attribution.replacement import Prompt, ReplacementModel
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Graph:
     logit_probs: Tensor  # [n_logits]: the model's probabilities of them at the last position
     adjacency: Tensor  # [N, N]
     n_layers: int
+    check: float = 0.0  # the replacement's largest logit difference from the model's, relative (not saved)
 
     @property
     def n_pos(self) -> int:
@@ -75,7 +76,7 @@ def attribute(model: ReplacementModel, input_ids: Tensor, *, logit_ids: Tensor |
     checked to reproduce the model's logits first. `progress(done, total)` is called after each
     backward pass."""
     prompt = model.capture(input_ids)
-    model.check(prompt)
+    gap = model.check(prompt)
     n_layers, T = len(prompt.acts), len(prompt.input_ids)
     per_layer = [torch.nonzero(a) for a in prompt.acts]  # [n_l, 2]: (position, latent)
     features = torch.cat([torch.cat([torch.full((len(nz), 1), layer), nz], 1) for layer, nz in enumerate(per_layer)])
@@ -120,7 +121,8 @@ def attribute(model: ReplacementModel, input_ids: Tensor, *, logit_ids: Tensor |
             adjacency[rows_of(kind, i)] = rows[b]
         if progress is not None:
             progress(min(start + batch, len(targets)), len(targets))
-    return Graph(prompt.input_ids.cpu(), features, activations.detach().cpu(), ids, probs.detach().cpu(), adjacency, n_layers)
+    return Graph(prompt.input_ids.cpu(), features, activations.detach().cpu(), ids, probs.detach().cpu(), adjacency, n_layers,
+                 gap)
 
 
 def _injection(model: ReplacementModel, run, features: Tensor, logit_dirs: Tensor, chunk: list[tuple[str, int]]) -> Tensor:

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from featopt.atomic import atomic_write
 from featopt.errors import FeatoptError
-from featopt.graph.attribution import Graph
-from featopt.graph.pruning import Pruned
+from featopt.attribution.adjacency import Graph
+from featopt.attribution.pruning import Pruned
 
 SCHEMA_VERSION = 1
 _TENSORS = ("input_ids", "features", "activations", "logit_ids", "logit_probs", "adjacency")
@@ -54,8 +54,9 @@ def _cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def node_entries(graph: Graph, pruned: Pruned, decode) -> dict[int, dict]:
-    """The frontend's node records of the kept nodes, by node index; `decode(token_id) -> str`."""
+def node_entries(graph: Graph, pruned: Pruned, decode, labels: dict[int, str] | None = None) -> dict[int, dict]:
+    """The frontend's node records of the kept nodes, by node index; `decode(token_id) -> str`;
+    `labels` (by feature node index) fill the features' `clerp`, the label the frontend shows."""
     ranges = graph.node_ranges()
     T, top = graph.n_pos, int(graph.logit_probs.argmax()) if len(graph.logit_probs) else -1
     out = {}
@@ -65,7 +66,7 @@ def node_entries(graph: Graph, pruned: Pruned, decode) -> dict[int, dict]:
             layer, pos, latent = graph.features[index].tolist()
             node = dict(node_id=f"{layer}_{latent}_{pos}", feature=_cantor(layer, latent), layer=str(layer), ctx_idx=pos,
                         feature_type="cross layer transcoder", jsNodeId=f"{layer}_{latent}-0",
-                        activation=float(graph.activations[index]))
+                        activation=float(graph.activations[index]), clerp=(labels or {}).get(index, ""))
         elif index < ranges["errors"][1]:
             layer, pos = divmod(index - ranges["errors"][0], T)
             node = dict(node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,
@@ -87,9 +88,10 @@ def node_entries(graph: Graph, pruned: Pruned, decode) -> dict[int, dict]:
 
 
 def graph_json(graph: Graph, pruned: Pruned, decode, *, slug: str, scan: str, transcoders: list[str],
-               node_threshold: float) -> dict:
-    """The pruned graph in circuit-tracer's frontend layout (see the module docstring)."""
-    nodes = node_entries(graph, pruned, decode)
+               node_threshold: float, labels: dict[int, str] | None = None) -> dict:
+    """The pruned graph in circuit-tracer's frontend layout (see the module docstring); `labels`:
+    the features' `clerp` by node index."""
+    nodes = node_entries(graph, pruned, decode, labels)
     targets, sources = torch.nonzero(pruned.edges, as_tuple=True)
     links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
              for t, s in zip(targets.tolist(), sources.tolist()) if s in nodes and t in nodes]

@@ -5,7 +5,7 @@
 each: a prompt longer than the model's context, a `target` that is not one token of the vocabulary,
 thresholds outside (0, 1], a transcoder set that does not fit the model, a graph whose dense
 adjacency would not fit in free memory), computes the graph
-(`attribution.py`), prunes it and scores it (`pruning.py`), and writes into `out`, each file whole
+(`adjacency.py`), prunes it and scores it (`pruning.py`), and writes into `out`, each file whole
 or not at all:
 
 - `graph.safetensors`: the whole graph (`files.load_graph` reads it back);
@@ -25,10 +25,11 @@ import torch
 
 from featopt.atomic import atomic_write
 from featopt.errors import FeatoptError
-from featopt.graph.attribution import attribute
-from featopt.graph.files import graph_json, save_graph, write_graph_json, write_graphml
-from featopt.graph.pruning import EDGE_THRESHOLD, NODE_THRESHOLD, check_threshold, prune, scores
-from featopt.graph.replacement import ReplacementModel
+from featopt.attribution.adjacency import attribute
+from featopt.attribution.files import graph_json, save_graph, write_graph_json, write_graphml
+from featopt.attribution.paths import lens_tokens, path_words, top_path
+from featopt.attribution.pruning import EDGE_THRESHOLD, NODE_THRESHOLD, check_threshold, prune, scores
+from featopt.attribution.replacement import ReplacementModel
 from featopt.models import ModelAdapter
 from featopt.models.sae import SparseAutoencoder
 from featopt.models.sae.formats import load_sae
@@ -59,7 +60,7 @@ def target_id(adapter: ModelAdapter, target: str) -> int:
 def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder], prompt: str, out: str | Path, *,
                 target: str | None = None, max_logits: int = 10, desired_prob: float = 0.95,
                 node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD, batch_size: int = 32,
-                slug: str = "graph", scan: str = "featopt", progress=None) -> dict:
+                slug: str = "graph", scan: str = "featopt", progress=None, transcoder_folder: str | None = None) -> dict:
     """Compute, prune, score and write the attribution graph of `prompt` (see the module docstring);
     returns the summary."""
     check_threshold("node_threshold", node_threshold)
@@ -78,17 +79,27 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
     pruned = prune(graph, node_threshold, edge_threshold)
     replacement, completeness = scores(graph)
     decode = lambda t: adapter.decode([t])  # noqa: E731
+    tokens = [decode(int(t)) for t in ids]
+    kept = torch.nonzero(pruned.nodes[:len(graph.features)]).flatten().tolist()
+    lens = dict(zip(kept, lens_tokens(model.transcoders, adapter.lm_head.weight, graph.features[kept])))
+    writes = lambda i: [decode(t) for t in lens[i]]  # noqa: E731
+    labels = {i: "writes " + ", ".join(repr(w) for w in writes(i)) for i in kept}
+    path = top_path(graph, pruned)
     names = [tc.cfg.hook_name for tc in model.transcoders]
-    doc = graph_json(graph, pruned, decode, slug=slug, scan=scan, transcoders=names, node_threshold=node_threshold)
+    doc = graph_json(graph, pruned, decode, slug=slug, scan=scan, transcoders=names, node_threshold=node_threshold,
+                     labels=labels)
     summary = {
-        "prompt": prompt, "tokens": [decode(int(t)) for t in ids], "model": adapter.name,
+        "prompt": prompt, "tokens": tokens, "model": adapter.name,
+        "transcoder_folder": transcoder_folder,
         "transcoders": [{"hook_name": tc.cfg.hook_name, "sha256": tc.content_hash()} for tc in model.transcoders],
         "logits": [{"token": decode(int(t)), "id": int(t), "probability": float(p)} for t, p in zip(graph.logit_ids, graph.logit_probs)],
         "replacement_score": replacement, "completeness_score": completeness,
+        "top_path": {"nodes": path, "words": path_words(graph, path, tokens, writes, decode)},
         "nodes": {"features": len(graph.features), "all": len(graph.adjacency), "kept": int(pruned.nodes.sum())},
         "edges": {"nonzero": int((graph.adjacency != 0).sum()), "kept": int(pruned.edges.sum())},
         "settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold, "max_logits": max_logits,
-                     "desired_prob": desired_prob, "target": target, "batch_size": batch_size},
+                     "desired_prob": desired_prob, "target": target, "batch_size": batch_size, "bos": adapter.bos},
+        "check": graph.check,
         "attribution_seconds": seconds, "dtype": str(adapter.dtype).removeprefix("torch."), "versions": versions(),
     }
     out.mkdir(parents=True, exist_ok=True)

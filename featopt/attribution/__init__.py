@@ -5,8 +5,14 @@ of every active feature, error node and token embedding on every feature and cho
 
 - `replacement.py`: the frozen, linearised replacement model of a prompt (:class:`ReplacementModel`;
   the freezing itself is `featopt/models/linearize.py`);
-- `attribution.py`: the adjacency matrix of direct effects, by batched backward passes;
+- `adjacency.py`: the adjacency matrix of direct effects, by batched backward passes;
 - `pruning.py`: influence on the logits, pruning, the replacement and completeness scores;
 - `files.py`: the graph as safetensors, circuit-tracer's frontend JSON and GraphML;
-- `build.py`: one graph from a prompt, checked and written (`build_graph`).
+- `paths.py`: the graph in words: what each feature writes (logit lens), the top path;
+- `build.py`: one graph from a prompt, checked and written (`build_graph`);
+- `intervene.py`: interventions that test a graph (predicted against measured logit changes);
+- `page.py`, `plot.py`: the graph as a static HTML page and as a PNG.
+
+The commands over it are `featopt graph build|intervene|view` (`featopt.commands.graph`, and
+`featopt.graph` in Python).
 """

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from featopt.errors import FeatoptError
-from featopt.graph.attribution import Graph
+from featopt.attribution.adjacency import Graph
 
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98  # circuit-tracer's defaults
 

@@ -1,0 +1,93 @@
+"""Attribution graphs of five prompts of known behaviour on SmolLM2-135M with the recipe's 30
+transcoders (issue 26): for each, the graph (scores, size, the top path in words, time) and one
+intervention that tests it (the features with the largest total effect on the answer zeroed; the
+graph's predicted change of the answer's logit beside the model's, errors frozen and unfrozen).
+
+    . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_graphs.py \\
+        --transcoders featopt-runs/transcoders-smollm2-2m --out featopt-runs/graphs-smollm2
+
+Writes one `featopt graph build` folder per prompt (graph.json, graph.html, graph.png, summary.json,
+intervention.json) and `graphs.json` / `graphs.md` with the table below them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+PROMPTS = [  # (name, prompt, the answer the graph explains); the model's probability is in the table
+    ("capital", "The capital of France is", " Paris"),
+    ("plural agreement", "The keys to the cabinet", " are"),
+    ("closing bracket", "(a + b", ")"),
+    ("antonym", "The opposite of hot is", " cold"),
+    ("two-step fact", "The language spoken in the country whose capital is Paris is", " French"),
+]
+TOLERANCE = 0.5  # a prediction "agrees" when it has the measured sign and is within 50% of it
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--transcoders", required=True)
+    parser.add_argument("--out", default="featopt-runs/graphs-smollm2")
+    parser.add_argument("--top", type=int, default=1, help="features zeroed in each intervention")
+    parser.add_argument("--only", default="", help="comma-separated prompt names (default: all five)")
+    args = parser.parse_args()
+
+    import featopt
+    from featopt.models import load_model
+
+    adapter = load_model(args.model)
+    out = Path(args.out)
+    rows = []
+    for name, prompt, answer in PROMPTS:
+        if args.only and name not in args.only.split(","):
+            continue
+        folder = out / name.replace(" ", "-")
+        start = time.perf_counter()
+        run = featopt.graph.build(prompt=prompt, target=answer, model=args.model, transcoders=args.transcoders,
+                                  out=str(folder), progress=False, adapter=adapter)
+        seconds = time.perf_counter() - start
+        s = run.summary
+        test = featopt.graph.intervene(graph=str(folder), top=args.top, factor=0.0, adapter=adapter).record
+        row = test["logits"][0]
+        agree = {key: row[key] != 0 and (row[key] > 0) == (row["predicted"] > 0)
+                 and abs(row["predicted"] - row[key]) <= TOLERANCE * abs(row[key]) for key in ("frozen_errors", "unfrozen")}
+        rows.append({"name": name, "prompt": prompt, "answer": answer, "probability": s["logits"][0]["probability"],
+                     "replacement_score": s["replacement_score"], "completeness_score": s["completeness_score"],
+                     "features": s["nodes"]["features"], "kept_nodes": s["nodes"]["kept"], "kept_edges": s["edges"]["kept"],
+                     "seconds": seconds, "attribution_seconds": s["attribution_seconds"], "top_path": s["top_path"]["words"],
+                     "zeroed": [f["node_id"] for f in test["features"]], "predicted": row["predicted"],
+                     "predicted_pruned": row["predicted_pruned"], "frozen_errors": row["frozen_errors"],
+                     "unfrozen": row["unfrozen"], "agrees": agree})
+        print(f"{name}: {seconds:.0f} s, replacement {s['replacement_score']:.2f}, completeness "
+              f"{s['completeness_score']:.2f}; zeroing {rows[-1]['zeroed']}: predicted {row['predicted']:+.3f}, "
+              f"frozen errors {row['frozen_errors']:+.3f}, unfrozen {row['unfrozen']:+.3f}", flush=True)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    record = {"model": args.model, "transcoders": args.transcoders, "tolerance": TOLERANCE, "peak_rss_gib": peak_gib,
+              "prompts": rows, "versions": run.summary["versions"]}
+    (out / "graphs.json").write_text(json.dumps(record, indent=1))
+    (out / "graphs.md").write_text(markdown(rows, peak_gib))
+    print(markdown(rows, peak_gib))
+
+
+def markdown(rows: list[dict], peak_gib: float) -> str:
+    head = ("| prompt | answer (p) | replacement | completeness | features / kept nodes / kept edges | time | zeroed | "
+            "predicted (pruned) | frozen errors | unfrozen | agree |\n|" + "---|" * 11 + "\n")
+    lines = []
+    for r in rows:
+        agree = "yes" if r["agrees"]["unfrozen"] and r["agrees"]["frozen_errors"] else \
+            ("frozen only" if r["agrees"]["frozen_errors"] else ("unfrozen only" if r["agrees"]["unfrozen"] else "no"))
+        lines.append(f"| {r['prompt']!r} | {r['answer']!r} ({r['probability']:.2f}) | {r['replacement_score']:.2f} | "
+                     f"{r['completeness_score']:.2f} | {r['features']:,} / {r['kept_nodes']:,} / {r['kept_edges']:,} | "
+                     f"{r['seconds']:.0f} s | {', '.join(r['zeroed'])} | {r['predicted']:+.2f} ({r['predicted_pruned']:+.2f}) | "
+                     f"{r['frozen_errors']:+.2f} | {r['unfrozen']:+.2f} | {agree} |")
+    paths = "\n".join(f"- {r['name']}: {r['top_path']}" for r in rows)
+    return head + "\n".join(lines) + f"\n\nPeak resident memory {peak_gib:.1f} GiB.\n\nTop paths:\n\n{paths}\n"
+
+
+if __name__ == "__main__":
+    main()
