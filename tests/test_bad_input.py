@@ -296,6 +296,8 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--desired_prob", "0"], "--desired_prob"),
         (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--max_logits", "0"], "--max_logits"),
         (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "  "], "--prompt"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--skip_first", "40"], "--skip_first 40"),
+        (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--skip_first", "-1"], "--skip_first"),
         (LLAMA + ["--prompt", "The cat"], "--transcoders"),
         (LLAMA + ["--transcoders", "{missing}", "--prompt", "The cat"], "does not exist"),
         (LLAMA + ["--transcoders", "{transcoders}", "--prompt", "The cat", "--dashboards", "{text}"], "--dashboards"),

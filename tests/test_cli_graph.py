@@ -39,14 +39,14 @@ def test_build_writes_the_graph_its_view_and_a_summary_of_the_library_graph(buil
     for name in ("graph.safetensors", "graph.json", "graph.graphml", "summary.json", "graph.html", "graph.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    adapter = load_model("tiny-llama")
+    adapter = load_model("tiny-llama").with_bos(True)  # the command's defaults: BOS first, position 0 left out
     ids = adapter.encode(PROMPT)
-    model = ReplacementModel(adapter, [load_sae(root / "tc" / f"layer{i}") for i in range(3)])
+    model = ReplacementModel(adapter, [load_sae(root / "tc" / f"layer{i}") for i in range(3)], skip_first=1)
     expected = attribute(model, ids)
     graph = load_graph(out / "graph.safetensors")
     assert torch.equal(graph.features, expected.features) and torch.equal(graph.logit_ids, expected.logit_ids)
     torch.testing.assert_close(graph.adjacency, expected.adjacency, rtol=1e-4, atol=1e-6)
-    assert summary["prompt"] == PROMPT and summary["check"] < 1e-4
+    assert summary["prompt"] == PROMPT and summary["check"] < 1e-4 and int(ids[0]) == adapter.bos_token_id()
     assert summary["transcoder_folder"] == str((root / "tc").resolve())
     doc = json.loads((out / "graph.json").read_text())
     page = (out / "graph.html").read_text()

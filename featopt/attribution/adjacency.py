@@ -11,7 +11,8 @@ on the target along paths that cross no other node:
   final norm's output at the last position (the logit less the mean logit);
 - a feature source contributes `activation * d target / d activation`, an error node `error . d
   target / d error`, a token `embedding . d target / d embedding`: the linear model's Jacobian times
-  the source's value, so the row of a target sums (with the constant terms: biases) to its value.
+  the source's value, so the row of a target sums (with the constant terms: biases, and the MLP
+  outputs at the model's `skip_first` positions) to its value.
 
 A backward pass handles `batch_size` targets at once, one per copy of the prompt in the batch, from
 one forward that every pass reuses.
@@ -116,6 +117,7 @@ def attribute(model: ReplacementModel, input_ids: Tensor, *, logit_ids: Tensor |
             col += len(nz)
         for layer in range(n_layers):  # errors: error . gradient, per position
             rows[:, n_f + layer * T:n_f + (layer + 1) * T] = (g_errors[layer] * prompt.errors[layer]).sum(-1)
+            rows[:, n_f + layer * T:n_f + layer * T + model.skip_first] = 0  # constants there, not nodes
         rows[:, n_f + n_layers * T:n_f + n_layers * T + T] = (g_embeds * prompt.embeds).sum(-1)
         for b, (kind, i) in enumerate(chunk):
             adjacency[rows_of(kind, i)] = rows[b]

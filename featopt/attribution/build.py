@@ -60,16 +60,21 @@ def target_id(adapter: ModelAdapter, target: str) -> int:
 def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder], prompt: str, out: str | Path, *,
                 target: str | None = None, max_logits: int = 10, desired_prob: float = 0.95,
                 node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD, batch_size: int = 32,
-                slug: str = "graph", scan: str = "featopt", progress=None, transcoder_folder: str | None = None) -> dict:
+                slug: str = "graph", scan: str = "featopt", progress=None, transcoder_folder: str | None = None,
+                skip_first: int = 1) -> dict:
     """Compute, prune, score and write the attribution graph of `prompt` (see the module docstring);
-    returns the summary."""
+    returns the summary. `skip_first`: leading positions whose features and errors are no nodes
+    (see :class:`ReplacementModel`; 1, as circuit-tracer, with the adapter's BOS token first)."""
     check_threshold("node_threshold", node_threshold)
     check_threshold("edge_threshold", edge_threshold)
-    model = ReplacementModel(adapter, transcoders)
+    model = ReplacementModel(adapter, transcoders, skip_first=skip_first)
     ids = adapter.encode(prompt)  # after BOS when the adapter's --bos says so
     if len(ids) == 0:
         raise FeatoptError("the prompt is empty: give the text whose next token the graph explains.")
     adapter.check_positions(len(ids), "the prompt", "give a shorter prompt")
+    if skip_first >= len(ids):
+        raise FeatoptError(f"--skip_first {skip_first} leaves out every position of the prompt ({len(ids)} tokens): "
+                           "give a smaller one or a longer prompt.")
     logit_ids = torch.tensor([target_id(adapter, target)]) if target is not None else None
     out = Path(out)
     start = time.perf_counter()
@@ -98,7 +103,8 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
         "nodes": {"features": len(graph.features), "all": len(graph.adjacency), "kept": int(pruned.nodes.sum())},
         "edges": {"nonzero": int((graph.adjacency != 0).sum()), "kept": int(pruned.edges.sum())},
         "settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold, "max_logits": max_logits,
-                     "desired_prob": desired_prob, "target": target, "batch_size": batch_size, "bos": adapter.bos},
+                     "desired_prob": desired_prob, "target": target, "batch_size": batch_size, "bos": adapter.bos,
+                     "skip_first": skip_first},
         "check": graph.check,
         "attribution_seconds": seconds, "dtype": str(adapter.dtype).removeprefix("torch."), "versions": versions(),
     }

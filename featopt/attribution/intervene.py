@@ -129,8 +129,9 @@ def _frozen_replacement(model: ReplacementModel, prompt: Prompt) -> list[Edit]:
 
         def replace(act: Tensor, _site, tc=tc, seen=seen, error=prompt.errors[layer]) -> Tensor:
             x = seen["x"].to(error.dtype)
-            out = tc.decode(tc.encode(x)) + tc.skip_out(x) + error[None, :x.shape[1]]
-            return out.to(act.dtype)
+            z = tc.encode(x)
+            z[:, :model.skip_first] = 0  # as captured: the error there holds the whole MLP output
+            return (tc.decode(z) + tc.skip_out(x) + error[None, :x.shape[1]]).to(act.dtype)
 
         edits += [Edit(model.mlp_in[layer], record, "frozen error"), Edit(model.mlp_out[layer], replace, "frozen error")]
     return edits

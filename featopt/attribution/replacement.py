@@ -72,10 +72,18 @@ class ReplacementModel:
         adapter: the model (float32 weights are used as they are).
         transcoders: one per layer, in any order; checked to cover every layer once, at the
             model's width.
+        skip_first: leading positions whose features and errors are no nodes (circuit-tracer
+            leaves out position 0, an attention sink far outside what transcoders are trained on:
+            `sae train --skip_first 1`). There the features are set to 0, the error holds the whole
+            MLP output (so the forward is unchanged), and `attribution` gives the errors no edges:
+            those MLP outputs are constants of the graph, like biases.
     """
 
-    def __init__(self, adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder]):
+    def __init__(self, adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder], skip_first: int = 0):
         check_linearizable(adapter)
+        if skip_first < 0:
+            raise FeatoptError(f"--skip_first must be at least 0, got {skip_first}.")
+        self.skip_first = skip_first
         self.adapter = adapter
         self.transcoders = self._by_layer(adapter, transcoders)
         self.mlp_in = [Site(layer, "mlp_in") for layer in range(adapter.n_layers)]
@@ -112,6 +120,7 @@ class ReplacementModel:
         acts, errors = [], []
         for tc, x, site in zip(self.transcoders, mlp_in, self.mlp_out):
             a = tc.encode(x)
+            a[:self.skip_first] = 0
             acts.append(a)
             errors.append(acts_read[site] - (tc.decode(a) + tc.skip_out(x)))
         ids = input_ids.to(self.adapter.device).reshape(-1)

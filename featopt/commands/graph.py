@@ -38,6 +38,12 @@ class DashboardSettings:
 class BuildConfig(DashboardSettings, OutputSettings, InputSettings):
     """Settings of `featopt graph build`: the attribution graph of one prompt over per-layer transcoders."""
 
+    bos: bool = True
+    """start the prompt with the model's BOS token (default on, as circuit-tracer: the first position is an attention
+    sink, whose features and errors --skip_first leaves out)"""
+    skip_first: int = 1
+    """leading positions whose features and errors are no nodes of the graph (transcoders are trained without
+    position 0: `sae train --skip_first 1`)"""
     transcoders: str = ""
     """the folder of per-layer transcoders (one reading blocks.L.mlp_in and writing blocks.L.mlp_out per layer, as
     `sae train --site blocks.0-N.mlp_in --target_site mlp_out` writes them)"""
@@ -82,6 +88,7 @@ def build(config: BuildConfig, adapter: ModelAdapter | None = None) -> GraphRun:
     from featopt.attribution.build import build_graph, load_transcoders
 
     check_at_least(config, ["max_logits", "batch_size"])
+    check_at_least(config, ["skip_first"], low=0)
     if not 0 < config.desired_prob <= 1:
         raise FeatoptError(f"--desired_prob must be in (0, 1], got {config.desired_prob}.")
     if not config.transcoders:
@@ -95,7 +102,7 @@ def build(config: BuildConfig, adapter: ModelAdapter | None = None) -> GraphRun:
     summary = build_graph(adapter, transcoders, config.prompt, out, target=config.target, max_logits=config.max_logits,
                           desired_prob=config.desired_prob, node_threshold=config.node_threshold,
                           edge_threshold=config.edge_threshold, batch_size=config.batch_size, slug=out.name,
-                          progress=_bar(config.progress), transcoder_folder=str(Path(config.transcoders).resolve()))
+                          progress=_bar(config.progress), transcoder_folder=str(Path(config.transcoders).resolve()), skip_first=config.skip_first)
     write_view(out, config.dashboards)
     return GraphRun(summary, out)
 
@@ -265,7 +272,7 @@ def intervene(config: InterveneConfig, adapter: ModelAdapter | None = None) -> I
     folder_tc = config.transcoders or summary.get("transcoder_folder")
     if not folder_tc:
         raise FeatoptError("the graph does not record its transcoder folder: give it with --transcoders.")
-    model = ReplacementModel(adapter, load_transcoders(folder_tc))
+    model = ReplacementModel(adapter, load_transcoders(folder_tc), skip_first=settings.get("skip_first", 0))
     if [tc.content_hash() for tc in model.transcoders] != [t["sha256"] for t in summary["transcoders"]]:
         raise FeatoptError(f"the transcoders in {folder_tc} are not the ones the graph was built with (their hashes "
                            "differ): give those with --transcoders, or rebuild the graph.")

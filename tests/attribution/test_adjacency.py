@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featopt.errors import FeatoptError
-from featopt.attribution.adjacency import logit_targets
+from featopt.attribution.adjacency import attribute, logit_targets
 from featopt.attribution.replacement import ReplacementModel
 from featopt.models import load_model
 from tests.attribution.tiny_graph import D_SAE, transcoder as _transcoder
@@ -152,3 +152,24 @@ def test_a_model_in_sdpa_attention_is_captured_in_eager_and_left_as_it_was():
     assert adapter.model.config._attn_implementation == "sdpa"
     assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in prompt.frozen.patterns)  # rows of a softmax
     assert model.check(prompt) < 1e-5
+
+
+def test_skipped_first_positions_have_no_nodes_and_leave_every_other_edge_as_it_was(setup, graph):
+    adapter, model, ids, _ = setup
+    skipping = ReplacementModel(adapter, model.transcoders, skip_first=1)
+    prompt = skipping.capture(ids)
+    assert skipping.check(prompt) < 1e-5  # the error at position 0 holds the whole MLP output
+    skipped = attribute(skipping, ids, batch_size=16)
+    assert int((skipped.features[:, 1] == 0).sum()) == 0 and int((graph.features[:, 1] == 0).sum()) > 0
+    T, n_layers = len(ids), adapter.n_layers
+    e0 = skipped.node_ranges()["errors"][0]
+    assert float(skipped.adjacency[:, [e0 + layer * T for layer in range(n_layers)]].abs().max()) == 0
+    # The linear model's Jacobian does not depend on the sources' values: every edge between nodes
+    # both graphs have is the same.
+    keep = torch.nonzero(graph.features[:, 1] > 0).flatten()
+    old = torch.cat([keep, torch.arange(len(graph.features), len(graph.adjacency))])
+    new = torch.arange(len(skipped.adjacency))
+    inner = torch.ones(len(new), dtype=torch.bool)
+    inner[[e0 + layer * T for layer in range(n_layers)]] = False  # position 0's errors: now constants
+    torch.testing.assert_close(skipped.adjacency[new][:, new[inner]], graph.adjacency[old][:, old[inner]],
+                               rtol=1e-4, atol=1e-5 * float(graph.adjacency.abs().max()))

@@ -13,6 +13,7 @@ from featopt.attribution.adjacency import attribute
 from featopt.attribution.build import build_graph, load_transcoders, target_id
 from featopt.attribution.files import load_graph
 from featopt.attribution.pruning import scores
+from featopt.attribution.replacement import ReplacementModel
 from featopt.models.sae.formats import save_sae
 
 
@@ -20,7 +21,8 @@ def test_build_writes_the_graph_its_pruned_json_and_scores(setup, tmp_path):
     adapter, model, ids, _ = setup
     summary = build_graph(adapter, model.transcoders, "The cat sat on the mat.", tmp_path / "g", batch_size=16)
     graph = load_graph(tmp_path / "g" / "graph.safetensors")
-    direct = attribute(model, ids, batch_size=7)  # another batching: the same rows
+    skipping = ReplacementModel(adapter, model.transcoders, skip_first=1)  # build_graph's default, as circuit-tracer
+    direct = attribute(skipping, ids, batch_size=7)  # another batching: the same rows
     torch.testing.assert_close(graph.adjacency, direct.adjacency, rtol=1e-5, atol=1e-6)
     assert summary["replacement_score"] == pytest.approx(scores(direct)[0], rel=1e-4)
     assert json.loads((tmp_path / "g" / "summary.json").read_text())["completeness_score"] == summary["completeness_score"]
@@ -41,6 +43,7 @@ def test_a_named_target_is_the_one_logit_node(setup, tmp_path):
     ({"node_threshold": 0.0}, r"--node_threshold must be in \(0, 1\]"),
     ({"edge_threshold": 1.5}, r"--edge_threshold must be in \(0, 1\]"),
     ({"layers": [0, 1]}, "missing layer 2"),
+    ({"skip_first": 40}, "--skip_first 40 leaves out every position"),
 ])
 def test_bad_input_ends_in_one_sentence_and_writes_nothing(setup, tmp_path, kwargs, message):
     adapter, model, _, _ = setup
