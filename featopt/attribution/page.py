@@ -5,7 +5,8 @@ token position (the prompt's tokens written under the columns), y the layer (tok
 the bottom, then layers 0 to n-1, the logits on top). Features are circles, error nodes squares,
 embeddings diamonds and logits triangles (the target logit outlined); several nodes of one (layer,
 position) sit side by side in its column. Each link is a line, blue when positive and red when
-negative, its opacity and width by |weight| over the largest. Every node and link has a tooltip.
+negative, its opacity and width by |weight| over the largest (at most `MAX_PAGE_LINKS`, the
+strongest: a pruned graph of a short prompt keeps 100,000s). Every node and link has a tooltip.
 Hovering a node (or a row of the table) brings out its incoming and outgoing links and fades the
 rest; a click pins that. A feature links to its latent's page where `dashboards` names a
 dashboard (`featopt sae dashboard`) for its layer. Above the graph: the prompt, model, scores and
@@ -80,6 +81,9 @@ class Layout:
     width: float
     height: float
     tokens: list[str]
+
+
+MAX_PAGE_LINKS = 5000  # links drawn, the strongest by |weight|
 
 
 def n_layers(doc: dict) -> int:
@@ -189,6 +193,7 @@ def _svg(doc: dict, lay: Layout, summary: dict | None, dashboards: dict[int, str
                      f'{html.escape(visible(lay.tokens[pos], int(w // 7.5)))}<title>{pos}: {html.escape(repr(lay.tokens[pos]))}</title></text>'
                      f'<text x="{x:.1f}" y="{base + 31}" text-anchor="middle">{pos}</text>')
     links = sorted((k for k in doc["links"] if k["source"] in lay.xy and k["target"] in lay.xy), key=lambda k: abs(k["weight"]))
+    links = links[-MAX_PAGE_LINKS:]  # a browser stays quick with some thousands of SVG lines, not 100,000s
     top = max((abs(k["weight"]) for k in links if finite(k["weight"])), default=0.0)
     for k in links:  # weakest first, so the strongest are drawn on top
         (x1, y1), (x2, y2), w = lay.xy[k["source"]], lay.xy[k["target"]], k["weight"]
@@ -239,7 +244,8 @@ def _header(doc: dict, lay: Layout, summary: dict | None) -> str:
             "transcoders": ", ".join(map(str, meta.get("transcoder_list") or [])),
             "replacement score": num(summary.get("replacement_score"), 3),
             "completeness score": num(summary.get("completeness_score"), 3),
-            "kept": f'{len(doc["nodes"]):,} nodes, {len(doc["links"]):,} links (node threshold {num(meta.get("node_threshold"), 3)})'}
+            "kept": f'{len(doc["nodes"]):,} nodes, {len(doc["links"]):,} links (node threshold {num(meta.get("node_threshold"), 3)})'
+                    + (f'; the strongest {MAX_PAGE_LINKS:,} links drawn (all are in graph.json)' if len(doc["links"]) > MAX_PAGE_LINKS else "")}
     dl = "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in info.items() if v is not None)
     items = "".join(f'<li><span class="tok">{tok(t)}</span> <span class="val">{"<b>" if target else ""}p = {num(p, 3)}'
                     f'{" (target)</b>" if target else ""}</span></li>' for t, p, target in logits(doc, summary))

@@ -256,3 +256,12 @@ def test_a_big_graph_draws_only_its_strongest_links(monkeypatch, tmp_path):
     monkeypatch.undo()
     pixels = _png_pixels(write_graph_png(doc, tmp_path / "big.png"))  # tokens with `$`: text, not mathtext
     assert pixels.shape[1] > 1500 and pixels[..., :3].std() > 0.05
+
+
+def test_the_page_draws_only_the_strongest_links_of_a_big_graph_and_says_so(doc, monkeypatch, tmp_path):
+    monkeypatch.setattr(graph_page, "MAX_PAGE_LINKS", 3)
+    page = Tree(write_graph_page(doc, tmp_path / "graph.html").read_text(encoding="utf-8"))
+    drawn = sorted((e["attrs"]["data-source"], e["attrs"]["data-target"]) for e in page.find("line", "edge"))
+    strongest = sorted(doc["links"], key=lambda k: -abs(k["weight"]))[:3]
+    assert drawn == sorted((k["source"], k["target"]) for k in strongest) and len(doc["links"]) > 3
+    assert "the strongest 3 links drawn (all are in graph.json)" in page.text
