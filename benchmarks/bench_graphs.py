@@ -1,7 +1,8 @@
 """Attribution graphs of five prompts of known behaviour on SmolLM2-135M with the recipe's 30
 transcoders (issue 26): for each, the graph (scores, size, the top path in words, time) and one
-intervention that tests it (the features with the largest total effect on the answer zeroed; the
-graph's predicted change of the answer's logit beside the model's, errors frozen and unfrozen).
+intervention that tests it, twice (see `interventions`): features of the largest total effect on the
+answer zeroed, the graph's predicted change of the answer's logit beside the model's, errors frozen
+and unfrozen; "agree" means the same sign and within TOLERANCE of the measured change.
 
     . .venv/bin/activate && FEATOPT_MODEL_PATH=../shared/models python benchmarks/bench_graphs.py \\
         --transcoders featopt-runs/transcoders-smollm2-2m --out featopt-runs/graphs-smollm2
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--transcoders", required=True)
     parser.add_argument("--out", default="featopt-runs/graphs-smollm2")
-    parser.add_argument("--top", type=int, default=1, help="features zeroed in each intervention")
+    parser.add_argument("--top", type=int, default=3, help="features zeroed in the second intervention")
     parser.add_argument("--only", default="", help="comma-separated prompt names (default: all five)")
     args = parser.parse_args()
 
@@ -52,20 +53,24 @@ def main() -> None:
                                   out=str(folder), progress=False, adapter=adapter)
         seconds = time.perf_counter() - start
         s = run.summary
-        test = featopt.graph.intervene(graph=str(folder), top=args.top, factor=0.0, adapter=adapter).record
-        row = test["logits"][0]
-        agree = {key: row[key] != 0 and (row[key] > 0) == (row["predicted"] > 0)
-                 and abs(row["predicted"] - row[key]) <= TOLERANCE * abs(row[key]) for key in ("frozen_errors", "unfrozen")}
+        tests = []
+        for label, how in interventions(adapter.n_layers, args.top):
+            record = featopt.graph.intervene(graph=str(folder), factor=0.0, out=str(folder / label.replace(" ", "-")),
+                                             adapter=adapter, **how).record
+            row = record["logits"][0]
+            agree = {key: row[key] != 0 and (row[key] > 0) == (row["predicted"] > 0)
+                     and abs(row["predicted"] - row[key]) <= TOLERANCE * abs(row[key]) for key in ("frozen_errors", "unfrozen")}
+            tests.append({"label": label, "zeroed": [f["node_id"] for f in record["features"]],
+                          **{k: row[k] for k in ("predicted", "predicted_pruned", "frozen_errors", "unfrozen")}, "agrees": agree})
+            print(f"  {label}: zeroing {tests[-1]['zeroed']}: predicted {row['predicted']:+.3f}, frozen errors "
+                  f"{row['frozen_errors']:+.3f}, unfrozen {row['unfrozen']:+.3f}", flush=True)
         rows.append({"name": name, "prompt": prompt, "answer": answer, "probability": s["logits"][0]["probability"],
                      "replacement_score": s["replacement_score"], "completeness_score": s["completeness_score"],
                      "features": s["nodes"]["features"], "kept_nodes": s["nodes"]["kept"], "kept_edges": s["edges"]["kept"],
                      "seconds": seconds, "attribution_seconds": s["attribution_seconds"], "top_path": s["top_path"]["words"],
-                     "zeroed": [f["node_id"] for f in test["features"]], "predicted": row["predicted"],
-                     "predicted_pruned": row["predicted_pruned"], "frozen_errors": row["frozen_errors"],
-                     "unfrozen": row["unfrozen"], "agrees": agree})
+                     "interventions": tests})
         print(f"{name}: {seconds:.0f} s, replacement {s['replacement_score']:.2f}, completeness "
-              f"{s['completeness_score']:.2f}; zeroing {rows[-1]['zeroed']}: predicted {row['predicted']:+.3f}, "
-              f"frozen errors {row['frozen_errors']:+.3f}, unfrozen {row['unfrozen']:+.3f}", flush=True)
+              f"{s['completeness_score']:.2f}", flush=True)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     record = {"model": args.model, "transcoders": args.transcoders, "tolerance": TOLERANCE, "peak_rss_gib": peak_gib,
               "prompts": rows, "versions": run.summary["versions"]}
@@ -74,17 +79,26 @@ def main() -> None:
     print(markdown(rows, peak_gib))
 
 
+def interventions(n_layers: int, top: int) -> list[tuple[str, dict]]:
+    """The two tests of each graph: the feature of largest total effect on the answer (often in the
+    last layers, a direct effect), and the `top` largest among the first two thirds of the layers
+    (effects through later features and attention)."""
+    early = 2 * n_layers // 3 - 1
+    return [("top feature", {"top": 1}), (f"top {top} of layers 0-{early}", {"top": top, "layers": f"0-{early}"})]
+
+
 def markdown(rows: list[dict], peak_gib: float) -> str:
-    head = ("| prompt | answer (p) | replacement | completeness | features / kept nodes / kept edges | time | zeroed | "
-            "predicted (pruned) | frozen errors | unfrozen | agree |\n|" + "---|" * 11 + "\n")
+    head = ("| prompt | answer (p) | replacement | completeness | features / kept nodes / kept edges | time | "
+            "zeroed | predicted (pruned graph) | errors frozen | unfrozen | agree |\n|" + "---|" * 11 + "\n")
     lines = []
     for r in rows:
-        agree = "yes" if r["agrees"]["unfrozen"] and r["agrees"]["frozen_errors"] else \
-            ("frozen only" if r["agrees"]["frozen_errors"] else ("unfrozen only" if r["agrees"]["unfrozen"] else "no"))
-        lines.append(f"| {r['prompt']!r} | {r['answer']!r} ({r['probability']:.2f}) | {r['replacement_score']:.2f} | "
+        for k, t in enumerate(r["interventions"]):
+            agree = "/".join("yes" if t["agrees"][key] else "no" for key in ("frozen_errors", "unfrozen"))
+            first = (f"| {r['prompt']!r} | {r['answer']!r} ({r['probability']:.2f}) | {r['replacement_score']:.2f} | "
                      f"{r['completeness_score']:.2f} | {r['features']:,} / {r['kept_nodes']:,} / {r['kept_edges']:,} | "
-                     f"{r['seconds']:.0f} s | {', '.join(r['zeroed'])} | {r['predicted']:+.2f} ({r['predicted_pruned']:+.2f}) | "
-                     f"{r['frozen_errors']:+.2f} | {r['unfrozen']:+.2f} | {agree} |")
+                     f"{r['seconds']:.0f} s") if k == 0 else "| | | | | |"
+            lines.append(f"{first} | {t['label']}: {', '.join(t['zeroed'])} | {t['predicted']:+.2f} ({t['predicted_pruned']:+.2f}) | "
+                         f"{t['frozen_errors']:+.2f} | {t['unfrozen']:+.2f} | {agree} |")
     paths = "\n".join(f"- {r['name']}: {r['top_path']}" for r in rows)
     return head + "\n".join(lines) + f"\n\nPeak resident memory {peak_gib:.1f} GiB.\n\nTop paths:\n\n{paths}\n"
 

@@ -309,6 +309,7 @@ ROWS: dict[str, list[tuple[list[str], str]]] = {
         (["--graph", "{graph}", "--features", "9_9_9"], "9_9_9"),
         (["--graph", "{graph}", "--features", "0_1_1", "--top", "2"], "--top"),
         (["--graph", "{graph}", "--top", "1", "--model", "tiny-gpt2"], "Llama-like"),
+        (["--graph", "{graph}", "--top", "1", "--layers", "7"], "layer 7 is out of range"),
     ],
     "graph view": [
         (["--graph", "{text}"], "featopt graph build"),

@@ -68,6 +68,12 @@ def test_intervene_sets_prediction_beside_measurement(built, capsys):
     assert record["model"] == "tiny-llama" and record["factor"] == 0.0 and "torch" in record["versions"]
     assert "frozen errors" in table and record["features"][0]["node_id"] in table
 
+    assert main(["graph", "intervene", "--graph", str(out), "--top", "2", "--layers", "1", "--out", str(root / "l1")]) == 0
+    effects = total_effects(graph).abs().masked_fill(graph.features[:, 0] != 1, -1)
+    chosen = json.loads((root / "l1" / "intervention.json").read_text())["features"]
+    assert [f["node_id"] for f in chosen] == [f"{layer}_{latent}_{pos}" for layer, pos, latent in
+                                              graph.features[effects.topk(2).indices.sort().values].tolist()]
+
     first = record["features"][0]["node_id"]
     run = featopt.graph.intervene(graph=str(out), features=first, factor=2.0, out=str(root / "twice"))
     assert run.record["features"][0]["node_id"] == first and run.record["factor"] == 2.0

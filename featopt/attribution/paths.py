@@ -1,9 +1,10 @@
 """A pruned graph in words: what each feature writes (its decoder read through the unembedding, the
 logit lens of its output), and the graph's top path from the first logit back to a token or error.
 
-The top path starts at the first logit node and steps, each time, to the source whose kept edge into
-the current node is the largest positive one (the strongest direct support), until it reaches a
-token embedding or an error node (which have no inputs in the graph).
+The top path starts at the first logit node and steps, each time, to the feature or token whose kept
+edge into the current node is the largest positive one (the strongest direct support that the graph
+explains; an error node only when nothing else supports the node), until it reaches a token
+embedding or an error node (which have no inputs in the graph).
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def top_path(graph: Graph, pruned: Pruned, logit: int = 0) -> list[int]:
     current = ranges["logits"][0] + logit
     path = [current]
     inner_end = ranges["errors"][0]  # sources below this index are features, which have inputs
+    errors = torch.zeros(len(graph.adjacency), dtype=torch.bool)
+    errors[ranges["errors"][0]:ranges["errors"][1]] = True
     while True:
         weights = torch.where(pruned.edges[current] & pruned.nodes, graph.adjacency[current], torch.tensor(0.0))
-        best = int(weights.argmax())
+        explained = weights.masked_fill(errors, 0.0)  # a feature or token, when one supports the node at all
+        best = int((explained if float(explained.max()) > 0 else weights).argmax())
         if float(weights[best]) <= 0 or best in path:
             break
         path.append(best)

@@ -222,6 +222,8 @@ class InterveneConfig(FolderSettings, InputSettings):
     """the features: comma-separated node ids layer_latent_position, as graph.json names them (e.g. 12_345_5)"""
     top: int = 0
     """instead of --features: the N features with the largest total effect on the first logit node"""
+    layers: str | None = None
+    """with --top: only features of these layers count ("0-19", "3,5"; default all)"""
     factor: float = 0.0
     """multiply the features' activations by this (0 removes them, 2 doubles them)"""
 
@@ -264,8 +266,19 @@ def intervene(config: InterveneConfig, adapter: ModelAdapter | None = None) -> I
         raise FeatoptError("give the features either by --features (node ids) or by --top N, not both and not neither.")
     check_at_least(config, ["top"], low=0)
     graph = load_graph(folder / "graph.safetensors")
-    nodes = feature_nodes(graph, config.features) if config.features.strip() else \
-        total_effects(graph).abs().topk(min(config.top, len(graph.features))).indices.sort().values
+    if config.features.strip():
+        nodes = feature_nodes(graph, config.features)
+    else:
+        effects = total_effects(graph).abs()
+        if config.layers is not None:
+            from featopt.specs import parse_indices
+
+            allowed = torch.tensor(parse_indices(config.layers, graph.n_layers, "--layers", "layer"))
+            effects = torch.where(torch.isin(graph.features[:, 0], allowed), effects, torch.tensor(-1.0))
+        candidates = int((effects >= 0).sum())
+        if candidates == 0:
+            raise FeatoptError(f"no active feature of the graph lies in --layers {config.layers}: give other layers.")
+        nodes = effects.topk(min(config.top, candidates)).indices.sort().values
     settings = summary.get("settings", {})
     config = dataclasses.replace(config, model=config.model or summary["model"], bos=settings.get("bos", config.bos))
     adapter = load_for(config, adapter)

@@ -32,8 +32,12 @@ _TL_ALIASES = {
     "hook_resid_post": "resid_post",
     "hook_attn_out": "attn_out",
     "hook_mlp_out": "mlp_out",
-    # TransformerLens' MLP input hook after the norm (its `hook_mlp_in` is before the norm).
+    # Read as the MLP's input in files featopt wrote before it named it `mlp.hook_in`. TransformerLens'
+    # own `ln2.hook_normalized` is before the norm's weight (its `hook_mlp_in` before the whole norm).
     "ln2.hook_normalized": "mlp_in",
+    # The MLP's input after the norm and its weight: circuit-tracer's name (its MLP wrapper's hook),
+    # which featopt writes (the last alias of a kind is the name written).
+    "mlp.hook_in": "mlp_in",
     "mlp.hook_post": "mlp_hidden",
 }
 

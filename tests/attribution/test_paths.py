@@ -14,7 +14,7 @@ def _hand_graph() -> Graph:
     errors 2..5, tokens 6-7, the logit 8."""
     A = torch.zeros(9, 9)
     A[8, 1] = 2.0  # f1 -> logit
-    A[8, 5] = 1.0  # error (layer 1, pos 1) -> logit
+    A[8, 5] = 3.0  # error (layer 1, pos 1) -> logit: stronger, but the path prefers what the graph explains
     A[1, 0] = 0.5  # f0 -> f1
     A[1, 7] = 0.7  # token 1 -> f1: the stronger input of f1
     A[1, 6] = -3.0  # a negative edge is never the path
@@ -34,7 +34,7 @@ def test_the_top_path_follows_the_strongest_positive_input_back_to_a_token():
     pruned = _all_kept(graph)
     pruned.edges[1, 7] = False  # that edge pruned: the path goes through f0 to token 0
     assert top_path(graph, pruned) == [6, 0, 1, 8]
-    pruned.nodes[1] = False  # f1 pruned: the error is the strongest kept input
+    pruned.nodes[1] = False  # f1 pruned: the error is the only kept input
     assert top_path(graph, pruned) == [5, 8]
 
 

@@ -181,7 +181,7 @@ def test_bad_sites_say_what_is_allowed():
         adapter.site("resid_middle", 0)
     assert adapter.site("blocks.1.hook_mlp_out") == Site(1, "mlp_out")
     assert adapter.site("blocks.0.mlp.hook_post") == Site(0, "mlp_hidden")
-    assert adapter.site("blocks.1.ln2.hook_normalized") == Site(1, "mlp_in") and Site(1, "mlp_in").tl_name == "blocks.1.ln2.hook_normalized"
+    assert adapter.site("blocks.1.ln2.hook_normalized") == Site(1, "mlp_in") and Site(1, "mlp_in").tl_name == "blocks.1.mlp.hook_in" and adapter.site("blocks.1.mlp.hook_in") == Site(1, "mlp_in")
     assert adapter.width("blocks.0.mlp_hidden") == 128
 
 

@@ -148,7 +148,9 @@ def test_featopt_cfg_json_says_what_saelens_writes(name):
     assert cfg["apply_b_dec_to_input"] is not transcoder
     if transcoder:  # sae-lens' transcoder fields, hooks in TransformerLens' spelling
         assert cfg["d_out"] == 12
-        assert cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+        # The MLP's input after the norm's weight: circuit-tracer's MLP hook, not TransformerLens'
+        # ln2.hook_normalized (before the weight), which featopt only reads from its older files.
+        assert cfg["metadata"]["hook_name"] == "blocks.1.mlp.hook_in"
         assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
         assert cfg["metadata"]["featopt"]["target_hook_name"] == TRANSCODER_OUT
     else:

@@ -41,7 +41,7 @@ FORMAT = "featopt-sae/1"  # metadata.featopt.format: marks a folder save_sae may
 # this is the layout's version, not a claim about which sae-lens wrote the file.
 SAELENS_LAYOUT_VERSION = "6.0.0"
 _TL_KINDS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
-             "mlp_in": "ln2.hook_normalized", "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
+             "mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
 _KNOWN = ("a SAELens folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder (cfg.json + sae.safetensors)"
           " or a Gemma Scope params.npz")
 
