@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--out", default="featopt-runs/graphs-smollm2")
     parser.add_argument("--top", type=int, default=3, help="features zeroed in the second intervention")
     parser.add_argument("--only", default="", help="comma-separated prompt names (default: all five)")
+    parser.add_argument("--reuse", action="store_true", help="keep graphs already built in --out (their time as "
+                        "recorded); redo the top path and the interventions")
     args = parser.parse_args()
 
     import featopt
@@ -48,11 +50,16 @@ def main() -> None:
         if args.only and name not in args.only.split(","):
             continue
         folder = out / name.replace(" ", "-")
-        start = time.perf_counter()
-        run = featopt.graph.build(prompt=prompt, target=answer, model=args.model, transcoders=args.transcoders,
-                                  out=str(folder), progress=False, adapter=adapter)
-        seconds = time.perf_counter() - start
-        s = run.summary
+        if args.reuse and (folder / "summary.json").is_file():
+            s = reused(folder, adapter, args.transcoders)
+            seconds = s["build_seconds"]
+        else:
+            start = time.perf_counter()
+            s = featopt.graph.build(prompt=prompt, target=answer, model=args.model, transcoders=args.transcoders,
+                                    out=str(folder), progress=False, adapter=adapter).summary
+            seconds = time.perf_counter() - start
+            s["build_seconds"] = seconds
+            (folder / "summary.json").write_text(json.dumps(s, indent=1))
         tests = []
         for label, how in interventions(adapter.n_layers, args.top):
             record = featopt.graph.intervene(graph=str(folder), factor=0.0, out=str(folder / label.replace(" ", "-")),
@@ -73,10 +80,25 @@ def main() -> None:
               f"{s['completeness_score']:.2f}", flush=True)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     record = {"model": args.model, "transcoders": args.transcoders, "tolerance": TOLERANCE, "peak_rss_gib": peak_gib,
-              "prompts": rows, "versions": run.summary["versions"]}
+              "prompts": rows, "versions": s["versions"]}
     (out / "graphs.json").write_text(json.dumps(record, indent=1))
     (out / "graphs.md").write_text(markdown(rows, peak_gib))
     print(markdown(rows, peak_gib))
+
+
+def reused(folder: Path, adapter, transcoders: str) -> dict:
+    """The summary of a graph built earlier, its top path recomputed (the rule may have changed)."""
+    from featopt.attribution.build import in_words, load_transcoders
+    from featopt.attribution.files import load_graph
+    from featopt.attribution.pruning import prune
+
+    s = json.loads((folder / "summary.json").read_text())
+    graph = load_graph(folder / "graph.safetensors")
+    pruned = prune(graph, s["settings"]["node_threshold"], s["settings"]["edge_threshold"])
+    by_layer = sorted(load_transcoders(transcoders), key=lambda tc: int(tc.cfg.hook_name.split(".")[1]))
+    s["top_path"] = in_words(adapter, by_layer, graph, pruned)[1]
+    s.setdefault("build_seconds", s["attribution_seconds"])
+    return s
 
 
 def interventions(n_layers: int, top: int) -> list[tuple[str, dict]]:

@@ -57,6 +57,19 @@ def target_id(adapter: ModelAdapter, target: str) -> int:
     return int(ids[0])
 
 
+def in_words(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder], graph, pruned) -> tuple[dict[int, str], dict]:
+    """`(labels, top path)`: each kept feature's label (the tokens it writes, `paths.lens_tokens`),
+    and the top path (`paths.top_path`) as `{"nodes": [...], "words": "..."}`."""
+    decode = lambda t: adapter.decode([t])  # noqa: E731
+    kept = torch.nonzero(pruned.nodes[:len(graph.features)]).flatten().tolist()
+    lens = dict(zip(kept, lens_tokens(transcoders, adapter.lm_head.weight, graph.features[kept])))
+    writes = lambda i: [decode(t) for t in lens[i]]  # noqa: E731
+    labels = {i: "writes " + ", ".join(repr(w) for w in writes(i)) for i in kept}
+    path = top_path(graph, pruned)
+    tokens = [decode(int(t)) for t in graph.input_ids]
+    return labels, {"nodes": path, "words": path_words(graph, path, tokens, writes, decode)}
+
+
 def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder], prompt: str, out: str | Path, *,
                 target: str | None = None, max_logits: int = 10, desired_prob: float = 0.95,
                 node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD, batch_size: int = 32,
@@ -85,11 +98,7 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
     replacement, completeness = scores(graph)
     decode = lambda t: adapter.decode([t])  # noqa: E731
     tokens = [decode(int(t)) for t in ids]
-    kept = torch.nonzero(pruned.nodes[:len(graph.features)]).flatten().tolist()
-    lens = dict(zip(kept, lens_tokens(model.transcoders, adapter.lm_head.weight, graph.features[kept])))
-    writes = lambda i: [decode(t) for t in lens[i]]  # noqa: E731
-    labels = {i: "writes " + ", ".join(repr(w) for w in writes(i)) for i in kept}
-    path = top_path(graph, pruned)
+    labels, path = in_words(adapter, model.transcoders, graph, pruned)
     names = [tc.cfg.hook_name for tc in model.transcoders]
     doc = graph_json(graph, pruned, decode, slug=slug, scan=scan, transcoders=names, node_threshold=node_threshold,
                      labels=labels)
@@ -99,7 +108,7 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
         "transcoders": [{"hook_name": tc.cfg.hook_name, "sha256": tc.content_hash()} for tc in model.transcoders],
         "logits": [{"token": decode(int(t)), "id": int(t), "probability": float(p)} for t, p in zip(graph.logit_ids, graph.logit_probs)],
         "replacement_score": replacement, "completeness_score": completeness,
-        "top_path": {"nodes": path, "words": path_words(graph, path, tokens, writes, decode)},
+        "top_path": path,
         "nodes": {"features": len(graph.features), "all": len(graph.adjacency), "kept": int(pruned.nodes.sum())},
         "edges": {"nonzero": int((graph.adjacency != 0).sum()), "kept": int(pruned.edges.sum())},
         "settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold, "max_logits": max_logits,

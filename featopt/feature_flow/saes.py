@@ -186,9 +186,16 @@ class FlowSet:
     def predecessors(self, key: tuple[int, str]) -> list[tuple[int, str]]:
         """The SAEs a feature of `key` can come from, those present: for `L/res`, `L-1/res`,
         `L/mlp` and `L/att`; an MLP or attention feature of layer L reads the residual before the
-        block, `L-1/res`."""
+        block, `L-1/res`. A set without any residual SAE (per-layer transcoders alone) has no
+        residual to go through, so there an MLP or attention feature's predecessor is the same
+        module one layer before, `L-1/mlp` (what it wrote into the residual that `L` reads)."""
         layer, module = key
-        wanted = [(layer - 1, "res"), (layer, "mlp"), (layer, "att")] if module == "res" else [(layer - 1, "res")]
+        if module == "res":
+            wanted = [(layer - 1, "res"), (layer, "mlp"), (layer, "att")]
+        elif any(m == "res" for _, m in self.saes):
+            wanted = [(layer - 1, "res")]
+        else:
+            wanted = [(layer - 1, module)]
         return [k for k in wanted if k in self.saes]
 
     def successors(self, key: tuple[int, str]) -> list[tuple[int, str]]:

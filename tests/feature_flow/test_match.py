@@ -95,6 +95,11 @@ def test_flow_set_rules(flow_set):
     assert flow_set.predecessors((2, "res")) == [(1, "res"), (2, "mlp"), (2, "att")]
     assert flow_set.predecessors((2, "mlp")) == [(1, "res")]
     assert flow_set.predecessors((0, "res")) == []
+    from tests.feature_flow.flow_reference import make_sae
+
+    transcoders = FlowSet({(layer, "mlp"): make_sae(layer, "mlp") for layer in range(3)})  # no residual SAE at all
+    assert transcoders.predecessors((2, "mlp")) == [(1, "mlp")] and transcoders.predecessors((0, "mlp")) == []
+    assert transcoders.successors((1, "mlp")) == [(2, "mlp")]
     assert sorted(flow_set.successors((1, "res"))) == [(2, "att"), (2, "mlp"), (2, "res")]
     assert flow_set.check_node("2/mlp/47") == Node(2, "mlp", 47)
     assert str(parse_node(" 12 / res / 4230 ")) == "12/res/4230"
