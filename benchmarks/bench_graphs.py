@@ -36,6 +36,11 @@ def main() -> None:
     parser.add_argument("--out", default="featopt-runs/graphs-smollm2")
     parser.add_argument("--top", type=int, default=3, help="features zeroed in the second intervention")
     parser.add_argument("--only", default="", help="comma-separated prompt names (default: all five)")
+    # SmolLM2's documents are separated by <|endoftext|> in pretraining; its BOS token <|im_start|> (what
+    # --bos and circuit-tracer prepend) opens a chat turn and lowers ' are' after "The keys to the cabinet"
+    # from 0.37 to 0.03. Position 0 is left out of the graph either way (--skip_first 1).
+    parser.add_argument("--prefix", default="<|endoftext|>", help="text before each prompt, its first token at "
+                        "position 0 (empty: the model's BOS token instead)")
     parser.add_argument("--reuse", action="store_true", help="keep graphs already built in --out (their time as "
                         "recorded); redo the top path and the interventions")
     args = parser.parse_args()
@@ -55,8 +60,8 @@ def main() -> None:
             seconds = s["build_seconds"]
         else:
             start = time.perf_counter()
-            s = featopt.graph.build(prompt=prompt, target=answer, model=args.model, transcoders=args.transcoders,
-                                    out=str(folder), progress=False, adapter=adapter).summary
+            s = featopt.graph.build(prompt=args.prefix + prompt, target=answer, model=args.model, bos=not args.prefix,
+                                    transcoders=args.transcoders, out=str(folder), progress=False, adapter=adapter).summary
             seconds = time.perf_counter() - start
             s["build_seconds"] = seconds
             (folder / "summary.json").write_text(json.dumps(s, indent=1))

@@ -19,7 +19,7 @@ from pathlib import Path
 from featopt.commands.fields import check_at_least
 from featopt.commands.loading import load_for
 from featopt.commands.result import CommandResult
-from featopt.commands.settings import FolderSettings, InputSettings, OutputSettings
+from featopt.commands.settings import FolderSettings, InputSettings, ModelSettings, OutputSettings
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter
 from featopt.runs.outdir import out_folder
@@ -128,6 +128,8 @@ def _bar(enabled: bool):
 class ViewConfig(DashboardSettings, FolderSettings):
     """Settings of `featopt graph view`: the HTML page and PNG of a graph `graph build` wrote."""
 
+    out: str | None = None
+    """output folder (default: the graph's own folder)"""
     graph: str = ""
     """the folder `featopt graph build` wrote"""
 
@@ -208,12 +210,14 @@ def write_view(out: Path, dashboards: str | None, *, doc: dict | None = None, su
 
 # ----------------------------------------------------------------------------- intervene
 @dataclass
-class InterveneConfig(FolderSettings, InputSettings):
+class InterveneConfig(FolderSettings, ModelSettings):
     """Settings of `featopt graph intervene`: scale or zero graph features at their positions; the
     logit changes the graph predicts beside those the model shows."""
 
+    out: str | None = None
+    """output folder (default: the graph's own folder)"""
     model: str | None = None
-    """the model (default: the one the graph was built on)"""
+    """the model (default: the one the graph was built on; it runs the graph's own token ids)"""
     graph: str = ""
     """the folder `featopt graph build` wrote"""
     transcoders: str | None = None
@@ -280,7 +284,7 @@ def intervene(config: InterveneConfig, adapter: ModelAdapter | None = None) -> I
             raise FeatoptError(f"no active feature of the graph lies in --layers {config.layers}: give other layers.")
         nodes = effects.topk(min(config.top, candidates)).indices.sort().values
     settings = summary.get("settings", {})
-    config = dataclasses.replace(config, model=config.model or summary["model"], bos=settings.get("bos", config.bos))
+    config = dataclasses.replace(config, model=config.model or summary["model"])
     adapter = load_for(config, adapter)
     folder_tc = config.transcoders or summary.get("transcoder_folder")
     if not folder_tc:
