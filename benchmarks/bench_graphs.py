@@ -107,11 +107,15 @@ def reused(folder: Path, adapter, transcoders: str) -> dict:
 
 
 def interventions(n_layers: int, top: int) -> list[tuple[str, dict]]:
-    """The two tests of each graph: the feature of largest total effect on the answer (often in the
-    last layers, a direct effect), and the `top` largest among the first two thirds of the layers
-    (effects through later features and attention)."""
+    """The three tests of each graph: the feature of largest total effect on the answer (often in the
+    last layer, a direct effect), the `top` largest among the first two thirds of the layers
+    (effects through later features and attention), and the largest between the first third and
+    the last layer (a feature whose effect runs through later layers, not the first layers' large
+    activations)."""
     early = 2 * n_layers // 3 - 1
-    return [("top feature", {"top": 1}), (f"top {top} of layers 0-{early}", {"top": top, "layers": f"0-{early}"})]
+    middle = (n_layers // 3, n_layers - 2)
+    return [("top feature", {"top": 1}), (f"top {top} of layers 0-{early}", {"top": top, "layers": f"0-{early}"}),
+            (f"top feature of layers {middle[0]}-{middle[1]}", {"top": 1, "layers": f"{middle[0]}-{middle[1]}"})]
 
 
 def markdown(rows: list[dict], peak_gib: float) -> str:

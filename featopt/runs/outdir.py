@@ -18,7 +18,8 @@ RUN_FILES = frozenset({
     "results.json", "embeddings.safetensors", "compare.json", "fronts.json", "metrics.json", "training.json",
     "cfg.json", "activations.json", "neurons.json", "neurons.safetensors", "find.json", "clamp.json",
     "features.json", "lens.json", "ablate.json", "mcs.json", "dashboard.json", "matches.json", "graph.json",
-    "groups.json", "deactivation.json", "transition.json", "run.json", "records.json", "align.json", "checkpoints",
+    "groups.json", "deactivation.json", "transition.json", "run.json", "records.json", "align.json", "intervention.json",
+    "checkpoints",
     "tensorboard",
 })
 
