@@ -12,15 +12,14 @@ active L-1 latents. For reference only (not
 featopt's flow), the top-1 by cosine of the feature's *encoder* column with L-1's decoder rows:
 that is the direction an edge's weight is made of.
 
-With transcoders alone, featopt's FlowSet gives an `L/mlp` key no predecessor (it expects `L-1/res`
-SAEs), so the L-1 match here is `match(flow, (L, "mlp"), (L-1, "mlp"))`, what `featopt flow match
---target L/mlp --candidates L-1/mlp` computes; the picture's flow graph uses a FlowSet whose
-`L/mlp` predecessor is `L-1/mlp`.
+The L-1 match is `match(flow, (L, "mlp"), (L-1, "mlp"))`, what `featopt flow match --target L/mlp
+--candidates L-1/mlp` computes; with transcoders alone (no residual SAEs) FlowSet makes `L-1/mlp` the
+predecessor of `L/mlp`, so the picture's flow graph is `featopt flow graph --saes <transcoders>`'s.
 
-    . .venv/bin/activate && python benchmarks/bench_flow_vs_graph.py \
+    . .venv/bin/activate && G=featopt-runs/graphs-smollm2 && python benchmarks/bench_flow_vs_graph.py \
         --transcoders featopt-runs/transcoders-smollm2-all-v2 \
-        --graphs featopt-runs/graph-v2-count featopt-runs/graph-v2-france featopt-runs/graph-v2-opposite \
-        --out featopt-runs/bench-flow-vs-graph [--feature graph-v2-count:2_974_2]
+        --graphs $G/capital $G/plural-agreement $G/closing-bracket $G/antonym $G/two-step-fact \
+        featopt-runs/graph-v2-count --out featopt-runs/bench-flow-vs-graph-v3 [--feature two-step-fact:2_174_5]
 """
 
 from __future__ import annotations
@@ -41,15 +40,6 @@ from featopt.feature_flow.saes import FlowSet
 # features' top-1); "active": the mean over the active L-1 latents; "encoder": reference, not flow
 CANDIDATES = ("flow", "random", "shuffled", "active", "encoder")
 MODES = ("same", "any")  # same position as the feature, or any position <= the feature's
-
-
-class TranscoderFlow(FlowSet):
-    """Transcoders only: `L/mlp`'s predecessor is `L-1/mlp` (FlowSet's is `L-1/res`, absent here)."""
-
-    def predecessors(self, key):
-        found = super().predecessors(key)
-        before = (key[0] - 1, "mlp")
-        return found or ([before] if key[1] == "mlp" and before in self.saes else [])
 
 
 def edge_stats(row, total, ranks, kept, target, source):
@@ -171,14 +161,14 @@ def table(name: str, s: dict, modes=MODES) -> list[str]:
     return lines
 
 
-def picture(rec: dict, info: dict, flow: TranscoderFlow, out: Path, back: int, k: int) -> Path:
+def picture(rec: dict, info: dict, flow: FlowSet, out: Path, back: int, k: int) -> Path:
     """Left: the feature's data-free flow graph (backward, `back` layers, k matches per step), each
     node labelled with its activation in the prompt; right: its 12 strongest incoming edges."""
     from featopt.plots import pyplot, save_figure
 
     g, tokens = info["graph"], info["tokens"]
     L, p, i, t = rec["layer"], rec["position"], rec["latent"], rec["node"]
-    sub = TranscoderFlow({key: flow.saes[key] for key in flow.keys() if L - back <= key[0] <= L}, flow.paths)
+    sub = FlowSet({key: flow.saes[key] for key in flow.keys() if L - back <= key[0] <= L}, flow.paths)
     fg = flow_graph(sub, f"{L}/mlp/{i}", k=k, threshold=0.0, direction="backward")
     acts = {}
     for (layer, pos, latent), a in zip(g.features.tolist(), g.activations.tolist()):
@@ -214,7 +204,7 @@ def picture(rec: dict, info: dict, flow: TranscoderFlow, out: Path, back: int, k
     said = (f"flow top-1 {L - 1}/mlp/{rec['flow_latent']} (cos {rec['flow_cosine']:.2f}): " +
             (f"rank {st['rank']} among feature edges, share {st['share']:.1%}" if st["nonzero"] else
              "active, no edge" if st["active"] else "not active in the prompt"))
-    right.set_title(f"incoming edges of {L}/mlp/{i} @{p}{tokens[p]!r} on {info['prompt']!r}\n{said}", fontsize=8)
+    right.set_title(f"incoming edges of {L}/mlp/{i} @{p}{tokens[p]!r} on\n{info['prompt']!r}\n{said}", fontsize=8)
     right.set_xlabel("direct effect (orange: flow top-1, blue: other L-1 features)", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, plt, out / "flow_vs_graph.png")
@@ -234,7 +224,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flow = FlowSet.load(args.transcoders)
-    flow = TranscoderFlow(flow.saes, flow.paths)
     n_layers = max(flow.layers) + 1
     W_dec = {L: flow[(L, "mlp")].W_dec.detach().float() for L in flow.layers}
     flow_top1, flow_cos, enc_top1 = {}, {}, {}
