@@ -236,12 +236,18 @@ def _table(doc: dict, lay: Layout, summary: dict | None, dashboards: dict[int, s
             f'<table id="nodes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def _transcoders(names: list) -> str:
+    """The transcoders' hooks, the first and last only when there are many (one per layer)."""
+    names = [str(n) for n in names]
+    return ", ".join(names) if len(names) <= 4 else f"{len(names)}: {names[0]}, ..., {names[-1]}"
+
+
 def _header(doc: dict, lay: Layout, summary: dict | None) -> str:
     meta, summary = doc["metadata"], summary or {}
     prompt = (f'<div class="line">{"".join(f"<span class=tok>{tok(t)}</span>" for t in lay.tokens)}</div>' if lay.tokens
               else f'<p>{html.escape(str(meta.get("prompt", "")))}</p>')
     info = {"model": summary.get("model"), "graph": f'{meta.get("slug")} ({meta.get("scan")})',
-            "transcoders": ", ".join(map(str, meta.get("transcoder_list") or [])),
+            "transcoders": _transcoders(meta.get("transcoder_list") or []),
             "replacement score": num(summary.get("replacement_score"), 3),
             "completeness score": num(summary.get("completeness_score"), 3),
             "kept": f'{len(doc["nodes"]):,} nodes, {len(doc["links"]):,} links (node threshold {num(meta.get("node_threshold"), 3)})'
