@@ -71,11 +71,12 @@ def main() -> None:
                                              adapter=adapter, **how).record
             row = record["logits"][0]
             agree = {key: row[key] != 0 and (row[key] > 0) == (row["predicted"] > 0)
-                     and abs(row["predicted"] - row[key]) <= TOLERANCE * abs(row[key]) for key in ("frozen_errors", "unfrozen")}
+                     and abs(row["predicted"] - row[key]) <= TOLERANCE * abs(row[key]) for key in ("frozen_attention", "frozen_errors", "unfrozen")}
             tests.append({"label": label, "zeroed": [f["node_id"] for f in record["features"]],
-                          **{k: row[k] for k in ("predicted", "predicted_pruned", "frozen_errors", "unfrozen")}, "agrees": agree})
-            print(f"  {label}: zeroing {tests[-1]['zeroed']}: predicted {row['predicted']:+.3f}, frozen errors "
-                  f"{row['frozen_errors']:+.3f}, unfrozen {row['unfrozen']:+.3f}", flush=True)
+                          **{k: row[k] for k in ("predicted", "predicted_pruned", "frozen_attention", "frozen_errors", "unfrozen")}, "agrees": agree})
+            print(f"  {label}: zeroing {tests[-1]['zeroed']}: predicted {row['predicted']:+.3f}, frozen attention "
+                  f"{row['frozen_attention']:+.3f}, errors {row['frozen_errors']:+.3f}, unfrozen {row['unfrozen']:+.3f}",
+                  flush=True)
         rows.append({"name": name, "prompt": prompt, "answer": answer, "probability": s["logits"][0]["probability"],
                      "replacement_score": s["replacement_score"], "completeness_score": s["completeness_score"],
                      "features": s["nodes"]["features"], "kept_nodes": s["nodes"]["kept"], "kept_edges": s["edges"]["kept"],
@@ -120,16 +121,17 @@ def interventions(n_layers: int, top: int) -> list[tuple[str, dict]]:
 
 def markdown(rows: list[dict], peak_gib: float) -> str:
     head = ("| prompt | answer (p) | replacement | completeness | features / kept nodes / kept edges | time | "
-            "zeroed | predicted (pruned graph) | errors frozen | unfrozen | agree |\n|" + "---|" * 11 + "\n")
+            "zeroed | predicted (pruned graph) | attention + errors frozen | errors frozen | unfrozen | agree |\n|"
+            + "---|" * 12 + "\n")
     lines = []
     for r in rows:
         for k, t in enumerate(r["interventions"]):
-            agree = "/".join("yes" if t["agrees"][key] else "no" for key in ("frozen_errors", "unfrozen"))
+            agree = "/".join("yes" if t["agrees"][key] else "no" for key in ("frozen_attention", "frozen_errors", "unfrozen"))
             first = (f"| {r['prompt']!r} | {r['answer']!r} ({r['probability']:.2f}) | {r['replacement_score']:.2f} | "
                      f"{r['completeness_score']:.2f} | {r['features']:,} / {r['kept_nodes']:,} / {r['kept_edges']:,} | "
                      f"{r['seconds']:.0f} s") if k == 0 else "| | | | | |"
             lines.append(f"{first} | {t['label']}: {', '.join(t['zeroed'])} | {t['predicted']:+.2f} ({t['predicted_pruned']:+.2f}) | "
-                         f"{t['frozen_errors']:+.2f} | {t['unfrozen']:+.2f} | {agree} |")
+                         f"{t['frozen_attention']:+.2f} | {t['frozen_errors']:+.2f} | {t['unfrozen']:+.2f} | {agree} |")
     paths = "\n".join(f"- {r['name']}: {r['top_path']}" for r in rows)
     return head + "\n".join(lines) + f"\n\nPeak resident memory {peak_gib:.1f} GiB.\n\nTop paths:\n\n{paths}\n"
 

@@ -16,12 +16,17 @@ Every logit change is of the graph's logit nodes' value, the *demeaned* logit at
   and norms free) with every MLP replaced by its transcoder plus the error the prompt's own forward
   left (`decode(encode(x)) + skip(x) + e`), every feature recomputed from its input except the
   intervened ones, rescaled: Circuit Tracing's test of the replacement model itself.
+- **Measured, errors and attention frozen** (`frozen_attention=True`): the same, with the attention
+  patterns and norm scales also held at the prompt's (circuit-tracer's default for interventions):
+  only features switching on or off in later layers separate it from the prediction.
 - **Measured, errors unfrozen** (`frozen_errors=False`): the real model, its MLPs untouched, with
   the intervened features' decoder contributions rescaled at their positions (the edits of
   :func:`featopt.interventions.edits.latent_edits`): what the model itself does.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -31,6 +36,7 @@ from featopt.attribution.adjacency import Graph
 from featopt.attribution.pruning import Pruned
 from featopt.attribution.replacement import Prompt, ReplacementModel
 from featopt.interventions.edits import Edit, edited, latent_edits
+from featopt.models.linearize import frozen
 
 
 def feature_nodes(graph: Graph, spec: str) -> Tensor:
@@ -97,9 +103,12 @@ def _demeaned(logits: Tensor, ids: Tensor) -> Tensor:
 
 
 def measured(model: ReplacementModel, prompt: Prompt, graph: Graph, nodes: Tensor, factor: float, *,
-             frozen_errors: bool) -> Tensor:
+             frozen_errors: bool, frozen_attention: bool = False) -> Tensor:
     """`[n_logits]`: the change in each logit node of `graph` when its features `nodes` are
-    rescaled by `factor` in the real model, its MLPs' errors frozen or not (module docstring)."""
+    rescaled by `factor` in the real model, its MLPs' errors frozen or not (module docstring);
+    `frozen_attention` also holds the attention patterns and norm scales at the prompt's (what
+    circuit-tracer's `feature_intervention` does by default), so only the transcoders' own
+    nonlinearity (features switching on or off) separates it from the prediction."""
     adapter = model.adapter
     T = len(prompt.input_ids)
     edits: list[Edit] = []
@@ -110,7 +119,8 @@ def measured(model: ReplacementModel, prompt: Prompt, graph: Graph, nodes: Tenso
         positions = torch.zeros(T, dtype=torch.bool)
         positions[pos] = True
         edits += latent_edits(model.transcoders[layer], [latent], factor, positions=positions, label="graph intervention")
-    with torch.no_grad(), edited(adapter, edits):
+    held = frozen(adapter, prompt.frozen) if frozen_attention else contextlib.nullcontext()
+    with torch.no_grad(), held, edited(adapter, edits):
         logits = adapter.model(input_ids=prompt.input_ids[None].to(adapter.device)).logits[0, -1].float()
     base = prompt.logits[-1].float()
     ids = graph.logit_ids.to(base.device)
@@ -141,10 +151,12 @@ def intervention_record(model: ReplacementModel, prompt: Prompt, graph: Graph, n
                         pruned: Pruned | None, decode) -> dict:
     """Everything `featopt graph intervene` reports: the features, and per logit node its
     probability, demeaned logit, the predicted changes (whole linear graph, pruned graph) and the
-    measured ones (errors frozen, unfrozen), and the agreement of prediction and measurement."""
+    measured ones (errors and attention frozen, errors frozen, unfrozen), and the agreement of
+    prediction and measurement."""
     whole = predicted(graph, nodes, factor)
     kept = predicted(graph, nodes, factor, pruned) if pruned is not None else None
-    frozen = measured(model, prompt, graph, nodes, factor, frozen_errors=True)
+    held = measured(model, prompt, graph, nodes, factor, frozen_errors=True, frozen_attention=True)
+    fixed = measured(model, prompt, graph, nodes, factor, frozen_errors=True)
     real = measured(model, prompt, graph, nodes, factor, frozen_errors=False)
     base = prompt.logits[-1].float().cpu()
     rows = []
@@ -152,7 +164,7 @@ def intervention_record(model: ReplacementModel, prompt: Prompt, graph: Graph, n
         rows.append({"token": decode(token), "id": token, "probability": float(graph.logit_probs[j]),
                      "logit": float(_demeaned(base, graph.logit_ids[j:j + 1])[0]), "predicted": float(whole[j]),
                      "predicted_pruned": None if kept is None else float(kept[j]),
-                     "frozen_errors": float(frozen[j]), "unfrozen": float(real[j])})
+                     "frozen_attention": float(held[j]), "frozen_errors": float(fixed[j]), "unfrozen": float(real[j])})
     features = []
     for i in nodes.tolist():
         layer, pos, latent = graph.features[i].tolist()
@@ -165,7 +177,7 @@ def agreement(row: dict) -> dict:
     """For one logit: whether each measured change has the predicted sign, and the prediction's error
     relative to the measured change."""
     out = {}
-    for key in ("frozen_errors", "unfrozen"):
+    for key in ("frozen_attention", "frozen_errors", "unfrozen"):
         actual, pred = row[key], row["predicted"]
         out[key] = {"same_sign": (actual > 0) == (pred > 0) and actual != 0,
                     "relative_error": abs(pred - actual) / abs(actual) if actual else None}

@@ -243,12 +243,13 @@ class InterveneRun(CommandResult):
 
         r = self.record
         head = [f"features x{r['factor']:g}: " + ", ".join(f"{f['node_id']} ({f['activation']:.3g})" for f in r["features"]),
-                "demeaned logit changes: the graph's prediction (whole / pruned) beside the model's (errors frozen / not)"]
-        rows = [["token", "p", "predicted", "pruned", "frozen errors", "unfrozen"]]
+                "demeaned logit changes: the graph's prediction (whole / pruned) beside the model's (errors and attention "
+                "frozen / errors frozen / neither)"]
+        rows = [["token", "p", "predicted", "pruned", "frozen attn+errors", "frozen errors", "unfrozen"]]
         for d in r["logits"]:
             pruned = "–" if d["predicted_pruned"] is None else f"{d['predicted_pruned']:+.3f}"
             rows.append([repr(d["token"]), f"{d['probability']:.3f}", f"{d['predicted']:+.3f}", pruned,
-                         f"{d['frozen_errors']:+.3f}", f"{d['unfrozen']:+.3f}"])
+                         f"{d['frozen_attention']:+.3f}", f"{d['frozen_errors']:+.3f}", f"{d['unfrozen']:+.3f}"])
         return "\n".join(head) + "\n" + aligned(rows)
 
 

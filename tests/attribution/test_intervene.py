@@ -128,3 +128,19 @@ def test_feature_ids_are_graph_node_ids_of_active_features(graph):
         feature_nodes(graph, f"0_{inactive}_0")
     with pytest.raises(FeatoptError, match="no features given"):
         feature_nodes(graph, " , ")
+
+
+def test_with_attention_and_errors_frozen_only_switching_features_part_measurement_from_prediction(setup, graph):
+    _, model, _, prompt = setup
+    at_end = (graph.features[:, 0] == model.adapter.n_layers - 1) & (graph.features[:, 1] == graph.n_pos - 1)
+    last = torch.nonzero(at_end).flatten()[:2]  # at the last position: the others cannot reach its logits
+    # A last-layer feature reaches the logits only through the frozen final norm: exactly linear.
+    got = measured(model, prompt, graph, last, 0.0, frozen_errors=True, frozen_attention=True)
+    torch.testing.assert_close(got, predicted(graph, last, 0.0), rtol=1e-4, atol=1e-5)
+    assert float(got.abs().max()) > 1e-3
+    free = measured(model, prompt, graph, last, 0.0, frozen_errors=True)
+    assert float((free - got).abs().max()) > 1e-4  # the free final norm is not linear
+    # An early feature nudged: to first order, nothing switches.
+    first = torch.nonzero(graph.features[:, 0] == 0).flatten()[:1]
+    small = measured(model, prompt, graph, first, 0.99, frozen_errors=True, frozen_attention=True)
+    torch.testing.assert_close(small, predicted(graph, first, 0.99), rtol=1e-2, atol=1e-3 * float(small.abs().max()))
