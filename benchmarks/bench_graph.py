@@ -50,13 +50,6 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 
 # ----------------------------------------------------------------------------- conversion
-def _featopt_graph():
-    """featopt's attribution-graph modules `(build, files)`."""
-    from featopt.attribution import build, files
-
-    return build, files
-
-
 def convert_transcoders(transcoders, out: Path, model_name: str, input_hook: str, output_hook: str) -> Path:
     """featopt's transcoders (by layer) in circuit-tracer's per-layer format (module docstring)."""
     import yaml
@@ -86,10 +79,10 @@ def worker(args) -> None:
     """featopt's side, in its own process: load, `build_graph`, the model's own last logits."""
     from safetensors.torch import save_file
 
+    from featopt.attribution import build
     from featopt.models import load_model
     from featopt.models.loading import gguf_cache_folder
 
-    build, _ = _featopt_graph()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -156,7 +149,9 @@ def compare(out: Path) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    F = _featopt_graph()[1].load_graph(out / "featopt" / "graph.safetensors")
+    from featopt.attribution.files import load_graph
+
+    F = load_graph(out / "featopt" / "graph.safetensors")
     C = load_file(str(out / "circuit-tracer" / "graph.safetensors"))
     with safe_open(str(out / "circuit-tracer" / "graph.safetensors"), "pt") as f:
         assert int(f.metadata()["n_layers"]) == F.n_layers
@@ -261,7 +256,9 @@ def main() -> None:
     if not PEER.exists():
         raise SystemExit(f"{PEER} is missing: make the peer environment first (benchmarks/README.md).")
 
-    tcs = sorted(_featopt_graph()[0].load_transcoders(args.transcoders), key=lambda tc: int(tc.cfg.hook_name.split(".")[1]))
+    from featopt.attribution.build import load_transcoders
+
+    tcs = sorted(load_transcoders(args.transcoders), key=lambda tc: int(tc.cfg.hook_name.split(".")[1]))
     ct_dir = convert_transcoders(tcs, args.out / "ct-transcoders", args.model, args.input_hook, args.output_hook)
     del tcs
     common = ["--batch_size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])

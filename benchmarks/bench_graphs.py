@@ -70,8 +70,7 @@ def main() -> None:
             record = featopt.graph.intervene(graph=str(folder), factor=0.0, out=str(folder / label.replace(" ", "-")),
                                              adapter=adapter, **how).record
             row = record["logits"][0]
-            agree = {key: row[key] != 0 and (row[key] > 0) == (row["predicted"] > 0)
-                     and abs(row["predicted"] - row[key]) <= TOLERANCE * abs(row[key]) for key in ("frozen_attention", "frozen_errors", "unfrozen")}
+            agree = {key: a["same_sign"] and a["relative_error"] <= TOLERANCE for key, a in record["agreement"].items()}
             tests.append({"label": label, "zeroed": [f["node_id"] for f in record["features"]],
                           **{k: row[k] for k in ("predicted", "predicted_pruned", "frozen_attention", "frozen_errors", "unfrozen")}, "agrees": agree})
             print(f"  {label}: zeroing {tests[-1]['zeroed']}: predicted {row['predicted']:+.3f}, frozen attention "

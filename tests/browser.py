@@ -4,6 +4,7 @@ the test is skipped, except under FEATOPT_REQUIRE_BROWSER=1 (CI sets it), where 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -32,3 +33,20 @@ def playwright():
     except ImportError:
         unavailable('playwright is not installed: pip install -c constraints.txt -e ".[dev]" (or pip install playwright)')
     return sync_api, executable
+
+
+@contextlib.contextmanager
+def browser_page():
+    """`(page, console messages, page errors)` of a fresh headless Chromium (1200 x 900), closed
+    after the block; skips as :func:`playwright` does."""
+    sync_api, executable = playwright()
+    messages, errors = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda m: messages.append((m.type, m.text)))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, messages, errors
+        finally:
+            browser.close()

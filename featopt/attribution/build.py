@@ -28,7 +28,7 @@ from featopt.errors import FeatoptError
 from featopt.attribution.adjacency import attribute
 from featopt.attribution.files import graph_json, save_graph, write_graph_json, write_graphml
 from featopt.attribution.paths import lens_tokens, path_words, top_path
-from featopt.attribution.pruning import EDGE_THRESHOLD, NODE_THRESHOLD, check_threshold, prune, scores
+from featopt.attribution.pruning import EDGE_THRESHOLD, NODE_THRESHOLD, check_threshold, logit_influence, prune, scores
 from featopt.attribution.replacement import ReplacementModel
 from featopt.models import ModelAdapter
 from featopt.models.sae import SparseAutoencoder
@@ -94,8 +94,9 @@ def build_graph(adapter: ModelAdapter, transcoders: Sequence[SparseAutoencoder],
     graph = attribute(model, ids, logit_ids=logit_ids, max_logits=max_logits, desired_prob=desired_prob,
                       batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
-    pruned = prune(graph, node_threshold, edge_threshold)
-    replacement, completeness = scores(graph)
+    node_influence = logit_influence(graph)  # pruning and the scores share it
+    pruned = prune(graph, node_threshold, edge_threshold, node_influence)
+    replacement, completeness = scores(graph, node_influence)
     decode = lambda t: adapter.decode([t])  # noqa: E731
     tokens = [decode(int(t)) for t in ids]
     labels, path = in_words(adapter, model.transcoders, graph, pruned)

@@ -86,6 +86,12 @@ class Layout:
 MAX_PAGE_LINKS = 5000  # links drawn, the strongest by |weight|
 
 
+def strongest(links: list[dict], limit: int) -> list[dict]:
+    """The `limit` links of largest |weight|, weakest first (so the strongest are drawn on top)."""
+    ranked = sorted((k for k in links if finite(k["weight"])), key=lambda k: abs(k["weight"]))
+    return ranked[-limit:] if limit > 0 else []
+
+
 def n_layers(doc: dict) -> int:
     """The model's layer count: the logits' layer is n_layers + 1; without logits, the highest layer + 1."""
     found = [int(n["layer"]) - 1 for n in doc["nodes"] if n["feature_type"] == LOGIT]
@@ -192,8 +198,8 @@ def _svg(doc: dict, lay: Layout, summary: dict | None, dashboards: dict[int, str
                      f'<text class="token" x="{x:.1f}" y="{base + 16}" text-anchor="middle">'
                      f'{html.escape(visible(lay.tokens[pos], int(w // 7.5)))}<title>{pos}: {html.escape(repr(lay.tokens[pos]))}</title></text>'
                      f'<text x="{x:.1f}" y="{base + 31}" text-anchor="middle">{pos}</text>')
-    links = sorted((k for k in doc["links"] if k["source"] in lay.xy and k["target"] in lay.xy), key=lambda k: abs(k["weight"]))
-    links = links[-MAX_PAGE_LINKS:]  # a browser stays quick with some thousands of SVG lines, not 100,000s
+    # A browser stays quick with some thousands of SVG lines, not 100,000s.
+    links = strongest([k for k in doc["links"] if k["source"] in lay.xy and k["target"] in lay.xy], MAX_PAGE_LINKS)
     top = max((abs(k["weight"]) for k in links if finite(k["weight"])), default=0.0)
     for k in links:  # weakest first, so the strongest are drawn on top
         (x1, y1), (x2, y2), w = lay.xy[k["source"]], lay.xy[k["target"]], k["weight"]

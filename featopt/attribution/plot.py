@@ -15,7 +15,9 @@ import warnings
 from pathlib import Path
 
 from featopt.dictionaries.page_parts import BLUE, RED, finite
-from featopt.attribution.page import BOTTOM, COLOURS, EMBEDDING, ERROR, FEATURE, KINDS, LEFT, LOGIT, STEP, TOP, graph_layout, logits, visible
+from featopt.attribution.page import (
+    BOTTOM, COLOURS, EMBEDDING, ERROR, FEATURE, KINDS, LEFT, LOGIT, STEP, TOP, graph_layout, logits, strongest, visible,
+)
 from featopt.plots import pyplot, save_figure
 
 MAX_LINKS = 2000
@@ -27,12 +29,6 @@ def _rgb(colour: str) -> tuple[float, float, float]:
     if colour.startswith("#"):
         return tuple(int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
     return tuple(int(v) / 255 for v in colour.removeprefix("rgb(").removesuffix(")").split(","))
-
-
-def strongest(links: list[dict], limit: int = MAX_LINKS) -> list[dict]:
-    """The `limit` links of largest |weight|, weakest first (so the strongest are drawn on top)."""
-    ranked = sorted((k for k in links if finite(k["weight"])), key=lambda k: abs(k["weight"]))
-    return ranked[-limit:] if limit > 0 else []
 
 
 def title(doc: dict, summary: dict | None, drawn: int, width: int = 100) -> str:
@@ -58,7 +54,7 @@ def write_graph_png(doc: dict, path: str | Path, *, summary: dict | None = None)
 
     plt = pyplot()
     lay = graph_layout(doc)
-    links = strongest([k for k in doc["links"] if k["source"] in lay.xy and k["target"] in lay.xy])
+    links = strongest([k for k in doc["links"] if k["source"] in lay.xy and k["target"] in lay.xy], MAX_LINKS)
     # The figure grows with the layout up to a poster's size; markers shrink to fit their spacing.
     width, height = min(24.0, max(8.0, lay.width / 100)), min(15.0, max(5.0, lay.height / 100 + 1.5))
     size = min(60.0, max(4.0, (0.75 * STEP * width * 72 / lay.width) ** 2))

@@ -82,13 +82,21 @@ def check_threshold(name: str, value: float) -> None:
         raise FeatoptError(f"--{name} must be in (0, 1], got {value}.")
 
 
-def prune(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> Pruned:
-    """The nodes and edges kept (see the module docstring)."""
+def logit_influence(graph: Graph) -> Tensor:
+    """`[N]`: each node's influence on the logits in the whole graph, `w (Â + Â^2 + ...)`."""
+    return influence(normalized(graph.adjacency), logit_weights(graph))
+
+
+def prune(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD,
+          node_influence: Tensor | None = None) -> Pruned:
+    """The nodes and edges kept (see the module docstring); `node_influence`: the graph's
+    :func:`logit_influence`, when the caller has it already."""
     check_threshold("node_threshold", node_threshold)
     check_threshold("edge_threshold", edge_threshold)
     ranges = graph.node_ranges()
     weights = logit_weights(graph)
-    node_influence = influence(normalized(graph.adjacency), weights)
+    if node_influence is None:
+        node_influence = logit_influence(graph)
     nodes = node_influence >= _threshold(node_influence, node_threshold)
     nodes[ranges["tokens"][0]:] = True  # tokens and logits always stay
     kept = graph.adjacency.clone()
@@ -111,15 +119,18 @@ def prune(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: 
     return Pruned(nodes, edges, cumulative)
 
 
-def scores(graph: Graph) -> tuple[float, float]:
-    """`(replacement score, completeness score)` of the graph (see the module docstring)."""
+def scores(graph: Graph, node_influence: Tensor | None = None) -> tuple[float, float]:
+    """`(replacement score, completeness score)` of the graph (see the module docstring);
+    `node_influence`: its :func:`logit_influence`, when the caller has it already."""
     ranges = graph.node_ranges()
     weights = logit_weights(graph)
-    matrix = normalized(graph.adjacency)
-    node_influence = influence(matrix, weights)
+    if node_influence is None:
+        node_influence = logit_influence(graph)
     (e0, e1), (t0, t1) = ranges["errors"], ranges["tokens"]
     tokens, errors = node_influence[t0:t1].sum(), node_influence[e0:e1].sum()
     replacement = float(tokens / (tokens + errors).clamp_min(1e-30))
     output = node_influence + weights
-    completeness = float(((1 - matrix[:, e0:e1].sum(1)) * output).sum() / output.sum())
+    absolute = graph.adjacency.abs()  # the errors' share of each row: Â's error columns, without all of Â
+    error_share = absolute[:, e0:e1].sum(1) / absolute.sum(1).clamp_min(1e-10)
+    completeness = float(((1 - error_share) * output).sum() / output.sum())
     return replacement, completeness

@@ -16,7 +16,7 @@ from featopt.attribution.files import graph_json
 from featopt.attribution.page import write_graph_page
 from featopt.attribution.plot import MAX_LINKS, write_graph_png
 from featopt.attribution.pruning import prune, scores
-from tests.browser import playwright
+from tests.browser import browser_page
 
 NASTY = ["<script>window.__pwned = 1</script>", "&amp;", '" onmouseover="window.__pwned=2', "'", "\n\n", " <img src=x onerror=window.__pwned=3>"]
 TAGS = {"html", "head", "meta", "title", "style", "body", "script", "h1", "h2", "p", "b", "div", "span", "dl", "dt", "dd", "ol", "li",
@@ -167,7 +167,6 @@ def test_nasty_tokens_are_escaped(nasty, tmp_path):
 
 def test_in_headless_chromium(nasty, tmp_path):
     bad, summary = nasty
-    sync_api, executable = playwright()
     features = [n for n in bad["nodes"] if n["feature_type"] == "cross layer transcoder" and n["layer"] == "0"]
     latents = sorted({int(n["node_id"].split("_")[1]) for n in features})
     write_dashboard(tmp_path / "dash0", {"model": "tiny-llama", "versions": {}}, [{"latent": i} for i in latents])
@@ -181,33 +180,25 @@ def test_in_headless_chromium(nasty, tmp_path):
     mine = [k for k in bad["links"] if node["node_id"] in (k["source"], k["target"])]
     other = next(k for k in bad["links"] if node["node_id"] not in (k["source"], k["target"]))
     edge = 'line.edge[data-source="{source}"][data-target="{target}"]'
-    messages, errors = [], []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: messages.append((m.type, m.text)))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(path.as_uri())
-            assert page.locator("svg.graph g.node").count() == len(bad["nodes"])
-            assert page.locator("svg.graph line.edge").count() == len(bad["links"])
-            assert page.evaluate("window.__pwned") is None  # no token ran as script
-            opacity = lambda k: float(page.locator(edge.format(**k)).evaluate("e => getComputedStyle(e).opacity"))  # noqa: E731
-            assert opacity(other) == 1.0
-            page.hover(f'g.node[data-node="{node["node_id"]}"]')
-            assert "focus" in page.locator("svg.graph").get_attribute("class")
-            assert opacity(other) < 0.1 and "hl" not in page.locator(edge.format(**other)).get_attribute("class")
-            assert all(opacity(k) == 1.0 and "hl" in page.locator(edge.format(**k)).get_attribute("class").split() for k in mine)
-            page.screenshot(path=str(tmp_path / "graph.png"), full_page=True)
-            assert (tmp_path / "graph.png").stat().st_size > 10_000
-            page.mouse.move(0, 0)  # leaving the node: every link back
-            assert opacity(other) == 1.0
-            page.click(f'g.node[data-node="{node["node_id"]}"]')  # a feature with a dashboard: its latent page
-            latent = node["node_id"].split("_")[1]
-            page.wait_for_url(f"**/dash0/latent-{latent}.html")
-            assert page.locator("h1").inner_text() == f"Latent {latent}"
-        finally:
-            browser.close()
+    with browser_page() as (page, messages, errors):
+        page.goto(path.as_uri())
+        assert page.locator("svg.graph g.node").count() == len(bad["nodes"])
+        assert page.locator("svg.graph line.edge").count() == len(bad["links"])
+        assert page.evaluate("window.__pwned") is None  # no token ran as script
+        opacity = lambda k: float(page.locator(edge.format(**k)).evaluate("e => getComputedStyle(e).opacity"))  # noqa: E731
+        assert opacity(other) == 1.0
+        page.hover(f'g.node[data-node="{node["node_id"]}"]')
+        assert "focus" in page.locator("svg.graph").get_attribute("class")
+        assert opacity(other) < 0.1 and "hl" not in page.locator(edge.format(**other)).get_attribute("class")
+        assert all(opacity(k) == 1.0 and "hl" in page.locator(edge.format(**k)).get_attribute("class").split() for k in mine)
+        page.screenshot(path=str(tmp_path / "graph.png"), full_page=True)
+        assert (tmp_path / "graph.png").stat().st_size > 10_000
+        page.mouse.move(0, 0)  # leaving the node: every link back
+        assert opacity(other) == 1.0
+        page.click(f'g.node[data-node="{node["node_id"]}"]')  # a feature with a dashboard: its latent page
+        latent = node["node_id"].split("_")[1]
+        page.wait_for_url(f"**/dash0/latent-{latent}.html")
+        assert page.locator("h1").inner_text() == f"Latent {latent}"
     assert errors == [] and [m for m in messages if m[0] == "error"] == []
 
 
@@ -244,7 +235,7 @@ def test_a_big_graph_draws_only_its_strongest_links(monkeypatch, tmp_path):
                   if j < len(nodes) - 1]
         links.append({"source": node["node_id"], "target": nodes[-1]["node_id"], "weight": 0.001 * i})
     doc = {"metadata": {"prompt_tokens": [f"$t{i}$" for i in range(positions)], "prompt": "$x$ " * 5}, "nodes": nodes, "links": links}
-    kept = plot.strongest(links)
+    kept = plot.strongest(links, MAX_LINKS)
     assert len(kept) == MAX_LINKS < len(links) and min(abs(k["weight"]) for k in kept) >= max(
         abs(k["weight"]) for k in links if k not in kept)
     figures = []

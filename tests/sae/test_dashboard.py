@@ -12,7 +12,7 @@ import pytest
 from featopt.errors import FeatoptError
 from featopt.dictionaries import dashboard
 from featopt.dictionaries.dashboard import write_dashboard
-from tests.browser import playwright
+from tests.browser import browser_page
 
 RUN = {"model": "smollm2-135m", "site": "blocks.2.resid_post", "sae": {"path": "runs/sae-l2", "hash": "3f9a0c1d"},
        "corpus": "pile-10k", "tokens": 1_000_000, "seed": 0, "versions": {"featopt": "0.1.0", "torch": "2.13.0"}}
@@ -272,8 +272,7 @@ def test_error_mid_write_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 
 def test_in_headless_chromium(site, tmp_path):
-    sync_api, executable = playwright()
-    messages, errors, folders = [], [], [tmp_path]
+    folders = [tmp_path]
     if os.environ.get("FEATOPT_SCREENSHOTS"):
         folders.append(Path(os.environ["FEATOPT_SCREENSHOTS"]))
         folders[-1].mkdir(parents=True, exist_ok=True)
@@ -283,44 +282,37 @@ def test_in_headless_chromium(site, tmp_path):
             page.screenshot(path=str(folder / name), full_page=True)
         assert (tmp_path / name).stat().st_size > 10_000
 
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: messages.append((m.type, m.text)))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto((site / "index.html").as_uri())
-            assert page.locator("tr.latent-row").count() == len(latents())
-            screenshot(page, "index.png")
-            # Sorting by a ratio column: highest first, latents without inputs last; again: the other way.
-            page.click('button.sort[data-column="4"]')
-            order = page.eval_on_selector_all("tr.latent-row", "rows => rows.map(r => r.dataset.latent)")
-            assert order[:2] in (["3", "7"], ["7", "3"]) and set(order[2:]) == {"12", "40"}
-            page.click('button.sort[data-column="1"]')
-            page.click('button.sort[data-column="1"]')  # frequency, ascending: missing (12) first
-            assert page.eval_on_selector_all("tr.latent-row", "rows => rows.map(r => r.dataset.latent)")[0] == "12"
+    with browser_page() as (page, messages, errors):
+        page.goto((site / "index.html").as_uri())
+        assert page.locator("tr.latent-row").count() == len(latents())
+        screenshot(page, "index.png")
+        # Sorting by a ratio column: highest first, latents without inputs last; again: the other way.
+        page.click('button.sort[data-column="4"]')
+        order = page.eval_on_selector_all("tr.latent-row", "rows => rows.map(r => r.dataset.latent)")
+        assert order[:2] in (["3", "7"], ["7", "3"]) and set(order[2:]) == {"12", "40"}
+        page.click('button.sort[data-column="1"]')
+        page.click('button.sort[data-column="1"]')  # frequency, ascending: missing (12) first
+        assert page.eval_on_selector_all("tr.latent-row", "rows => rows.map(r => r.dataset.latent)")[0] == "12"
 
-            page.click('a[href="latent-3.html"]')
-            page.wait_for_load_state()
-            assert page.url.endswith("/latent-3.html")
-            assert page.locator('.example[data-kind="top"]').count() == 3
-            assert page.locator('.example[data-kind="uniform"]').count() == 4
-            # The stylesheet loaded from file:// and the shading and outline are drawn.
-            target = page.locator('.example[data-kind="top"] .tok.target').first
-            assert target.evaluate("e => getComputedStyle(e).outlineStyle") == "solid"
-            assert target.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(255, 128, 0)"
-            assert page.locator("svg.hist rect").count() == 9
-            assert page.locator("svg.front circle.point").count() == 3
-            assert page.locator('.example[data-kind="best-input"] .beats').is_visible()
-            assert page.locator("svg.front polyline.front").evaluate("e => getComputedStyle(e).fill") == "none"
-            screenshot(page, "latent-3.png")
+        page.click('a[href="latent-3.html"]')
+        page.wait_for_load_state()
+        assert page.url.endswith("/latent-3.html")
+        assert page.locator('.example[data-kind="top"]').count() == 3
+        assert page.locator('.example[data-kind="uniform"]').count() == 4
+        # The stylesheet loaded from file:// and the shading and outline are drawn.
+        target = page.locator('.example[data-kind="top"] .tok.target').first
+        assert target.evaluate("e => getComputedStyle(e).outlineStyle") == "solid"
+        assert target.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(255, 128, 0)"
+        assert page.locator("svg.hist rect").count() == 9
+        assert page.locator("svg.front circle.point").count() == 3
+        assert page.locator('.example[data-kind="best-input"] .beats').is_visible()
+        assert page.locator("svg.front polyline.front").evaluate("e => getComputedStyle(e).fill") == "none"
+        screenshot(page, "latent-3.png")
 
-            page.keyboard.press("ArrowRight")  # the one bit of script: arrow keys step through latents
-            page.wait_for_url("**/latent-7.html")
-            assert page.evaluate("window.__pwned") is None  # no token ran as script
-            assert "<script>window.__pwned = 1</script>" in page.locator('.example[data-kind="top"]').first.inner_text().replace("·", " ")
-            screenshot(page, "latent-7.png")
-        finally:
-            browser.close()
+        page.keyboard.press("ArrowRight")  # the one bit of script: arrow keys step through latents
+        page.wait_for_url("**/latent-7.html")
+        assert page.evaluate("window.__pwned") is None  # no token ran as script
+        assert "<script>window.__pwned = 1</script>" in page.locator('.example[data-kind="top"]').first.inner_text().replace("·", " ")
+        screenshot(page, "latent-7.png")
     assert errors == []
     assert [m for m in messages if m[0] == "error"] == []
