@@ -205,7 +205,25 @@ def parse_features(
         raise FeatoptError(
             f"feature spec {_q(spec)} expands to {len(pos) * len(feat)} problems: at most {MAX_PROBLEMS} are allowed"
         )
-    return [Problem(f"[:, {_fmt(p)}, {_fmt(f)}]", p, f) for p in pos for f in feat]
+    return _problems(pos, feat)
+
+
+def _problems(pos: list[_Choice], feat: list[_Choice]) -> list[Problem]:
+    """The problems of the position and feature sweeps, position-major. A sweep over every latent
+    of a wide SAE makes a million of them: each item's text is formatted once, and the frozen
+    dataclass' `__init__` (one `object.__setattr__` per field) is skipped for a plain fill of its
+    `__dict__`, which makes the same object."""
+    pos_text, feat_text = [_fmt(p) for p in pos], [_fmt(f) for f in feat]
+    new = object.__new__
+    out = []
+    append = out.append
+    for p, pt in zip(pos, pos_text):
+        for f, ft in zip(feat, feat_text):
+            problem = new(Problem)
+            fields = problem.__dict__
+            fields["spec"], fields["positions"], fields["features"] = f"[:, {pt}, {ft}]", p, f
+            append(problem)
+    return out
 
 
 def _row(choice: tuple[int, ...] | None, ctx: _Ctx) -> Tensor:

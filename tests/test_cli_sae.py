@@ -187,7 +187,8 @@ def test_compare_takes_the_sae(tmp_path, corpus):
                  "--out", str(tmp_path / "c"), "--no_progress"]) == 0
     document = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert document["run"]["sites"] == ["blocks.1.resid_post"] and document["run"]["feature_map"]["d_sae"] == 256
-    # the sweep's optimum is over latents: it can only be >= what any method's token reaches
+    # the sweep's optimum is over latents: it can only be >= what any method's token reaches (up to float32
+    # rounding: the sweep and the re-measure encode in batches of different sizes)
     for feature in document["features"]:
         for method in feature["methods"].values():
-            assert method["activation"] <= feature["optimum_activation"] + 1e-6
+            assert method["activation"] <= feature["optimum_activation"] + 1e-6 * (1 + abs(feature["optimum_activation"]))

@@ -1,5 +1,6 @@
 """Loading the model a command's settings name: the one place that turns `--model`, `--dtype`,
-`--bos`, `--untrained`, `--trust_remote_code`, `--device` and `--sae` into a model view."""
+`--bos`, `--untrained`, `--trust_remote_code`, `--device_map`, `--max_memory`, `--device` and `--sae`
+into a model view."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def loader_for(settings) -> Callable[[], ModelAdapter]:
     return functools.partial(
         load_model, settings.model, untrained=bool(getattr(settings, "untrained", False)),
         seed=int(getattr(settings, "seed", 0)), dtype=dtype_of(getattr(settings, "dtype", "float32")),
-        bos=bool(getattr(settings, "bos", False)), trust_remote_code=bool(getattr(settings, "trust_remote_code", False)))
+        bos=bool(getattr(settings, "bos", False)), trust_remote_code=bool(getattr(settings, "trust_remote_code", False)),
+        device_map=getattr(settings, "device_map", None) or None, max_memory=getattr(settings, "max_memory", None) or None)
 
 
 def device_of(settings, adapter: ModelAdapter | None) -> str:

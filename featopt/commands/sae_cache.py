@@ -9,7 +9,7 @@ from pathlib import Path
 from featopt.commands.fields import check_at_least
 from featopt.commands.loading import bos_id, check_context, load_for
 from featopt.commands.result import CommandResult
-from featopt.commands.sae_train import site_list
+from featopt.commands.sae_sites import site_list
 from featopt.commands.settings import ContextSettings, OutputSettings
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, dtype_of

@@ -4,62 +4,23 @@ the model, or from an activation cache: `sae_cache.py`) in SAELens' format."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 from featopt.commands.fields import check_at_least, check_choice, record_of
 from featopt.commands.settings import ContextSettings, OutputSettings, SeedSettings, TrainerSettings
 from featopt.commands.loading import bos_id, check_context, handle_for, load_for
 from featopt.commands.result import CommandResult
+from featopt.commands.sae_sites import sizes as _sizes, site_list, targets as _targets
 from featopt.commands.sae_eval import metrics_table
 from featopt.dictionaries.optimizers import OPTIMIZERS, default_lr
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site, dtype_of
 from featopt.models.sae import ARCHITECTURES, SAEConfig, architecture
 from featopt.results import atomic_write, versions
-from featopt.runs.lightning import PRECISIONS
+from featopt.runs.lightning import PRECISIONS, resolve_strategy
 from featopt.runs.outdir import out_folder
-
-
-def _sizes(values: str | int | None, flag: str) -> list[float]:
-    if values is None:
-        return []
-    out = []
-    for item in str(values).split(","):
-        try:
-            number = float(item)
-        except ValueError:
-            raise FeatoptError(f"{flag} {values!r} is malformed: write a number or a comma-separated list, like 4 or 1,2,4,8.") from None
-        if not number > 0 or number != number or number == float("inf"):
-            raise FeatoptError(f"{flag} must be positive and finite, got {item.strip()!r}.")
-        out.append(number)
-    return out
-
-
-def site_list(adapter: ModelAdapter, site: str) -> list[Site]:
-    """Sites of a comma-separated list; `blocks.A-B.KIND` is every layer from A to B (inclusive)."""
-    names = []
-    for item in (s.strip() for s in str(site).split(",") if s.strip()):
-        match = re.match(r"^blocks\.(\d+)-(\d+)\.(.+)$", item)
-        if match and int(match[1]) > int(match[2]):
-            raise FeatoptError(f"site range {item!r} runs backwards: write blocks.A-B.KIND with A <= B.")
-        names += [f"blocks.{layer}.{match[3]}" for layer in range(int(match[1]), int(match[2]) + 1)] if match else [item]
-    return list(dict.fromkeys(adapter.site(name) for name in names))
-
-
-def _targets(adapter: ModelAdapter, sites: list[Site], target: str | None) -> list[Site | None]:
-    """The site each transcoder reconstructs, one per input site (None: SAEs): a kind (`mlp_out`,
-    the input's own layer) or as many sites as `--site` gives."""
-    if not target:
-        return [None] * len(sites)
-    if re.match(r"^[a-z_]+$", target.strip()):
-        return [adapter.site(target.strip(), site.layer) for site in sites]
-    targets = site_list(adapter, target)
-    if len(targets) != len(sites):
-        raise FeatoptError(f"--target_site names {len(targets)} sites for the {len(sites)} of --site: give one per input "
-                           "site, or a kind such as mlp_out (the same layer as each).")
-    return targets
 
 
 # ----------------------------------------------------------------------------- train
@@ -118,6 +79,8 @@ class TrainConfig(OutputSettings, TrainerSettings, SeedSettings, ContextSettings
     """topk: weight of the AuxK loss on dead latents (0: off)"""
     dead_tokens: int = 500_000
     """a latent that has not fired for this many tokens is dead"""
+    shard_latents: bool = False
+    """split every SAE's latents over the --devices processes, for SAEs too wide for one (relu or topk)"""
     skip_first: int = 1
     """leading positions of every context left out (position 0: an attention sink)"""
     eval_fraction: float = 0.05
@@ -126,6 +89,11 @@ class TrainConfig(OutputSettings, TrainerSettings, SeedSettings, ContextSettings
     """held-out contexts evaluated at the end (0: none)"""
     eval_every: int = 0
     """also evaluate on them every N steps, to TensorBoard (0: at the end only)"""
+    distribute_modules: bool = False
+    """divide the SAEs among the processes (by parameter count), each training its own on the whole batch"""
+    sae_device: str | None = None
+    """train the SAEs on this device (cuda:1) and keep the model on another (the first other GPU, else the same):
+    the next buffer's forward then runs during the SAE steps"""
 
 
 @dataclass
@@ -147,7 +115,7 @@ class TrainRun(CommandResult):
 
 
 def _check_train(config: TrainConfig) -> None:
-    check_at_least(config, ["tokens", "context_length", "batch_size", "buffer_batches", "devices", "log_every", "k"])
+    check_at_least(config, ["tokens", "context_length", "batch_size", "buffer_batches", "devices", "num_nodes", "log_every", "k"])
     if not architecture(config.architecture).trainable:
         trainable = [name for name, cls in ARCHITECTURES.items() if cls.trainable]
         raise FeatoptError(f"training {config.architecture} SAEs is not supported: train {' or '.join(trainable)} "
@@ -180,6 +148,17 @@ def _check_train(config: TrainConfig) -> None:
         raise FeatoptError("give exactly one of --corpus (a folder of .txt files) and --activations (a cache from `featopt sae cache`).")
     if config.resume and not Path(config.resume).is_file():
         raise FeatoptError(f"checkpoint {config.resume!r} to resume from does not exist.")
+    if config.sae_device and (config.distribute_modules or config.shard_latents or config.num_nodes > 1):
+        raise FeatoptError("--sae_device places one process's SAEs: leave out --distribute_modules, --shard_latents "
+                           "and --num_nodes.")
+    if config.sae_device:
+        from featopt.dictionaries.prefetch import split_devices
+
+        split_devices(config.sae_device, config.accelerator, config.devices)  # a device that is not there: now
+    if config.distribute_modules and getattr(config, "shard_latents", False):
+        raise FeatoptError("--distribute_modules and --shard_latents divide the SAEs in two ways: give one of them.")
+    if config.distribute_modules:  # a strategy that cannot leave the module unwrapped is refused here, before any run
+        resolve_strategy(config.strategy, config.devices, config.accelerator, config.num_nodes, unwrapped=True)
 
 
 def sae_configs(config: TrainConfig, adapter: ModelAdapter, sites: list[Site],
@@ -214,9 +193,10 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
 
     from featopt.data import corpus_contexts
     from featopt.dictionaries.activations import cached_source, model_source
+    from featopt.dictionaries.prefetch import split_devices
     from featopt.dictionaries.train import HeldOutEval, SAETraining
     from featopt.runs import checkpoints
-    from featopt.runs.lightning import StepsDataModule, make_trainer
+    from featopt.runs.lightning import StepsDataModule, end_distributed, make_trainer
 
     _check_train(config)
     adapter = load_for(config, adapter)
@@ -228,6 +208,9 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
     if config.skip and config.target_site is None:
         raise FeatoptError("--skip adds a skip connection to transcoders: give --target_site too.")
     configs = sae_configs(config, adapter, sites, targets)
+    if config.distribute_modules and len(configs) < (world := config.devices * config.num_nodes):
+        raise FeatoptError(f"--distribute_modules gives each of the {world} processes an SAE, but this run trains {len(configs)}: "
+                           f"give at least {world} SAEs (sites times sizes), or fewer --devices.")
     read = list(dict.fromkeys(sites + [t for t in targets if t is not None]))
     if config.activations:
         cache = cached_source(config.activations)  # read once; the stream reuses it
@@ -253,13 +236,20 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
     # Spawned workers rebuild the model by name when it is the one the config names; training from
     # a cache needs no model at all.
     handle = None if config.activations else handle_for(config, adapter)
-    module = SAETraining(
+    from featopt.dictionaries.sharded import training_for  # --shard_latents: checked, then its own module and strategy
+    training, settings = training_for(config, configs, default=SAETraining)
+    model_device = None
+    if config.sae_device:  # Lightning places the SAEs; the model stays on its own device (prefetch.py)
+        accelerator, devices, model_device = split_devices(config.sae_device, config.accelerator, config.devices)
+        settings = SimpleNamespace(**{**vars(settings), "accelerator": accelerator, "devices": devices})
+    module = training(
         configs, handle, make_source, n_contexts=n_contexts, context_length=context_length,
         batch_tokens=config.batch_size, buffer_batches=config.buffer_batches, skip_first=config.skip_first,
         seed=config.seed, lrs=[config.lr or default_lr(config.optimizer, c.d_sae) for c in configs],
         warmup_steps=config.warmup_steps, decay_fraction=config.decay_fraction, l1=config.l1,
         auxk_alpha=config.auxk_alpha, dead_tokens=config.dead_tokens, normalize=config.normalize,
         optimizer=config.optimizer, l0_coef=config.l0_coef, bandwidth=config.bandwidth,
+        distribute=config.distribute_modules, model_device=model_device,
     )
     out = out_folder(config.out)
     callbacks = []
@@ -272,10 +262,12 @@ def train(config: TrainConfig, adapter: ModelAdapter | None = None) -> TrainRun:
     callbacks.extend(checkpoints.callbacks("sae train", out, config.checkpoint_every))
     if config.resume:
         checkpoints.check_resume(config.resume, module, "sae train")
-    trainer = make_trainer(config, out, max_steps=steps, callbacks=callbacks, progress=config.progress)
+    trainer = make_trainer(settings, out, max_steps=steps, callbacks=callbacks, progress=config.progress,
+                           unwrapped=config.distribute_modules)
     L.seed_everything(config.seed, verbose=False)
     with checkpoints.resume_hint(out, config.checkpoint_every):
         trainer.fit(module, datamodule=StepsDataModule(steps), ckpt_path=config.resume, weights_only=True)
+    end_distributed()  # rank 0 evaluates alone: torchmetrics must not wait for the others
     if not trainer.is_global_zero:
         return TrainRun([], [], [], out, module, trainer)
     saes = [module.export(i) for i in range(len(configs))]

@@ -24,6 +24,11 @@ class ModelSettings:
     """let a model folder or hub id run its own Python code (default off)"""
     dtype: str = "float32"
     """the model's dtype: float32, bfloat16, float16 or float64"""
+    device_map: str | None = None
+    """spread a model larger than one device over GPUs, the CPU and the disk (accelerate): auto, balanced,
+    balanced_low_0, sequential, or a JSON file mapping module names to devices (0, cuda:1, cpu, disk)"""
+    max_memory: str | None = None
+    """with --device_map: the most each device may hold, as JSON, e.g. '{"0": "20GiB", "cpu": "60GiB"}'"""
 
 
 @dataclass
@@ -92,7 +97,10 @@ class TrainerSettings:
     precision: str = "32-true"
     """32-true, bf16-mixed, 16-mixed or 64-true"""
     devices: int = 1
-    """number of devices (processes)"""
+    """number of devices (processes) per node"""
+    num_nodes: int = 1
+    """number of nodes (machines), each running --devices processes: Lightning's launch, by torchrun, SLURM
+    or MASTER_ADDR, MASTER_PORT and NODE_RANK set on every node"""
     accelerator: str = "auto"
     """auto, cpu, gpu"""
     strategy: str = "auto"

@@ -191,11 +191,15 @@ class ActivationStream:
                          flag="--buffer_batches or --batch_size", what="the SAE training buffer")
         acts = self.source(contexts[mine_ctx])
         self._acts = {site: a[:, self.skip_first:].reshape(-1, a.shape[-1]) for site, a in acts.items()}
-        self._owner = mine_ctx.repeat_interleave(R)  # [C * R] rows in buffer order
+        self._row_rank = (torch.arange(C) % self.world).repeat_interleave(R)  # [C * R] whose contexts, per row
+        self._owner = self._row_rank == self.rank
         self._local = torch.cumsum(self._owner.long(), 0) - 1
         gen = torch.Generator().manual_seed(self.seed * 7_919 + g + 1)
         self._perm = torch.randperm(C * R, generator=gen)[: self.buffer_batches * self.batch_tokens]
         self._g = g
+        if hasattr(self.source, "prefetch"):  # the next buffer's forward runs while this one trains (prefetch.py)
+            following = self.buffer_contexts(g + 1)
+            self.source.prefetch(following[torch.arange(len(following)) % self.world == self.rank])
 
     def batch(self, step: int) -> dict[Site, Tensor]:
         """This rank's rows of global batch `step`: `{site: [rows, d]}` (rows <= batch_tokens)."""
@@ -205,3 +209,11 @@ class ActivationStream:
         sel = self._perm[i * self.batch_tokens:(i + 1) * self.batch_tokens]
         local = self._local[sel[self._owner[sel]]]
         return {site: a[local] for site, a in self._acts.items()}
+
+    def batch_ranks(self, step: int) -> Tensor:
+        """The rank whose contexts give each row of global batch `step`, `[batch_tokens]` in the
+        global batch's order: rank r's rows of :meth:`batch` are, in order, those where it is r."""
+        g, i = divmod(step, self.buffer_batches)
+        if self._g != g:
+            self._refill(g)
+        return self._row_rank[self._perm[i * self.batch_tokens:(i + 1) * self.batch_tokens]]

@@ -34,6 +34,7 @@ from torch import Tensor
 from featopt.data import ContextSources
 from featopt.dictionaries.feature_stats import TENSORS, FeatureStats, locate
 from featopt.errors import FeatoptError
+from featopt.models.sae import wide
 
 def _pow2_width(m: Tensor, n_bins: int) -> Tensor:
     """The smallest power of two `w` with `n_bins * w > m`, elementwise, for `m > 0` (float64)."""
@@ -100,20 +101,53 @@ class StatsAccumulator:
                 self._start(z.device)
             self._update(z.detach(), ids.to(z.device), start, skip_first)
 
+    def update_sparse(self, rows: Tensor, cols: Tensor, values: Tensor, ids: Tensor, start: int,
+                      skip_first: int = 1) -> None:
+        """`update` from the nonzero latents only: COO `(rows, cols, values)` `[nnz]` of the
+        flattened `[B * L, d_sae]` latents, sorted by row then latent (`sae.wide.encode_sparse`), of
+        token ids `ids [B, L]`; the same statistics as `update` of the dense latents."""
+        if ids.dim() != 2 or not (len(rows) == len(cols) == len(values)):
+            raise FeatoptError(f"expected ids [B, L] and rows, cols, values of one length, got {tuple(ids.shape)} "
+                               f"and {len(rows)}, {len(cols)}, {len(values)}.")
+        length = ids.shape[1]
+        if self.context_length not in (None, length):
+            raise FeatoptError(f"contexts of {length} tokens after contexts of {self.context_length}: give one context length.")
+        if start < 0 or not 0 <= skip_first < length:
+            raise FeatoptError(f"start must be >= 0 and skip_first in [0, {length}), got start={start}, skip_first={skip_first}.")
+        with torch.inference_mode():
+            if not self.state:
+                self.context_length = length
+                self._start(values.device)
+            key = rows * self.d_sae + cols  # the dense flat index: ascending
+
+            def at(index: Tensor) -> Tensor:  # the dense latents at flat `index`, 0 where absent
+                pos = torch.searchsorted(key, index).clamp_(max=max(len(key) - 1, 0))
+                found = key[pos] == index if len(key) else torch.zeros_like(index, dtype=torch.bool)
+                return torch.where(found, values[pos] if len(key) else 0.0, 0.0)
+
+            keep = ((rows % length) >= skip_first) & (values > 0)
+            self._add(ids.shape[0], ids.reshape(-1).to(values.device), start, skip_first, key[keep], values[keep], at)
+
     def _update(self, z: Tensor, ids: Tensor, start: int, skip: int) -> None:
-        s, L, d = self.state, self.context_length, self.d_sae
-        self.tokens += z.shape[0] * (L - skip)
+        L, d = self.context_length, self.d_sae
         # The positive entries only (~L0 per token): everything below is linear in their number.
         # Flat (1-D) indexing throughout: much cheaper than advanced indexing of [B, L, d_sae].
-        z, ids = z.reshape(-1), ids.reshape(-1)
+        batch, z, ids = z.shape[0], z.reshape(-1), ids.reshape(-1)
         positive = z > 0
         positive.view(-1, L, d)[:, :skip] = False
         flat = positive.nonzero().squeeze(1)  # ascending: ordered by global index, then latent
+        self._add(batch, ids, start, skip, flat, z[flat], z.__getitem__)
+
+    def _add(self, batch: int, ids: Tensor, start: int, skip: int, flat: Tensor, val: Tensor, at) -> None:
+        """Add the positive entries at dense flat indices `flat [E]` (ascending) with values `val [E]`;
+        `at(index)` reads the batch's latents at any flat index (the windows)."""
+        s, L, d = self.state, self.context_length, self.d_sae
+        self.tokens += batch * (L - skip)
         if flat.numel() == 0:
             return
         token, lat = flat // d, flat % d
-        val = z[flat].float()
-        e = SimpleNamespace(z=z, ids=ids, token=token, p=token % L, lat=lat, val=val, g=start * L + token)
+        val = val.float()
+        e = SimpleNamespace(at=at, ids=ids, token=token, p=token % L, lat=lat, val=val, g=start * L + token)
         s["freq"] += torch.bincount(lat, minlength=d)
         s["sum"].index_add_(0, lat, val.double())
         s["max"].scatter_reduce_(0, lat, val, "amax")
@@ -128,7 +162,7 @@ class StatsAccumulator:
         inside = (e.p[rows, None] + offset >= 0) & (e.p[rows, None] + offset < self.context_length)
         token = torch.where(inside, e.token[rows, None] + offset, 0)  # flat token index in the batch
         tokens = torch.where(inside, e.ids[token], -1).to(torch.int32)
-        acts = torch.where(inside, e.z[token * self.d_sae + e.lat[rows, None]].float(), 0.0)
+        acts = torch.where(inside, e.at(token * self.d_sae + e.lat[rows, None]).float(), 0.0)
         return tokens, acts
 
     def _update_top(self, e: SimpleNamespace) -> None:
@@ -229,9 +263,12 @@ class StatsAccumulator:
 def corpus_stats(
     adapter, sae, contexts: Tensor, *, sources: ContextSources | None = None, batch_contexts: int = 8, top_k: int = 20,
     n_bins: int = 10, window: tuple[int, int] = (24, 8), seed: int = 0, skip_first: int = 1, progress: bool = True,
+    latent_chunk: int | None = None,
 ) -> FeatureStats:
     """Statistics of every latent of `sae` over token contexts `[n, L]`: the model runs only to
-    the SAE's site (early exit), `batch_contexts` contexts at a time."""
+    the SAE's site (early exit), `batch_contexts` contexts at a time. A batch's latents are
+    encoded sparsely, chunk by chunk of `latent_chunk` latents (`sae.wide.encode_sparse`), when
+    `latent_chunk` is given or the dense `[tokens, d_sae]` would not fit (`wide.dense_fits`)."""
     from tqdm.auto import tqdm
 
     from featopt.models.sae.attach import site_of
@@ -252,8 +289,11 @@ def corpus_stats(
                                       unit_scale=True, disable=not progress, leave=False) as bar:
         for start in range(0, contexts.shape[0], batch_contexts):
             ids = contexts[start:start + batch_contexts]
-            x = adapter.run([site], input_ids=ids.to(adapter.device))[site]
-            acc.update(sae.encode(x.to(device)), ids, start, skip_first)
+            x = adapter.run([site], input_ids=ids.to(adapter.device))[site].to(device)
+            if latent_chunk or not wide.dense_fits(sae, ids.numel(), device):
+                acc.update_sparse(*wide.encode_sparse(sae, x, latent_chunk), ids, start, skip_first)
+            else:
+                acc.update(sae.encode(x), ids, start, skip_first)
             bar.update(ids.numel())
     meta = {"model": adapter.name, "sae": sae.describe(), "seed": seed, "skip_first": skip_first,
             "tokens": acc.tokens, "contexts": contexts.shape[0], "context_length": contexts.shape[1]}

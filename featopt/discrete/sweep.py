@@ -21,6 +21,7 @@ from featopt import memory
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 from featopt.discrete.scoring import Scorer, TopK, merge_topk
+from featopt.discrete.wide_scoring import RawActs, plan
 from featopt.runs.processes import distributed
 
 #: Rows per batch when none is given: large on a GPU (halved on out-of-memory), modest on CPU.
@@ -80,6 +81,7 @@ def sweep(
     isolated: bool = False,
     progress: bool = True,
     desc: str = "sweep",
+    latent_chunk: int | None = None,
 ) -> TopK:
     """Score every candidate continuation for every problem; keep the top-k per problem.
 
@@ -95,22 +97,47 @@ def sweep(
             with an initialized process group the shards' top-k are merged on every rank,
             without one the result is this shard's top-k (merge with `merge_topk`).
         batch_size: rows per forward (0: automatic); halved and retried on out-of-memory.
+        latent_chunk: score the single latents of a wide SAE in chunks of this many latents
+            (`wide_scoring`); None: chunks, of a size that fits, only where `[batch, d_sae]` would not.
     Returns:
         `TopK` with `values [k, P_total]` and candidate token `ids [k, P_total]`.
     """
+    # a selection made from an SAE (`latent(sae)`) names its site as a string: one key type for the activations
+    scorers = [(adapter.site(site) if isinstance(site, str) else site, scorer) for site, scorer in scorers]
     sites = list(dict.fromkeys(s for site, scorer in scorers for s in ([site] if site is not None else scorer.sites)))
     device = adapter.device
     if candidates is None:
         candidates = torch.arange(adapter.vocab_size)
     candidates = candidates.to(device)
     kv = None
+    n_groups = 1 if prefixes is None else max(prefixes.shape[0], 1)
+    size = batch_size or AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
+    # Sized before allocating: on a CPU the OOM killer strikes before an out-of-memory error can be caught.
+    size = memory.fit_batch(size, memory.forward_row_bytes(adapter.model.config, 1), device, flag="--batch_size",
+                            what="the sweep")
+    # The single latents of a wide SAE are scored chunk by chunk of latents from the site's raw
+    # activation (`wide_scoring`): the model runs a view that yields it where the SAE is attached,
+    # and the other scorers of that site get the SAE's latents from it (`dense`).
+    wides = [plan(adapter, site, scorer, size, latent_chunk) if n_groups == 1 else None for site, scorer in scorers]
+    raw: dict[Site, object] = {site: adapter.feature_map(site) for (site, _), w in zip(scorers, wides)
+                               if w is not None and w.attached}
+    run_view = adapter
+    for site, feature_map in raw.items():
+        run_view = run_view.with_features(site, RawActs(feature_map.d_in))
+
+    def dense(acts: dict[Site, Tensor]) -> dict[Site, Tensor]:
+        return {s: raw[s].features(a) if s in raw else a for s, a in acts.items()}
+
+    # the raw sites that a scorer other than a wide one reads (it gets the SAE's latents there)
+    shared = {s for (site, scorer), w in zip(scorers, wides) if w is None
+              for s in ([site] if site is not None else scorer.sites) if s in raw}
+
     if prefixes is not None and prefixes.shape[1] > 0:
         if isolated:
             raise FeatoptError("an isolated block cannot be searched after a prefix: drop the prefix or the isolation.")
-        kv = adapter.prefix(sites, prefixes.to(device))
+        kv = run_view.prefix(sites, prefixes.to(device))
     for site, scorer in scorers:
-        scorer.set_prefix(None if kv is None else _part(site, kv.acts))
-    n_groups = 1 if prefixes is None else max(prefixes.shape[0], 1)
+        scorer.set_prefix(None if kv is None else _part(site, dense(kv.acts)))
     n_problems = sum(scorer.n for _, scorer in scorers)
     groups = torch.zeros(n_problems, dtype=torch.long) if groups is None else groups
     groups = groups.to(device)
@@ -128,7 +155,7 @@ def sweep(
     # kept blocks whose maximum is above it are read, those above it scored in float64 and merged
     # (`Scorer.above`, `TopK.add`). Every row is scored while the top-k fills, and always for the
     # other scorers.
-    fast = [n_groups == 1 and scorer.shortcut() for _, scorer in scorers]
+    fast = [n_groups == 1 and w is None and scorer.shortcut() for (_, scorer), w in zip(scorers, wides)]
     kept: list[list[tuple[Tensor, Tensor]]] = [[] for _ in scorers]  # per scorer, `blocks` not merged yet
     kept_tokens: list[Tensor] = []  # the token ids of their batches
     seen = 0  # rows scored so far
@@ -148,10 +175,10 @@ def sweep(
         merged[0] += len(tokens)
         kept_tokens.clear()
 
-    def score(lo: int, hi: int) -> tuple[list[tuple[Tensor, Tensor, Tensor | None]], dict, Tensor]:
-        """Rows `lo..hi-1` -> `(merges, found, tokens)`: every row's scores for the problems that
-        need them, as `(scores, ids, columns)` for `TopK.update`, and per shortcut scorer its
-        `blocks`."""
+    def score(lo: int, hi: int) -> tuple[list[tuple[Tensor, Tensor, Tensor | None]], dict, Tensor, dict]:
+        """Rows `lo..hi-1` -> `(merges, found, tokens, raw)`: every row's scores for the problems that
+        need them, as `(scores, ids, columns)` for `TopK.update`, per shortcut scorer its `blocks`,
+        and per wide scorer its site's raw activation."""
         if n_groups == 1:  # the rows are the candidates
             group, tokens = None, candidates[lo:hi]
             cache = kv.broadcast(torch.zeros(hi - lo, dtype=torch.long, device=device)) if kv is not None else None
@@ -159,33 +186,32 @@ def sweep(
             rows = torch.arange(lo, hi, device=device)
             group, tokens = rows // len(candidates), candidates[rows % len(candidates)]
             cache = kv.broadcast(group)
-        acts = adapter.run(sites, input_ids=tokens[:, None], cache=cache, isolated=isolated)
+        acts = run_view.run(sites, input_ids=tokens[:, None], cache=cache, isolated=isolated)
         if n_groups > 1:
             scores = torch.cat([scorer(_part(site, acts), group) for site, scorer in scorers], dim=1)
             # A candidate only counts for the problems whose prefix it continues; a batch of
             # contiguous rows spans few prefixes, so only their problems are merged.
             columns = torch.isin(groups, group.unique()).nonzero().squeeze(1)
             scores = scores[:, columns].masked_fill(group[:, None] != groups[columns][None, :], float("-inf"))
-            return [(scores, tokens, columns)], {}, tokens
-        merges, found = [], {}
+            return [(scores, tokens, columns)], {}, tokens, {}
+        merges, found, wide_acts = [], {}, {}
+        read = {**acts, **dense({s: acts[s] for s in shared})}  # what the other scorers read
         for i, ((site, scorer), (c0, c1)) in enumerate(zip(scorers, spans)):
-            if fast[i] and seen >= k:
-                found[i] = scorer.blocks(_part(site, acts))
+            if wides[i] is not None:
+                wide_acts[i] = acts[site]
+            elif fast[i] and seen >= k:
+                found[i] = scorer.blocks(_part(site, read))
             else:
                 columns = None if len(scorers) == 1 else torch.arange(c0, c1, device=device)
-                merges.append((scorer(_part(site, acts)), tokens, columns))
-        return merges, found, tokens
+                merges.append((scorer(_part(site, read)), tokens, columns))
+        return merges, found, tokens, wide_acts
 
-    size = batch_size or AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
-    # Sized before allocating: on a CPU the OOM killer strikes before an out-of-memory error can be caught.
-    size = memory.fit_batch(size, memory.forward_row_bytes(adapter.model.config, 1), device, flag="--batch_size",
-                            what="the sweep")
     bar = tqdm(total=stop - start, desc=desc, unit="tok", disable=not progress or rank != 0, leave=False)
     at = start
     while at < stop:
         end = min(at + size, stop)
         try:
-            merges, found, tokens = score(at, end)
+            merges, found, tokens, wide_acts = score(at, end)
         except RuntimeError as error:
             if not is_oom(error) or size == 1:
                 raise
@@ -199,6 +225,8 @@ def sweep(
             continue
         for scores, ids, columns in merges:
             topk.update(scores, ids, columns)
+        for i, acts in wide_acts.items():  # outside the retry: a wide scorer merges as it goes
+            wides[i].update(acts, tokens, topk, spans[i][0])
         if found:
             for i, part in found.items():
                 kept[i].append(part)
@@ -211,6 +239,9 @@ def sweep(
         bar.update(end - at)
         at = end
     merge()
+    for w, (c0, _) in zip(wides, spans):
+        if w is not None:
+            w.finish(topk, c0, candidates[start:stop])
     bar.close()
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         topk = gather_topk(topk)

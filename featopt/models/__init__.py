@@ -29,15 +29,17 @@ def dtype_of(name: str) -> torch.dtype:
 def load_model(
     name: str, *, untrained: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", bos: bool = False, trust_remote_code: bool = False,
+    device_map: str | dict | None = None, max_memory: str | dict | None = None,
 ) -> ModelAdapter:
     """Load a causal LM by name and wrap it. `untrained=True` re-initializes it from its own
     config under `seed` (the documents compare trained and untrained models); `bos` starts
     every encoded text with the BOS token (`--bos`); `trust_remote_code` lets a model folder
-    or hub id run its own Python code (`--trust_remote_code`; never by default)."""
+    or hub id run its own Python code (`--trust_remote_code`; never by default); `device_map` and
+    `max_memory` spread a large model over devices and the disk (`--device_map`, `--max_memory`)."""
     from featopt.models import loading
 
     loaded = loading.load_model(name, untrained=untrained, seed=seed, dtype=dtype, device=device,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
     label = f"{name} (untrained, seed {seed})" if untrained else name
     return ModelAdapter(loaded.model, loaded.tokenizer, name=label, info=loaded, bos=bos)
 

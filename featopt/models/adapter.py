@@ -21,6 +21,7 @@ from featopt.models.families import Family, find_family, get_module
 from featopt.models.feature_maps import FeatureMap
 from featopt.models.hooks import StopForward, WriteFn, installed, isolated_block
 from featopt.models.parts import mlp_weight, probe
+from featopt.models.placement import execution_device, is_dispatched, onloaded, settle, weight_of
 from featopt.models.prefix import KVPrefix
 from featopt.models.sites import LOGITS, Site, parse_site
 from featopt.models.text import InputText
@@ -48,6 +49,7 @@ class ModelAdapter(InputText):
         self.blocks: nn.ModuleList = blocks
         self.final_norm: nn.Module = get_module(self.base, self.family.final_norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
+        self.dispatched = is_dispatched(model)  # accelerate hooks place its modules (--device_map)
         self._feature_maps: dict[Site, FeatureMap] = {}
         self._block_tuple_len, self._widths = probe(self)
         self.bos = bos  # set after the probe: validated here, so a missing BOS fails at load time
@@ -63,17 +65,19 @@ class ModelAdapter(InputText):
 
     @property
     def d_model(self) -> int:
-        return self.embedding_weight.shape[1]
+        return self.model.get_input_embeddings().weight.shape[1]
 
     @property
     def vocab_size(self) -> int:
-        return self.embedding_weight.shape[0]
+        return self.model.get_input_embeddings().weight.shape[0]
 
     @property
     def embedding_weight(self) -> Tensor:
         """The raw weight of the input embedding module `[vocab, d_model]` (what a tied LM head
-        shares). Not the model's input rows when the module scales them: use :attr:`embedding`."""
-        return self.model.get_input_embeddings().weight
+        shares). Not the model's input rows when the module scales them: use :attr:`embedding`.
+        Loaded on the embedding's device when accelerate offloaded it (`--device_map`)."""
+        weight = self.model.get_input_embeddings().weight
+        return weight_of(self.model.get_input_embeddings()) if weight.is_meta else weight
 
     @property
     def embedding(self) -> Tensor:
@@ -88,28 +92,41 @@ class ModelAdapter(InputText):
         """
         module = self.model.get_input_embeddings()
         weight = module.weight
-        if type(module).forward is nn.Embedding.forward:
+        plain = type(module).forward is nn.Embedding.forward
+        if plain and not weight.is_meta:
             return weight.detach()
-        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
-        if self._embedding_cache is None or self._embedding_cache[0] != key:
+        # Offloaded weights are meta tensors made anew (and without a version counter in inference mode).
+        key = ("offloaded", weight.dtype) if weight.is_meta else (weight.data_ptr(), weight.dtype, weight.device,
+                                                                   weight._version)
+        if self._embedding_cache is None or self._embedding_cache[0] != key:  # offloaded rows: loaded once, kept
             with torch.no_grad():
-                rows = module(torch.arange(weight.shape[0], device=weight.device))
+                rows = weight_of(module) if plain else module(torch.arange(weight.shape[0], device=self.device))
             self._embedding_cache = (key, rows.detach())
         return self._embedding_cache[1]
 
     @property
     def device(self) -> torch.device:
-        return self.embedding_weight.device
+        """Where inputs go: the input embedding's (execution) device. Every :meth:`run` result is
+        here too, whichever device its layer ran on."""
+        return execution_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedding_weight.dtype
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def is_causal(self) -> bool:
         return not getattr(self.model.config, "is_encoder_decoder", False)
 
     def to(self, *args, **kwargs) -> "ModelAdapter":
+        """Move (or cast) the model and its feature maps. A model placed by `--device_map` stays
+        where accelerate put it (inputs follow it); casting it is refused."""
+        if self.dispatched:
+            dtype = next((a for a in (*args, kwargs.get("dtype")) if isinstance(a, torch.dtype)), None)
+            if dtype is not None and dtype != self.dtype:
+                raise FeatoptError(f"model {self.name!r} was placed by --device_map, so it cannot be cast to {dtype}: "
+                                   f"load it with the --dtype wanted.")
+            return self
         self.model.to(*args, **kwargs)
         for feature_map in self._feature_maps.values():
             if isinstance(feature_map, nn.Module):
@@ -187,13 +204,15 @@ class ModelAdapter(InputText):
     def mlp_up_weight(self, layer: int) -> Tensor:
         """Input weights of the MLP neurons of block `layer`, `[neurons, d_model]`: row n is what
         neuron n reads from the (normed) residual stream (the up-projection; GPT-2's `c_fc`)."""
-        return mlp_weight(self, layer, self.family.mlp_up, "up-projection", self._widths["mlp_hidden"])
+        with onloaded(self.blocks[layer]):  # offloaded (--device_map): the block's weights loaded for the copy
+            return mlp_weight(self, layer, self.family.mlp_up, "up-projection", self._widths["mlp_hidden"])
 
     def mlp_gate_weight(self, layer: int) -> Tensor:
         """The gate-projection rows `[neurons, d_model]` of a gated MLP (Llama's `gate_proj`)."""
         if self.family.mlp_gate is None:
             raise FeatoptError(f"model {self.name!r} has no gated MLP, so there is no gate weight: use the up-projection.")
-        return mlp_weight(self, layer, self.family.mlp_gate, "gate-projection", self._widths["mlp_hidden"])
+        with onloaded(self.blocks[layer]):
+            return mlp_weight(self, layer, self.family.mlp_gate, "gate-projection", self._widths["mlp_hidden"])
 
     # ----------------------------------------------------------------- hooks
     def hooks(self, read: Iterable[Site | str] = (), write: Mapping[Site | str, WriteFn] | None = None, *,
@@ -255,7 +274,7 @@ class ModelAdapter(InputText):
                 input_ids = torch.cat([first.expand(len(input_ids), 1), input_ids.to(self.device)], dim=1)
         kwargs = {"use_cache": False}
         if inputs_embeds is not None:
-            kwargs["inputs_embeds"] = inputs_embeds.to(self.dtype)
+            kwargs["inputs_embeds"] = inputs_embeds.to(device=self.device, dtype=self.dtype)
         else:
             kwargs["input_ids"] = input_ids.to(self.device)
             # Explicit, so HF does not warn about padding: inputs are never padded here.
@@ -278,10 +297,12 @@ class ModelAdapter(InputText):
             try:
                 self.base(**kwargs)
             except StopForward:
-                pass
+                if self.dispatched:  # a block stopped inside its forward: its offloaded weights go back
+                    settle(self.base)
         if any(s.kind == LOGITS for s in sites):
             captured[Site(self.n_layers - 1, LOGITS)] = self.unembed(captured[last])
-        return {s: self._features(s, captured[s][:, int(bos):]) for s in sites}
+        # Under --device_map each layer's sites are read where it ran: gathered on the inputs' device.
+        return {s: self._features(s, captured[s][:, int(bos):].to(self.device)) for s in sites}
 
     def _features(self, site: Site, acts: Tensor) -> Tensor:
         feature_map = self._feature_maps.get(site)

@@ -59,13 +59,16 @@ def installed(adapter, read: Sequence[Site], write: Mapping[Site, WriteFn], *,
     with `stop_after_read` the forward raises :class:`StopForward` once every read site is in."""
     captured: dict[Site, Tensor] = {}
     handles = []
+    # Under --device_map a layer may run on another device than the inputs: a write hook sees the
+    # activation on the inputs' device (where its own tensors are), and its result goes back.
+    home = adapter.device if getattr(adapter, "dispatched", False) else None
 
     def make_hook(site: Site, is_input: bool):
         fn, wanted = write.get(site), site in read
 
         def finish(act: Tensor) -> Tensor:
             if fn is not None:
-                act = fn(act, site)
+                act = fn(act, site) if home is None else fn(act.to(home), site).to(act.device)
             if wanted:
                 captured[site] = act
                 if stop_after_read and len(captured) == len(read):

@@ -17,6 +17,11 @@ config, tokenizer) in ``$FEATOPT_CACHE/gguf/<stem>-<fingerprint>/`` (default cac
 
 The model maps input ids ``(batch, seq)`` to logits ``(batch, seq, vocab)``; it comes back in
 eval mode with ``requires_grad`` off on every parameter: featopt optimizes inputs, never weights.
+
+A model larger than one device loads with a ``device_map`` (accelerate's strategies ``auto``,
+``balanced``, ``balanced_low_0``, ``sequential``, or a dict of module names to devices, ``"disk"``
+included) and ``max_memory``; before any weight is read, :func:`featopt.memory.check_model` compares
+what the model will need with what is free and refuses, in one sentence, a load that cannot fit.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import atexit
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +41,10 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from featopt import cache
+from featopt import cache, memory
 from featopt.cache import cache_dir
 from featopt.errors import FeatoptError
+from featopt.models.placement import is_dispatched, parse_device_map, parse_max_memory
 from featopt.models.tiny import TINY_MODELS, build_tiny
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -52,6 +61,7 @@ class LoadedModel:
     untrained: bool
     seed: int | None  # the re-init seed when untrained
     trust_remote_code: bool = False  # whether the model's own Python code was allowed to run
+    device_map: dict | None = None  # module name -> device, when accelerate dispatched the model
 
 
 def _holds_model(folder: Path) -> bool:
@@ -201,8 +211,70 @@ def _hub_error(name: str, offline: bool) -> FeatoptError:
         f"hub id with network access (the hub lookup failed: {why}).")
 
 
+def _cast(model: PreTrainedModel, dtype: torch.dtype, device: str | torch.device | None = None) -> PreTrainedModel:
+    """`model` on `device` with its floating parameters in `dtype`; floating buffers (rotary
+    frequencies) only ever widened, never narrowed: a bfloat16 model keeps float32 rotary
+    frequencies, as transformers' own `from_pretrained(dtype=bfloat16)` does, instead of positions
+    rounded to 8 bits of mantissa."""
+    if device is not None:
+        model = model.to(device)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.element_size() < dtype.itemsize:
+                setattr(module, name, buffer.to(dtype))
+    return model
+
+
+def _offload_folder() -> str:
+    """A fresh folder for weights accelerate offloads to the disk, removed when the process ends (in
+    the featopt cache, not the temporary folder: that is often in memory, and the weights are large)."""
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _dispatch(model: PreTrainedModel, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype) -> PreTrainedModel:
+    """An in-memory model (built-in, re-initialized) placed by `device_map` as from_pretrained would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    model = _cast(model, dtype)
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        if device_map == "sequential":
+            limits = get_max_memory(max_memory)
+        else:
+            limits = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
+    if device_map.get("") == "disk":  # accelerate offloads nothing for the root's own name: name its children
+        device_map = {**{child: "disk" for child, _ in model.named_children()}, **{k: v for k, v in device_map.items() if k}}
+    places = set(device_map.values())
+    if len(places) == 1 and "disk" not in places:  # one device: a plain move, no hooks
+        place = next(iter(places))
+        return model.to(f"cuda:{place}" if isinstance(place, int) else place)
+    try:
+        model = dispatch_model(model, device_map=device_map, offload_dir=_offload_folder())
+    except (ValueError, KeyError) as e:  # a module the map does not place, or a name the model lacks
+        raise _device_map_error(e) from e
+    model.hf_device_map = device_map
+    return model
+
+
+def _device_map_error(e: Exception) -> FeatoptError:
+    first_line = (str(e).splitlines() or [""])[0]
+    return FeatoptError(f"--device_map does not fit this model ({first_line}): name every module once, by its "
+                        f"name in the model (e.g. model.layers.0, lm_head), or use auto.")
+
+
 def load_model(name: str, *, untrained: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+               device: str | torch.device = "cpu", trust_remote_code: bool = False,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None) -> LoadedModel:
     """Resolve ``name`` (see the module docstring) and load it in eval mode, gradients off.
 
     ``untrained=True`` gives the same architecture and tokenizer with weights re-drawn from
@@ -210,14 +282,24 @@ def load_model(name: str, *, untrained: bool = False, seed: int = 0, dtype: torc
     feature learned, or does a random network show it too?". A model whose config names its
     own Python code fails with one sentence unless ``trust_remote_code`` (``--trust_remote_code``):
     loading a folder or hub id must never run code from it by default.
+
+    ``device_map`` (``--device_map``: a strategy, a dict, or a JSON file or object of one) and
+    ``max_memory`` (``--max_memory``: ``{"0": "20GiB", "cpu": "60GiB"}``, as a dict or JSON) spread
+    the model over devices and the disk with accelerate; ``device`` is then unused. Untrained models
+    and the built-in ones are built in memory first, then placed.
     """
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if max_memory and not device_map:
+        raise FeatoptError("--max_memory only applies with --device_map: add --device_map auto (or balanced, "
+                           "sequential, a JSON file), or drop --max_memory.")
+    fits = dict(device=device, device_map=device_map, max_memory=max_memory)
     if name in TINY_MODELS:
         model, tok = build_tiny(name)
-        source = "built-in"
+        memory.check_model(name, model.config, dtype, **fits)
         if untrained:
             model = _reinit(model.config, seed)
-        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return LoadedModel(model, tok, name, source, untrained, seed if untrained else None)
+        model = _dispatch(model, device_map, max_memory, dtype) if device_map else _cast(model, dtype, device)
+        return _loaded(model, tok, name, "built-in", untrained, seed, False)
     path = Path(name).expanduser()
     found = path if path.exists() else _search_model_path(name)
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it here so that setting it
@@ -235,14 +317,29 @@ def load_model(name: str, *, untrained: bool = False, seed: int = 0, dtype: torc
             raise _hub_error(name, offline) from e
         raise FeatoptError(f"Model folder {folder} has no usable tokenizer ({type(e).__name__}).") from e
     try:
+        config = AutoConfig.from_pretrained(folder, **kw)
+        memory.check_model(name, config, dtype, trust_remote_code=trust_remote_code, **fits)
         if untrained:
-            model = _reinit(AutoConfig.from_pretrained(folder, **kw), seed, trust_remote_code)
+            model = _reinit(config, seed, trust_remote_code)
+            model = _dispatch(model, device_map, max_memory, dtype) if device_map else model
+        elif device_map:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                         offload_folder=_offload_folder(), **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a weights file cut short
         if _needs_remote_code(e):
             raise _remote_code_error(name, source) from e
+        if device_map and not untrained and isinstance(e, ValueError):
+            raise _device_map_error(e) from e
         first_line = (str(e).splitlines() or [""])[0]
         raise FeatoptError(f"Cannot load model {name!r} from {source} ({type(e).__name__}: {first_line}).") from e
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedModel(model, tok, name, source, untrained, seed if untrained else None, trust_remote_code)
+    if not device_map:
+        model = _cast(model, dtype, device)
+    return _loaded(model, tok, name, source, untrained, seed, trust_remote_code)
+
+
+def _loaded(model, tok, name: str, source: str, untrained: bool, seed: int, trust_remote_code: bool) -> LoadedModel:
+    model = model.eval().requires_grad_(False)
+    placed = dict(model.hf_device_map) if is_dispatched(model) and hasattr(model, "hf_device_map") else None
+    return LoadedModel(model, tok, name, source, untrained, seed if untrained else None, trust_remote_code, placed)

@@ -34,6 +34,8 @@ def threshold_rate(steps: int | None) -> float:
 
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
+    #: each latent is its pre-activation where that is above `max(firing_bar, 0)`, else 0 (`sae.wide`)
+    keeps_pre = True
     saelens_name = "jumprelu"
     saved_names = TopKSAE.saved_names + ("threshold",)
 
@@ -47,6 +49,14 @@ class BatchTopKSAE(TopKSAE):
 
     def firing_bar(self, pre: Tensor) -> Tensor:
         return self.threshold.to(pre.dtype)
+
+    def activate_columns(self, pre: Tensor, start: int) -> Tensor:
+        """`activate` of the latents `start .. start + c` alone (`pre [..., c]`; `sae.wide`)."""
+        return torch.relu(pre) * (pre > self.threshold[start:start + pre.shape[-1]])
+
+    def firing_bar_columns(self, pre: Tensor, start: int) -> Tensor:
+        """`firing_bar` of the latents `start .. start + c` alone (`pre [..., c]`)."""
+        return self.threshold[start:start + pre.shape[-1]].to(pre.dtype)
 
     def saelens_fields(self) -> dict:
         return {}

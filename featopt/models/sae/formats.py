@@ -31,6 +31,7 @@ import torch
 
 from featopt.atomic import atomic_folder
 from featopt.errors import FeatoptError
+from featopt.models.sae import storage
 from featopt.models.sae.model import ARCHITECTURES, SAEConfig, SparseAutoencoder
 from featopt.models.sae.saelens_names import read_architecture, saelens_architecture
 from featopt.models.sites import parse_site
@@ -121,22 +122,26 @@ def _replaceable(out: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- loading
-def load_sae(path: str | Path, *, hook_name: str | None = None, dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+def load_sae(path: str | Path, *, hook_name: str | None = None, dtype: torch.dtype = torch.float32,
+             mmap: bool = True) -> SparseAutoencoder:
     """Read an SAE in any of the three formats (detected from the files), weights cast to `dtype`.
 
     `hook_name`, when given, replaces the name the files give. `cfg.dtype` records the file's dtype.
+    `mmap` (see `storage`): the parameters are the file's bytes, mapped privately and read when
+    first used, with no copy where `dtype` is the file's (a Gemma Scope npz is converted once into
+    featopt's cache and mapped from there); False reads the weights whole (and no cache is written).
     """
     path = Path(path)
     if path.is_file() and path.name == GEMMA_SCOPE:
-        return _load_gemma_scope(path, hook_name, dtype)
+        return _load_gemma_scope(path, hook_name, dtype, mmap)
     if not path.is_dir():
         _fail(f"SAE path {path} {'is not a folder' if path.exists() else 'does not exist'}: give {_KNOWN}.")
     if (path / GEMMA_SCOPE).is_file():
-        return _load_gemma_scope(path / GEMMA_SCOPE, hook_name, dtype)
+        return _load_gemma_scope(path / GEMMA_SCOPE, hook_name, dtype, mmap)
     if (path / CFG).is_file() and (path / WEIGHTS).is_file():
-        return _load_saelens(path, hook_name, dtype)
+        return _load_saelens(path, hook_name, dtype, mmap)
     if (path / CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
-        return _load_sparsify(path, hook_name, dtype)
+        return _load_sparsify(path, hook_name, dtype, mmap)
     hookpoints = sorted(p.name for p in path.iterdir() if (p / SPARSIFY_WEIGHTS).is_file())
     if hookpoints:  # a sparsify checkpoint: one SAE per hookpoint folder
         _fail(f"{path} holds one sparsify SAE per hookpoint ({', '.join(hookpoints)}): give one of those folders.")
@@ -153,15 +158,6 @@ def _read_cfg(path: Path) -> dict:
     return doc
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        _fail(f"{file} is not a readable safetensors file ({type(e).__name__}): save the SAE again.")
-
-
 def _absolute(path: Path) -> Path:
     """The absolute path with `.` and `..` removed but links kept (their names carry the hook)."""
     return Path(os.path.abspath(path))
@@ -174,7 +170,7 @@ def _int(doc: dict, key: str, where: Path) -> int:
     return value
 
 
-def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> SparseAutoencoder:
+def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype, mmap: bool) -> SparseAutoencoder:
     doc = _read_cfg(path)
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     ours = meta.get("featopt") if isinstance(meta.get("featopt"), dict) else {}
@@ -193,11 +189,14 @@ def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spar
     if doc.get("normalize_activations") not in (None, "none", False):
         _fail(f"{path / CFG} has normalize_activations {doc['normalize_activations']!r}: featopt reads only 'none' "
               "(fold the scaling into the weights first, e.g. sae-lens' fold_activation_norm_scaling_factor).")
-    tensors = _read_safetensors(path / WEIGHTS)
+    tensors, release = storage.read_safetensors(path / WEIGHTS, mmap=mmap)
     if doc.get("rescale_acts_by_decoder_norm"):
         # sae-lens saves its topk SAEs with the decoder norms folded in (unit rows) but keeps the
         # flag; with unit rows the rescaling is the identity, so only other rows are refused.
-        norms = tensors.get("W_dec", torch.ones(1, 1)).float().norm(dim=-1)
+        # By blocks of rows: a float copy of a wide decoder would double it.
+        rows = tensors.get("W_dec", torch.ones(1, 1))
+        norms = (torch.cat([part.float().norm(dim=-1) for part in rows.split(1 << 14)]) if rows.ndim == 2
+                 else rows.float().norm(dim=-1))
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
             _fail(f"{path / CFG} sets rescale_acts_by_decoder_norm with decoder rows not of unit norm: "
                   "featopt reads topk SAEs without it (fold the norms into the weights first).")
@@ -223,22 +222,23 @@ def _load_saelens(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spar
                model_name=meta.get("model_name") or doc.get("model_name") or "",
                apply_b_dec_to_input=bool(doc.get("apply_b_dec_to_input", True)),
                           metadata=ours.get("metadata", {}))
-    return _build(path / WEIGHTS, cfg, tensors, dtype)
+    return _build(path / WEIGHTS, cfg, tensors, dtype, release)
 
 
-def _load_sparsify(path: Path, hook_name: str | None, dtype: torch.dtype) -> SparseAutoencoder:
+def _load_sparsify(path: Path, hook_name: str | None, dtype: torch.dtype, mmap: bool) -> SparseAutoencoder:
     doc = _read_cfg(path)
     if doc.get("activation", "topk") != "topk":
         _fail(f"{path / CFG} has activation {doc['activation']!r}: featopt reads only topk sparsify SAEs.")
     d_in = _int(doc, "d_in", path)
     # sparsify's rule: num_latents 0 means d_in * expansion_factor
     d_sae = _int(doc, "num_latents", path) if doc.get("num_latents") else d_in * _int(doc, "expansion_factor", path)
-    raw = _read_safetensors(path / SPARSIFY_WEIGHTS)
+    raw, release = storage.read_safetensors(path / SPARSIFY_WEIGHTS, mmap=mmap)
     missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec", *(["W_skip"] if doc.get("skip_connection") else [])} - set(raw)
     if missing:
         _fail(f"{path / SPARSIFY_WEIGHTS} lacks {', '.join(sorted(missing))}: "
               "a sparsify SAE holds encoder.weight, encoder.bias, W_dec and b_dec.")
     # nn.Linear stores the encoder as [d_sae, d_in]; W_dec is already [d_sae, d_in] (sparsify decodes with W_dec rows).
+    # W_enc is the transposed view (no copy): matmuls read either layout.
     tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
     coder = {}
     if doc.get("transcode") or doc.get("skip_connection"):
@@ -264,19 +264,15 @@ def _load_sparsify(path: Path, hook_name: str | None, dtype: torch.dtype) -> Spa
                hook_name=hook_name or _absolute(path).name, model_name=model, apply_b_dec_to_input=True,
                metadata={"source_format": "sparsify"})
     cfg.update(coder)
-    return _build(path / SPARSIFY_WEIGHTS, cfg, tensors, dtype)
+    return _build(path / SPARSIFY_WEIGHTS, cfg, tensors, dtype, release)
 
 
-def _load_gemma_scope(file: Path, hook_name: str | None, dtype: torch.dtype) -> SparseAutoencoder:
-    import numpy as np
-
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            # Gemma Scope spells the matrices W_enc/W_dec; some copies have w_enc/w_dec.
-            tensors = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data.files}
-    except Exception as e:  # zipfile, numpy and OS errors for a truncated or garbled file
-        _fail(f"{file} is not a readable .npz file ({type(e).__name__}): give Gemma Scope's params.npz.")
-    if "W_enc" not in tensors or tensors["W_enc"].ndim != 2:
+def _load_gemma_scope(file: Path, hook_name: str | None, dtype: torch.dtype, mmap: bool) -> SparseAutoencoder:
+    # The members' headers give names and shapes: everything is checked before an array is read.
+    arrays = storage.npz_arrays(file)
+    # Gemma Scope spells the matrices W_enc/W_dec; some copies have w_enc/w_dec.
+    names = {("W_" + k[2:] if k.startswith("w_") else k): k for k in arrays}
+    if "W_enc" not in names or len(arrays[names["W_enc"]][0]) != 2:
         _fail(f"{file} holds no 2-D W_enc: a Gemma Scope params.npz holds W_enc, b_enc, W_dec, b_dec and threshold.")
     if hook_name is None:
         where = _absolute(file).as_posix()  # not resolve(): the Hugging Face cache links params.npz to a blob
@@ -285,16 +281,29 @@ def _load_gemma_scope(file: Path, hook_name: str | None, dtype: torch.dtype) -> 
             _fail(f"{file} names no hook: pass hook_name (e.g. blocks.20.hook_resid_post) "
                   "or keep Gemma Scope's folder layout.")
         hook_name = f"blocks.{layer.group(1)}.hook_{'resid_post' if kind.group(1) == 'res' else 'mlp_out'}"
-    d_in, d_sae = tensors["W_enc"].shape
+    d_in, d_sae = arrays[names["W_enc"]][0]
     cfg = dict(d_in=d_in, d_sae=d_sae, architecture="jumprelu", hook_name=hook_name,
                apply_b_dec_to_input=False, metadata={"source_format": "gemma_scope"})
-    return _build(file, cfg, tensors, dtype)
+    planned = {name: torch.empty(arrays[k][0], dtype=arrays[k][1], device="meta") for name, k in names.items()}
+
+    def read() -> tuple[dict[str, torch.Tensor], storage.Release]:
+        tensors, release = storage.read_npz(file, mmap=mmap)
+        return {name: tensors[k] for name, k in names.items()}, release
+    return _build(file, cfg, planned, dtype, read=read)
 
 
-def _build(file: Path, cfg: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> SparseAutoencoder:
-    """Check names and shapes against `cfg`, then fill a new SAE (weights in `dtype`)."""
+def _build(file: Path, cfg: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+           release: storage.Release | None = None, read=None) -> SparseAutoencoder:
+    """Check names and shapes against `cfg`, then make a new SAE whose parameters are `tensors`
+    (as they are where already in `dtype`, else converted one at a time, `release`d as they go).
+
+    The SAE is built on the meta device (no memory) and the tensors are assigned, not copied, so a
+    mapped file stays the only copy. `read()`, when given, returns the real `(tensors, release)`
+    once the checks passed: `tensors` are then meta tensors of the planned shapes and dtypes.
+    """
     config = SAEConfig(**cfg, dtype=str(tensors["W_enc"].dtype).removeprefix("torch.") if "W_enc" in tensors else "float32")
-    sae = SparseAutoencoder(config)
+    with torch.device("meta"):
+        sae = SparseAutoencoder(config)
     expected = {name: tuple(getattr(sae, name).shape) for name in sae.tensor_names}
     if set(tensors) != set(expected):
         _fail(f"{file} holds tensors {', '.join(sorted(tensors))}, "
@@ -303,8 +312,13 @@ def _build(file: Path, cfg: dict, tensors: dict[str, torch.Tensor], dtype: torch
         if tuple(tensors[name].shape) != shape:
             _fail(f"tensor {name} in {file} has shape {list(tensors[name].shape)}, "
                   f"but d_in={config.d_in}, d_sae={config.d_sae} need {list(shape)}.")
-    sae.load_state_dict({name: t.to(torch.float32) for name, t in tensors.items()})
-    return sae.to(dtype)
+    if read is not None:
+        tensors, release = read()
+    sae.load_state_dict(storage.cast_each(tensors, dtype, release), assign=True)
+    left = [name for name, t in (*sae.named_parameters(), *sae.named_buffers()) if t.is_meta]
+    if left:  # an architecture's tensor outside its tensor_names would stay unallocated
+        raise RuntimeError(f"{type(sae).__name__} has tensors {left} that loading does not fill")
+    return sae
 
 
 # ----------------------------------------------------------------------------------------- hook names

@@ -66,6 +66,8 @@ def jumprelu_ste(pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tens
 
 @register("jumprelu")
 class JumpReluSAE(SparseAutoencoder):
+    #: each latent is its pre-activation where that is above `max(firing_bar, 0)`, else 0 (`sae.wide`)
+    keeps_pre = True
     saved_names = SparseAutoencoder.saved_names + ("threshold",)
 
     def __init__(self, cfg: SAEConfig):
@@ -78,6 +80,14 @@ class JumpReluSAE(SparseAutoencoder):
 
     def firing_bar(self, pre: Tensor) -> Tensor:
         return self.threshold.to(pre.dtype)
+
+    def activate_columns(self, pre: Tensor, start: int) -> Tensor:
+        """`activate` of the latents `start .. start + c` alone (`pre [..., c]`; `sae.wide`)."""
+        return torch.relu(pre) * (pre > self.threshold[start:start + pre.shape[-1]])
+
+    def firing_bar_columns(self, pre: Tensor, start: int) -> Tensor:
+        """`firing_bar` of the latents `start .. start + c` alone (`pre [..., c]`)."""
+        return self.threshold[start:start + pre.shape[-1]].to(pre.dtype)
 
     @classmethod
     def tensors_from_saelens(cls, tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -101,6 +101,23 @@ class SAEConfig:
 _LATER_FIELDS = {"target_hook_name": "", "skip": False, "matryoshka": None}
 
 
+#: Bytes of float32 hashed at a time by `content_hash`: a block of rows, not a copy of a wide SAE.
+#: Big enough that a transposed view (sparsify's W_enc: each row strided over the whole file) is
+#: gathered a few dozen rows per pass, not one, so the passes read each cache line about once.
+_HASH_BLOCK = 1 << 26
+
+
+def _update_by_rows(digest, tensor: Tensor) -> None:
+    """Feed `tensor`'s values as float32, C order, to `digest`, a block of rows at a time: the same
+    bytes, so the same digest, as the whole tensor's `.float().numpy().tobytes()` (which records carry)."""
+    if tensor.numel() == 0:
+        return
+    rows = tensor.reshape(1) if tensor.dim() == 0 else tensor
+    step = max(1, _HASH_BLOCK // (4 * rows[0].numel()))
+    for part in rows.split(step):
+        digest.update(part.cpu().float().contiguous().numpy())
+
+
 class SparseAutoencoder(TrainingParts, nn.Module):
     """An SAE over `d_in`-wide activations with `d_sae` latents: the base of every architecture.
 
@@ -266,7 +283,7 @@ class SparseAutoencoder(TrainingParts, nn.Module):
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+            _update_by_rows(digest, tensor.detach())
         return digest.hexdigest()[:16]
 
     def describe(self) -> dict:

@@ -18,11 +18,21 @@ from featopt.models.sae.relu_loss import relu_loss
 
 @register("relu")
 class ReluSAE(SparseAutoencoder):
+    #: each latent is its pre-activation where that is above `max(firing_bar, 0)`, else 0 (`sae.wide`)
+    keeps_pre = True
     saelens_name = "standard"
     saelens_aliases = ("relu",)
 
     def activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
+
+    def activate_columns(self, pre: Tensor, start: int) -> Tensor:
+        """`activate` of the latents `start .. start + c` alone (`pre [..., c]`; `sae.wide`)."""
+        return torch.relu(pre)
+
+    def firing_bar_columns(self, pre: Tensor, start: int) -> Tensor:
+        """`firing_bar` of the latents `start .. start + c` alone (`pre [..., c]`)."""
+        return pre.new_zeros(())
 
     def sparsity_penalty(self, z: Tensor, terms: LossTerms) -> Tensor:
         return terms.l1 * (z * self.W_dec.norm(dim=1)).sum()
