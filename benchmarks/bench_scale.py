@@ -131,7 +131,7 @@ def sweep_child(how: str, folder: str, tokens: int, batch: int) -> dict:
 
     adapter = load_model(MODEL)
     sae = load_sae(folder)
-    base = peak_rss()
+    base = peak_rss()  # the SAE is mapped, not read: this is Python, torch and the model
     start = time.perf_counter()
     if how == "featopt":  # the library's sweep: the problems, their scorers, one pass, the top-1 of each
         from featopt.discrete.exhaustive import exhaustive
@@ -145,18 +145,20 @@ def sweep_child(how: str, folder: str, tokens: int, batch: int) -> dict:
         from sweep_throughput import truncated
 
         model = truncated(adapter, LAYER)
+        # the site is the block's output, before the final norm (which HF's last_hidden_state applies)
+        model._modules[next(n for n, m in model._modules.items() if m is adapter.final_norm)] = torch.nn.Identity()
         best_v = torch.full((D_SAE,), -float("inf"))
         best_i = torch.zeros(D_SAE, dtype=torch.long)
         with torch.inference_mode():
             for lo in range(0, tokens, batch):
                 ids = torch.arange(lo, min(lo + batch, tokens))
-                z = sae.encode(model(input_ids=ids[:, None]).last_hidden_state[:, 0])
+                z = sae.encode(model(input_ids=ids[:, None], use_cache=False).last_hidden_state[:, 0])
                 v, i = z.max(0)
                 better = v > best_v
                 best_v[better], best_i[better] = v[better], i[better] + lo
     seconds = time.perf_counter() - start
     fired = best_v > 0  # a latent that never fires has no best token (ties of zeros are arbitrary)
-    return {"seconds": seconds, "peak": peak_rss(), "model_and_weights_peak": base, "fired": int(fired.sum()),
+    return {"seconds": seconds, "peak": peak_rss(), "model_peak": base, "fired": int(fired.sum()),
             "best": torch.where(fired, best_i, -1)[:200_000].tolist()}
 
 
@@ -249,7 +251,7 @@ def part_sweep(args) -> dict:
               for how in ("bare", "featopt")}
     a, b = sweeps["bare"].pop("best"), sweeps["featopt"].pop("best")
     fired = [i for i, t in enumerate(a) if t >= 0]
-    model = sweeps["featopt"]["model_and_weights_peak"] - weights  # the process with the model loaded (and Python)
+    model = sweeps["featopt"]["model_peak"]  # the process with the model loaded (the SAE mapped, not yet read)
     return {"weights_bytes": weights, "tokens": args.tokens, "batch": args.batch, "sweeps": sweeps,
             "ratio": sweeps["featopt"]["seconds"] / sweeps["bare"]["seconds"],
             "target_peak": weights + model + int(1.5 * 2**30),
@@ -281,7 +283,33 @@ def part_bf16(args) -> dict:
     return out
 
 
-PARTS = {"load": part_load, "sweep": part_sweep, "bf16": part_bf16}
+def part_distributed(args) -> dict:
+    """`sae train` of 4 SAEs (layers 2-5) in one process and with --distribute_modules on 2 CPU ranks."""
+    import torch
+
+    from featopt.models.sae.formats import load_sae
+
+    corpus = Path(os.environ.get("FEATOPT_MODEL_PATH", "../shared/models")).parent / "data" / "corpora" / "shakespeare"
+    base = [sys.executable, "-m", "featopt", "sae", "train", "--model", MODEL, "--corpus", str(corpus),
+            "--site", "blocks.2-5.resid_post", "--expansion", "4", "--k", "32", "--context_length", "128",
+            "--batch_size", "1024", "--buffer_batches", "4", "--tokens", str(args.train_tokens), "--eval_contexts", "0",
+            "--accelerator", "cpu", "--no_progress"]
+    out, runs = Path(args.out) / "distributed", {}
+    for name, extra in (("1 process", []), ("2 ranks, --distribute_modules", ["--devices", "2", "--distribute_modules"])):
+        folder = out / name.split(",")[0].replace(" ", "-")
+        start = time.perf_counter()
+        subprocess.run(base + ["--out", str(folder), *extra], check=True, capture_output=True)
+        runs[name] = {"seconds": time.perf_counter() - start, "folder": folder}
+    one, two = (r["folder"] for r in runs.values())
+    diffs = []
+    for sub in sorted(p.name for p in one.iterdir() if (p / "cfg.json").exists()):
+        a, b = load_sae(one / sub).state_dict(), load_sae(two / sub).state_dict()
+        diffs.append(max(float((a[k] - b[k]).abs().max()) for k in a))
+    return {"tokens": args.train_tokens, "saes": len(diffs), "max_abs_diff": max(diffs),
+            **{name: round(r["seconds"], 1) for name, r in runs.items()}, "torch_threads": torch.get_num_threads()}
+
+
+PARTS = {"load": part_load, "sweep": part_sweep, "bf16": part_bf16, "distributed": part_distributed}
 
 
 def gib(n: float) -> str:
@@ -294,6 +322,7 @@ def main() -> None:
     p.add_argument("--out", default="featopt-runs/bench-scale")
     p.add_argument("--tokens", type=int, default=4096, help="candidate token ids (the first ones) of the wide sweep")
     p.add_argument("--batch", type=int, default=256, help="rows per batch, both sides of the wide sweep")
+    p.add_argument("--train_tokens", type=int, default=65536, help="tokens of the distributed sae train")
     p.add_argument("--decode_layers", type=int, default=2, help="layers of the bf16/float32 neuron decode")
     p.add_argument("--gemma_tokens", type=int, default=32768, help="candidate token ids of the Gemma-shaped sweep")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

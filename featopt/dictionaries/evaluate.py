@@ -23,6 +23,11 @@ models (on SmolLM2 its residual norm is about 7 times the others'): it would dom
 error and the variance, SAEs are trained without it (:mod:`featopt.dictionaries.activations` skips the
 same positions), and the prediction made there sees only position 0, so it would be the same
 in the clean, spliced and ablated runs and only dilute the CE differences.
+
+A dictionary too wide to encode a batch densely (1M latents: `[tokens, d_sae]` is gigabytes;
+`featopt.models.sae.wide.dense_fits` decides) is encoded sparsely, a chunk of latents at a time
+(`wide.encode_sparse`), decoded from its nonzeros (the rows of `W_dec` they name, summed per token)
+and counted by the metrics' `update_sparse`: the same metrics, and the same reconstruction spliced in.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from featopt.dictionaries.metrics import (
@@ -39,6 +45,7 @@ from featopt.dictionaries.metrics import (
 from featopt.errors import FeatoptError
 from featopt.models import ModelAdapter, Site
 from featopt.models.hooks import KIND_ORDER
+from featopt.models.sae import wide
 from featopt.models.sae.attach import site_of, target_site_of
 from featopt.models.sae.model import SparseAutoencoder
 
@@ -59,11 +66,16 @@ class _SAEMetrics:
         self.l0 = MeanL0().to(device)
         self.firing = FiringFrequency(sae.d_sae).to(device)
 
-    def update(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, z: Tensor | tuple[Tensor, Tensor, Tensor]) -> None:
+        """`x, x_hat [n, d_out]`; `z` the latents `[n, d_sae]`, or their COO nonzeros (see `reconstruct`)."""
         self.mse.update(x, x_hat)
         self.fvu.update(x, x_hat)
-        self.l0.update(z)
-        self.firing.update(z)
+        if isinstance(z, Tensor):
+            self.l0.update(z)
+            self.firing.update(z)
+        else:
+            self.l0.update_sparse(*z, len(x))
+            self.firing.update_sparse(*z, len(x))
 
     def compute(self, d_out: int) -> dict:
         mse, fvu = self.mse.compute().item(), self.fvu.compute().item()
@@ -77,6 +89,36 @@ class _SAEMetrics:
 
 def _sae_device(sae: SparseAutoencoder) -> torch.device:
     return sae.W_enc.device
+
+
+def sparse_encode(sae: SparseAutoencoder, rows: int, latent_chunk: int | None = None) -> bool:
+    """Whether `rows` tokens are encoded sparsely: `latent_chunk` forces it, else where the dense
+    latents `[rows, d_sae]` do not fit and the SAE can be encoded a chunk at a time."""
+    if latent_chunk is not None:
+        return True
+    return wide.chunkable(sae) and not wide.dense_fits(sae, rows, _sae_device(sae))
+
+
+def decode_sparse(sae: SparseAutoencoder, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
+    """`sae.decode(z)` `[n_rows, d_out]` of latents given as COO nonzeros `(rows, cols, values)`
+    `[nnz]`, sorted by row (`wide.encode_sparse`): row r is `b_dec` plus the sum of `values[p]
+    W_dec[cols[p]]` over its nonzeros. `embedding_bag` reads only those rows of `W_dec` and makes
+    no `[nnz, d_out]` copy."""
+    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))  # each row's first nonzero
+    weights = values.to(sae.W_dec.dtype)
+    return F.embedding_bag(cols, sae.W_dec, offsets, mode="sum", per_sample_weights=weights) + sae.b_dec
+
+
+def reconstruct(sae: SparseAutoencoder, x: Tensor, latent_chunk: int | None = None
+                ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor, Tensor]]:
+    """`x [n, d_in]` -> `(x_hat [n, d_out], latents)`: `x_hat = decode(encode(x)) + skip_out(x)`,
+    the latents dense `z [n, d_sae]`, or (see :func:`sparse_encode`) as COO `(rows, cols, values)`
+    `[nnz]` encoded `latent_chunk` latents at a time (None: a chunk size that fits)."""
+    if not sparse_encode(sae, len(x), latent_chunk):
+        z = sae.encode(x)
+        return sae.decode(z) + sae.skip_out(x), z
+    latents = wide.encode_sparse(sae, x, latent_chunk)
+    return decode_sparse(sae, *latents, len(x)) + sae.skip_out(x), latents
 
 
 def _order(site: Site) -> tuple[int, int]:
@@ -117,6 +159,7 @@ def evaluate(
     ce: bool = True,
     progress: bool = False,
     frequency: bool = False,
+    latent_chunk: int | None = None,
 ) -> list[dict]:
     """Evaluate SAEs (each reading its `cfg.hook_name`; a transcoder writing its
     `cfg.target_hook_name`) on token contexts `[N, T]`.
@@ -130,6 +173,8 @@ def evaluate(
         progress: show a progress bar (tqdm, on stderr).
         frequency: also give each SAE's per-latent firing frequency, `"firing_frequency"`: a float
             tensor `[d_sae]` on the CPU.
+        latent_chunk: encode every SAE sparsely, this many latents at a time (None: only an SAE
+            whose dense latents `[tokens, d_sae]` of a batch do not fit, in chunks that fit).
     Returns:
         One dict per SAE, in order: `mse` (squared error summed over the reconstructed width,
         d_in or a transcoder's d_out, mean over tokens), `mse_per_element` (mean over tokens and
@@ -150,6 +195,8 @@ def evaluate(
         raise FeatoptError(f"contexts must be token ids [N, T] with N >= 1, got shape {tuple(contexts.shape)}.")
     if batch_size < 1:
         raise FeatoptError(f"batch_size must be at least 1, got {batch_size}.")
+    if latent_chunk is not None and latent_chunk < 1:
+        raise FeatoptError(f"latent_chunk must be at least 1 latent, got {latent_chunk}.")
     length = contexts.shape[1]
     needed = skip_first + (2 if ce else 1)  # ce: a prediction needs a position and its next token
     if skip_first < 0 or length < needed:
@@ -179,7 +226,10 @@ def evaluate(
         def splice(act: Tensor, _: Site) -> Tensor:
             x = (act if site == target else captured[site])[:, skip_first:]
             x = x.to(_sae_device(sae))
-            x_hat = sae(x)  # decode(encode(x)), plus a skip transcoder's x W_skip^T
+            if sparse_encode(sae, x.shape[0] * x.shape[1], latent_chunk):  # as the metrics' pass encodes it
+                x_hat = reconstruct(sae, x.reshape(-1, x.shape[-1]), latent_chunk)[0].reshape(*x.shape[:-1], -1)
+            else:
+                x_hat = sae(x)  # decode(encode(x)), plus a skip transcoder's x W_skip^T
             act = act.clone()
             act[:, skip_first:] = x_hat.to(act.device, act.dtype)
             return act
@@ -202,8 +252,7 @@ def evaluate(
                 check(i, sae, target, y.shape[-1], "writes", sae.d_out)
                 x = x.reshape(-1, x.shape[-1]).to(_sae_device(sae))
                 y = y.reshape(-1, y.shape[-1]).to(_sae_device(sae))
-                z = sae.encode(x)
-                metrics.update(y, sae.decode(z) + sae.skip_out(x), z)
+                metrics.update(y, *reconstruct(sae, x, latent_chunk))
             if ce:
                 clean = adapter.logits(ids)  # kept for the batch: the reference of every KL
                 ce_clean.update(clean, ids)

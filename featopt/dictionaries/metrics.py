@@ -5,7 +5,10 @@ They accumulate over batches, and every state is a sum (`dist_reduce_fx="sum"`),
 over DDP ranks (each rank evaluating its own contexts) gets the metrics of all tokens on every
 rank at `compute()`. Rows are tokens: `x [N, d]` the activations reconstructed (an SAE's input, a
 transcoder's target), `x_hat [N, d]` the reconstruction, `z [N, d_sae]` the latents. :func:`featopt.dictionaries.evaluate.evaluate`
-runs them for several SAEs over a corpus.
+runs them for several SAEs over a corpus. The latent metrics also take the latents sparsely
+(`update_sparse`): the COO nonzeros `(rows, cols, values)` `[nnz]` of `z [n, d_sae]` (what
+`featopt.models.sae.wide.encode_sparse` gives for a dictionary too wide to encode densely), with
+the same states as `update(z)`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+#: Latents `z [n_rows, d_sae]` as their COO nonzeros: `(rows [nnz], cols [nnz], values [nnz], n_rows)`.
+#: `update_sparse` passes them to `update(sparse=...)`, not to its own code: torchmetrics wraps
+#: `update` only, which counts updates and drops the cached result of `compute`.
+_Sparse = tuple[Tensor, Tensor, Tensor, int]
+
+
+def _check_sparse(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> None:
+    if not (rows.dim() == cols.dim() == values.dim() == 1 and len(rows) == len(cols) == len(values)):
+        raise FeatoptError(f"sparse latents need rows, cols and values of one length [nnz], got shapes "
+                           f"{tuple(rows.shape)}, {tuple(cols.shape)} and {tuple(values.shape)}.")
+    if n_rows < 0:
+        raise FeatoptError(f"the number of rows (tokens) of sparse latents must be 0 or more, got {n_rows}.")
+
+
 def _check_pair(x: Tensor, x_hat: Tensor) -> None:
     if x.shape != x_hat.shape:
         raise FeatoptError(f"activations {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape.")
@@ -33,6 +50,12 @@ def _check_pair(x: Tensor, x_hat: Tensor) -> None:
 
 class _Base(Metric):
     is_differentiable, full_state_update = False, False
+
+    def __init__(self, **kwargs):
+        # featopt evaluates in one process (rank 0 alone during a multi-process training run's held-out
+        # evaluations): a metric must never wait to sync with ranks that are not evaluating
+        kwargs.setdefault("sync_on_compute", False)
+        super().__init__(**kwargs)
 
     def _add_sum(self, name: str, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> None:
         self.add_state(name, torch.zeros(shape, dtype=dtype), dist_reduce_fx="sum")
@@ -114,10 +137,22 @@ class MeanL0(_Base):
         self._add_sum("active", dtype=torch.long)
         self._add_sum("tokens", dtype=torch.long)
 
-    def update(self, z: Tensor) -> None:
+    def update(self, z: Tensor | None = None, *, sparse: _Sparse | None = None) -> None:
+        """`z [..., d_sae]`, or `sparse` (see :meth:`update_sparse`)."""
+        if sparse is not None:
+            rows, cols, values, n_rows = sparse
+            _check_sparse(rows, cols, values, n_rows)
+            self.active += (values.detach() > 0).sum()  # every latent > 0 is among the nonzeros
+            self.tokens += n_rows
+            return
         z = z.detach().reshape(-1, z.shape[-1])
         self.active += (z > 0).sum()
         self.tokens += z.shape[0]
+
+    def update_sparse(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> None:
+        """`update(z)` of `z [n_rows, d_sae]` given as its nonzeros `(rows, cols, values)` `[nnz]`,
+        each cell once."""
+        self.update(sparse=(rows, cols, values, n_rows))  # through torchmetrics' wrapped update: see _Sparse
 
     def compute(self) -> Tensor:
         return self.active.double() / self.tokens
@@ -134,12 +169,28 @@ class FiringFrequency(_Base):
         self._add_sum("fired", (d_sae,), dtype=torch.long)
         self._add_sum("tokens", dtype=torch.long)
 
-    def update(self, z: Tensor) -> None:
+    def update(self, z: Tensor | None = None, *, sparse: _Sparse | None = None) -> None:
+        """`z [..., d_sae]`, or `sparse` (see :meth:`update_sparse`)."""
+        if sparse is not None:
+            rows, cols, values, n_rows = sparse
+            _check_sparse(rows, cols, values, n_rows)
+            fired = cols[values.detach() > 0]  # each cell once: a latent's entries count its tokens
+            if len(fired) and (int(fired.min()) < 0 or int(fired.max()) >= self.d_sae):
+                raise FeatoptError(f"sparse latents name latents {int(fired.min())}-{int(fired.max())} but this "
+                                   f"metric was made for d_sae = {self.d_sae} (latents 0-{self.d_sae - 1}).")
+            self.fired += torch.bincount(fired, minlength=self.d_sae).to(self.fired.device)
+            self.tokens += n_rows
+            return
         if z.shape[-1] != self.d_sae:
             raise FeatoptError(f"latents are {z.shape[-1]} wide but this metric was made for d_sae = {self.d_sae}.")
         z = z.detach().reshape(-1, z.shape[-1])
         self.fired += (z > 0).sum(0)
         self.tokens += z.shape[0]
+
+    def update_sparse(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> None:
+        """`update(z)` of `z [n_rows, d_sae]` given as its nonzeros `(rows, cols, values)` `[nnz]`,
+        each cell once."""
+        self.update(sparse=(rows, cols, values, n_rows))  # through torchmetrics' wrapped update: see _Sparse
 
     def compute(self) -> Tensor:
         return self.fired.double() / self.tokens

@@ -12,6 +12,8 @@ one selection serves one-token sweeps and N-token searches alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
+from operator import attrgetter, itemgetter
 
 import torch
 from torch import Tensor
@@ -42,6 +44,7 @@ class Selection:
         self.site, self.n_tokens, self.feature_map, self.over = site, n_tokens, feature_map, over
         self.width = feature_map.width if feature_map is not None and width is None else width
         self.spec = problems if isinstance(problems, str) else None
+        self._parsed_width = self.width  # the width the spec was parsed against (None: unknown)
         if isinstance(problems, str):
             problems = parse_features(problems, n_tokens=n_tokens, width=self.width, site=str(site))
         self.problems = list(problems)
@@ -68,15 +71,23 @@ class Selection:
             width = self.feature_map.width
         else:
             width = adapter.width(site)
-        if self.spec is not None:  # parsed again against the width: the spec's own error message
-            self.problems = parse_features(self.spec, n_tokens=self.n_tokens, width=width, site=str(site))
-        for problem in self.problems:
-            if problem.features is not None and max(problem.features) >= width:
-                raise FeatoptError(f"feature {max(problem.features)} in {problem.spec} is out of range: {site} has "
-                                   f"{width} features (0-{width - 1}).")
+        # A spec is parsed again only where that can change its problems: an open-ended slice
+        # (`5:`) parsed against another width, or a feature out of range (the spec's own message).
+        # Otherwise the problems already are the re-parse's: 1M of them cost seconds to make.
+        if self.spec is not None and self._parsed_width not in (None, width):
+            self.problems, self._parsed_width = self._parse(width, site), width
+        if _max_feature(self.problems) >= width:
+            if self.spec is not None:
+                self._parse(width, site)  # raises
+            problem = next(p for p in self.problems if p.features is not None and max(p.features) >= width)
+            raise FeatoptError(f"feature {max(problem.features)} in {problem.spec} is out of range: {site} has "
+                               f"{width} features (0-{width - 1}).")
         self.site, self.width = site, width
         self._cache = {}
         return self
+
+    def _parse(self, width: int, site: Site) -> list[Problem]:
+        return parse_features(self.spec, n_tokens=self.n_tokens, width=width, site=str(site))
 
     # ----------------------------------------------------------------- the old mask view
     @property
@@ -108,28 +119,59 @@ class Selection:
         return acts if self.feature_map is None else self.feature_map.features(acts)
 
     def position_weights(self, n_tokens: int, device=None, dtype=torch.float32) -> Tensor:
-        """`[P, n_tokens]`: each problem's weight of each position (see the module docstring)."""
+        """`[P, n_tokens]`: each problem's weight of each position (see the module docstring).
+
+        Problems share few distinct `positions` (a sweep over 1M latents: one), so each group's row
+        is made once, `[G, n_tokens]`, and gathered to the problems: no per-problem Python."""
         key = ("positions", n_tokens, str(device), dtype)
         if key not in self._cache:
-            weights = torch.zeros(len(self), n_tokens, dtype=torch.float64)
-            for p, problem in enumerate(self.problems):
-                positions = problem.positions
+            groups, first, group_of = self._position_groups()
+            table = torch.zeros(len(groups), n_tokens, dtype=torch.float64)
+            for g, positions in enumerate(groups):
                 if positions is not None and max(positions) >= n_tokens:
-                    raise FeatoptError(f"{problem.spec} selects position {max(positions)}, but the input has "
-                                       f"{n_tokens} positions (0-{n_tokens - 1}).")
+                    # groups come in order of first use: this is the first problem out of range
+                    raise FeatoptError(f"{self.problems[first[g]].spec} selects position {max(positions)}, but the "
+                                       f"input has {n_tokens} positions (0-{n_tokens - 1}).")
                 if positions is None and self.over == "last":
-                    weights[p, -1] = 1.0
+                    table[g, -1] = 1.0
                     continue
                 chosen = list(range(n_tokens)) if positions is None else list(positions)
-                weights[p, chosen] = 1.0 if self.over == "sum" else 1.0 / len(chosen)
-            self._cache[key] = weights.to(device, dtype)
+                table[g, chosen] = 1.0 if self.over == "sum" else 1.0 / len(chosen)
+            table = table.to(device, dtype)  # cast before the gather: the same values, G rows only
+            self._cache[key] = table.index_select(0, group_of.to(table.device))
         return self._cache[key]
+
+    def _position_groups(self) -> tuple[list[tuple[int, ...] | None], list[int], Tensor]:
+        """`(groups, first, group_of)`: the distinct `positions` in order of first use, the first
+        problem of each, and each problem's group `[P]` (long)."""
+        if "groups" not in self._cache:
+            index: dict = {}
+            groups, first, run_group, run_length = [], [], [], []
+            start = 0
+            # A parsed spec is position-major: runs of equal positions, found in C by groupby.
+            for positions, run in groupby(map(_POSITIONS, self.problems)):
+                length = len(list(run))
+                if positions is not None and len(positions) == 0:
+                    raise FeatoptError(f"{self.problems[start].spec} selects no position: give it at least one.")
+                hashable = None if positions is None else tuple(positions)
+                if hashable not in index:
+                    index[hashable] = len(groups)
+                    groups.append(hashable)
+                    first.append(start)
+                run_group.append(index[hashable])
+                run_length.append(length)
+                start += length
+            group_of = torch.repeat_interleave(torch.tensor(run_group, dtype=torch.long),
+                                               torch.tensor(run_length, dtype=torch.long))
+            self._cache["groups"] = (groups, first, group_of)
+        return self._cache["groups"]
 
     def feature_index(self) -> Tensor | None:
         """`[P]` the feature of each problem when every problem reads one feature, else None."""
         if "index" not in self._cache:
-            single = all(p.features is not None and len(p.features) == 1 for p in self.problems)
-            self._cache["index"] = torch.tensor([p.features[0] for p in self.problems]) if single else None
+            features = list(map(_FEATURES, self.problems))
+            single = None not in features and set(map(len, features)) <= {1}  # in C: 1M problems are common
+            self._cache["index"] = torch.tensor(list(map(_FIRST, features))) if single else None
         return self._cache["index"]
 
     def feature_weights(self, width: int, device=None, dtype=torch.float32) -> Tensor:
@@ -171,6 +213,14 @@ class Selection:
             return (picked * weights.T[None]).sum(dim=1)
         f = self.feature_weights(x.shape[-1], x.device, x.dtype)
         return torch.einsum("btw,pw,pt->bp", x, f, weights)
+
+
+_POSITIONS, _FEATURES, _FIRST = attrgetter("positions"), attrgetter("features"), itemgetter(0)
+
+
+def _max_feature(problems: Sequence[Problem]) -> int:
+    """The largest feature any problem reads (-1 where none names one): `map` runs in C."""
+    return max(map(max, filter(None, map(_FEATURES, problems))), default=-1)
 
 
 def _wide(x: Tensor) -> Tensor:

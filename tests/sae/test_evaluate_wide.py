@@ -168,6 +168,11 @@ def test_sparse_updates_equal_dense_updates(metric):
     assert torch.equal(sparse.compute(), dense.compute())
 
 
+def test_refuses_an_empty_chunk(llama):
+    with pytest.raises(FeatoptError, match="latent_chunk must be at least 1"):
+        evaluate(llama, [make_sae("relu")], contexts(llama), latent_chunk=0)
+
+
 def test_sparse_updates_refuse_bad_input():
     z, (rows, cols, values) = _sparse_z()
     with pytest.raises(FeatoptError, match="one length"):
