@@ -89,17 +89,20 @@ class StatsAccumulator:
         `start .. start + B - 1`; positions `p < skip_first` are left out."""
         if z.dim() != 3 or z.shape[-1] != self.d_sae or tuple(ids.shape) != tuple(z.shape[:2]):
             raise FeatoptError(f"expected latents [B, L, {self.d_sae}] and ids [B, L], got {tuple(z.shape)} and {tuple(ids.shape)}.")
-        length = z.shape[1]
+        # Inference mode throughout, so the state is made and changed in one mode.
+        with torch.inference_mode():
+            self._begin(z.shape[1], start, skip_first, z.device)
+            self._update(z.detach(), ids.to(z.device), start, skip_first)
+
+    def _begin(self, length: int, start: int, skip_first: int, device) -> None:
+        """Check a batch of `length`-token contexts against the ones before; make the state at the first."""
         if self.context_length not in (None, length):
             raise FeatoptError(f"contexts of {length} tokens after contexts of {self.context_length}: give one context length.")
         if start < 0 or not 0 <= skip_first < length:
             raise FeatoptError(f"start must be >= 0 and skip_first in [0, {length}), got start={start}, skip_first={skip_first}.")
-        # Inference mode throughout, so the state is made and changed in one mode.
-        with torch.inference_mode():
-            if not self.state:
-                self.context_length = length
-                self._start(z.device)
-            self._update(z.detach(), ids.to(z.device), start, skip_first)
+        if not self.state:
+            self.context_length = length
+            self._start(device)
 
     def update_sparse(self, rows: Tensor, cols: Tensor, values: Tensor, ids: Tensor, start: int,
                       skip_first: int = 1) -> None:
@@ -110,14 +113,8 @@ class StatsAccumulator:
             raise FeatoptError(f"expected ids [B, L] and rows, cols, values of one length, got {tuple(ids.shape)} "
                                f"and {len(rows)}, {len(cols)}, {len(values)}.")
         length = ids.shape[1]
-        if self.context_length not in (None, length):
-            raise FeatoptError(f"contexts of {length} tokens after contexts of {self.context_length}: give one context length.")
-        if start < 0 or not 0 <= skip_first < length:
-            raise FeatoptError(f"start must be >= 0 and skip_first in [0, {length}), got start={start}, skip_first={skip_first}.")
         with torch.inference_mode():
-            if not self.state:
-                self.context_length = length
-                self._start(values.device)
+            self._begin(length, start, skip_first, values.device)
             key = rows * self.d_sae + cols  # the dense flat index: ascending
 
             def at(index: Tensor) -> Tensor:  # the dense latents at flat `index`, 0 where absent

@@ -29,6 +29,7 @@ def exhaustive(adapter: ModelAdapter, objective: Objective, *, prefix: Tensor | 
     """The top-k single tokens (after `prefix [L]`) of every problem: `values [k, P]` are the
     objective's scores (minus its loss), `ids [k, P]` the tokens, ties to the lower id.
     `latent_chunk`: score a wide SAE's latents in chunks of this many (see `sweep`)."""
+    objective = objective.bind(adapter)  # a library caller may pass it unbound (widths from the model)
     check_discrete(objective, "the exhaustive sweep")
     prefix = torch.zeros(0, dtype=torch.long) if prefix is None else prefix
     scorers = sweep_scorers(objective, adapter, len(prefix) + 1)

@@ -222,3 +222,13 @@ def test_the_configs_bos_applies_to_a_given_adapter_without_changing_it(tiny64, 
         acts = resid_post(tiny64.model, torch.cat([torch.full_like(tokens, bos), tokens], 1), 1)
     _check(results, {("blocks.1.resid_post", f"[:, 1, {f}]"): acts[:, 1, f] for f in range(2)})
     assert all(r.token_ids[0] == bos and r.bos for r in results) and not tiny64.bos
+
+
+def test_the_library_sweep_binds_an_objective_given_unbound(tiny64, brute):
+    """`featopt.discrete.exhaustive.exhaustive(adapter, maximize(...))`: the widths come from the model."""
+    from featopt.discrete.exhaustive import exhaustive
+    from featopt.objectives import maximize
+
+    topk = exhaustive(tiny64, maximize("[:, :, 0-7]", "blocks.1.resid_post"), k=3, progress=False)
+    for f in range(8):
+        assert topk.ids[:, f].tolist() == _best(brute["alone"][1][:, 0, f], 3)
