@@ -114,7 +114,8 @@ class FeatureOptimization(L.LightningModule):
         every = max(1, self.trainer.log_every_n_steps)
         if self.global_step % every and self.global_step + 1 != self.trainer.max_steps:
             return
-        full = torch.zeros(self.parametrization.n_problems, device=self.device)
+        # float32 whatever the default dtype (64-true makes it float64), as the activation is cast
+        full = torch.zeros(self.parametrization.n_problems, dtype=torch.float32, device=self.device)
         full[rows] = activation.float()
         if self.trainer.world_size > 1:
             full = self.all_gather(full).sum(dim=0)

@@ -45,6 +45,14 @@ def test_bf16_mixed_runs_the_model_in_bfloat16_and_still_ascends(tiny, tmp_path)
         assert after.continuous_activation > before.continuous_activation
 
 
+def test_64_true_ascends_like_32_true(tiny, tmp_path):
+    """64-true makes float64 the default dtype inside the run: the logged activations still fit."""
+    fp32 = run(_config(tmp_path / "fp32", steps=10), tiny)
+    fp64 = run(_config(tmp_path / "fp64", precision="64-true", steps=10), tiny)
+    for a, b in zip(fp32.results, fp64.results):
+        assert b.continuous_activation == pytest.approx(a.continuous_activation, rel=1e-3, abs=1e-4)
+
+
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(tiny, tmp_path):
     whole = run(_config(tmp_path / "whole", steps=20, checkpoint_every=10), tiny)
     ckpt = tmp_path / "whole" / "checkpoints" / "step10.ckpt"
