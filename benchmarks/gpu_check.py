@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from featopt.models import ModelAdapter  # noqa: E402
-from featopt.models.tiny import _CORPUS, tiny_tokenizer  # noqa: E402
+from featopt.models.tiny import tiny_tokenizer  # noqa: E402
 
 SHAPES = {  # Llama shapes of real models; weights random
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -49,6 +49,9 @@ SHAPES = {  # Llama shapes of real models; weights random
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152),
 }
+# throughput only: the text's content does not matter
+TEXT = "The harbour was quiet in the early morning, and the boats rocked against the stone wall. " * 50
+
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=2048)
 
@@ -147,8 +150,8 @@ def part_sae_train(args) -> dict:
     tokens = 20_000 if args.smoke else 2_000_000
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
-        with open(corpus, "w") as f:  # throughput only: the text's content does not matter
-            f.write(_CORPUS * 400)
+        with open(corpus, "w") as f:
+            f.write(TEXT * 400)
         settings = dict(model=adapter.name, site=f"blocks.{layer}.resid_post", corpus=corpus, tokens=tokens,
                         batch_size=4096, d_sae=None if args.smoke else 16384, k=32, dtype="bfloat16",
                         accelerator="gpu" if args.device.startswith("cuda") else "cpu", eval_contexts=0,
